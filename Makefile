@@ -1,0 +1,30 @@
+# Two commands on a fresh machine with Python 3.11:
+#   make demo   set up .venv and run the main job on the embedded default
+#   make test   set up .venv and run the tests
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/python -c "import sdofm, torch, ray, mlflow, zarr"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/sdofm demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check sdofm tests
+	$(BIN)/ruff format --check sdofm tests
+
+clean:
+	rm -rf data/cache mlflow.db ray_results

@@ -1,0 +1,351 @@
+"""Typed configuration: one pydantic model per concern, extra keys forbidden.
+
+A config file is YAML with one top-level section per concern (``data:``, ``synth:``).
+It may name a base file with ``extends: other.yaml`` (relative to itself); the
+sections are merged key by key, the extending file winning. Dotted overrides
+(``data.cadence=24min``) are applied last. Any unknown key or wrong type is a
+:class:`ConfigError` that names the key, the value and the file it came from.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
+
+from sdofm.constants import AIA_CHANNELS, EVE_LINES_USED, HMI_CHANNELS
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+# --------------------------------------------------------------------------- durations
+
+_DURATION_RE = re.compile(
+    r"^\s*(\d+(?:\.\d+)?)\s*(d|days?|h|hours?|min|mins|m|minutes?|s|sec|seconds?)\s*$"
+)
+_UNIT_SECONDS = {"d": 86400, "h": 3600, "min": 60, "m": 60, "s": 1, "sec": 1}
+
+
+def parse_duration(value: Any) -> dt.timedelta:
+    """Parse ``"12min"``, ``"1h"``, ``"30s"``, ``"2d"`` (or a timedelta) into a timedelta."""
+    if isinstance(value, dt.timedelta):
+        return value
+    if isinstance(value, str):
+        m = _DURATION_RE.match(value)
+        if m:
+            unit = m.group(2)
+            unit = {
+                "day": "d",
+                "days": "d",
+                "hour": "h",
+                "hours": "h",
+                "mins": "min",
+                "minute": "min",
+                "minutes": "min",
+                "second": "s",
+                "seconds": "s",
+            }.get(unit, unit)
+            return dt.timedelta(seconds=float(m.group(1)) * _UNIT_SECONDS[unit])
+    raise ValueError(f"not a duration: {value!r} (write e.g. '12min', '1h', '30s', '2d')")
+
+
+def format_duration(value: dt.timedelta) -> str:
+    """The inverse of :func:`parse_duration` for whole seconds: 720 s -> ``"12min"``."""
+    s = value.total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size and s % size == 0:
+            return f"{int(s // size)}{unit}"
+    return f"{s:g}s"
+
+
+Duration = Annotated[
+    dt.timedelta,
+    BeforeValidator(parse_duration),
+    PlainSerializer(format_duration, return_type=str),
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class SplitConfig(_Section):
+    """How aligned time steps are assigned to train / val / test."""
+
+    method: Literal["month", "block"] = "month"
+    """``month``: whole calendar months (SDO-FM); ``block``: contiguous time blocks."""
+    val_months: list[int] = [11]
+    """Months (1-12) held out for validation with ``method: month``."""
+    test_months: list[int] = [12]
+    """Months (1-12) held out for test with ``method: month``."""
+    block: Duration = dt.timedelta(days=7)
+    """Length of one block with ``method: block``."""
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of blocks for validation with ``method: block``."""
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of blocks for test with ``method: block``."""
+    buffer: Duration = dt.timedelta(hours=6)
+    """Steps this close to a boundary between different splits are dropped (no leakage)."""
+    seed: int = 0
+    """Seed of the block assignment."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        for m in self.val_months + self.test_months:
+            if not 1 <= m <= 12:
+                raise ValueError(f"month {m} is not in 1..12")
+        if set(self.val_months) & set(self.test_months):
+            raise ValueError("val_months and test_months overlap")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must be < 1")
+        return self
+
+
+class DataConfig(_Section):
+    """Where the SDOML stores are and which aligned samples to build from them."""
+
+    root: str = "data/synthetic"
+    """Folder or fsspec URL holding the stores (``s3://gov-nasa-hdrl-data1/.../fdl-sdoml-v2``)."""
+    aia_store: str | None = None
+    """AIA store name under ``root`` (or a full URL); None finds ``sdomlv2*.zarr`` or ``AIA.zarr``."""
+    hmi_store: str | None = None
+    """HMI store name or URL; None finds ``sdomlv2_hmi*.zarr`` or ``HMI.zarr``."""
+    eve_store: str | None = None
+    """EVE store name or URL; None finds ``sdomlv2_eve.zarr`` or ``EVE_legacy.zarr``."""
+    storage_options: dict[str, Any] = {}
+    """Passed to fsspec (``{anon: true}`` for public S3, ``{requester_pays: true}`` for GCS)."""
+    aia_channels: list[str] = list(AIA_CHANNELS)
+    """AIA channels to use, in this order."""
+    hmi_channels: list[str] = list(HMI_CHANNELS)
+    """HMI components to use, in this order."""
+    eve_lines: list[str] = []
+    """EVE MEGS-A lines to align (empty: EVE not used). ``default`` = the 38 SDO-FM lines."""
+    start: dt.datetime | None = None
+    """First time (UTC) to index; None = the start of the stores."""
+    end: dt.datetime | None = None
+    """Last time (UTC) to index; None = the end of the stores."""
+    cadence: Duration = dt.timedelta(minutes=12)
+    """Spacing of the alignment grid."""
+    tolerance: Duration | None = None
+    """Largest |frame time - grid time| accepted; None = half the cadence."""
+    num_frames: int = Field(1, ge=1)
+    """Frames per sample (T); >1 gives windows of T steps contiguous in time."""
+    frame_step: Duration | None = None
+    """Time between the frames of a window; None = the cadence."""
+    split: SplitConfig = SplitConfig()
+    """Train / val / test assignment."""
+    on_bad_header: Literal["skip", "raise"] = "skip"
+    """Frames whose header is null or unparseable: skip and count them, or raise."""
+    cache_dir: str = "data/cache"
+    """Local folder for the alignment index and statistics."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_eve_default(cls, values: Any) -> Any:
+        if isinstance(values, dict) and values.get("eve_lines") == "default":
+            values = {**values, "eve_lines": list(EVE_LINES_USED)}
+        return values
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if not self.aia_channels and not self.hmi_channels:
+            raise ValueError("select at least one AIA or HMI channel")
+        for name, chosen, known in (
+            ("aia_channels", self.aia_channels, AIA_CHANNELS),
+            ("hmi_channels", self.hmi_channels, HMI_CHANNELS),
+        ):
+            for c in chosen:
+                if c not in known:
+                    raise ValueError(f"{name}: unknown channel {c!r}; known: {', '.join(known)}")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"{name}: a channel is listed twice")
+        if self.tolerance is not None and self.tolerance > self.cadence:
+            raise ValueError("tolerance must not exceed the cadence")
+        if self.start and self.end and self.start >= self.end:
+            raise ValueError("start must be before end")
+        return self
+
+    @property
+    def channels(self) -> list[str]:
+        """All image channels, AIA then HMI."""
+        return [*self.aia_channels, *self.hmi_channels]
+
+    @property
+    def effective_tolerance(self) -> dt.timedelta:
+        return self.tolerance if self.tolerance is not None else self.cadence / 2
+
+    @property
+    def effective_frame_step(self) -> dt.timedelta:
+        return self.frame_step if self.frame_step is not None else self.cadence
+
+
+class Period(_Section):
+    """A stretch of days to synthesise."""
+
+    start: dt.date
+    """First day (UTC)."""
+    days: int = Field(ge=1)
+    """Number of days."""
+
+
+class SynthConfig(_Section):
+    """The synthetic Sun written in the SDOML v2 layout (embedded default and test fixture)."""
+
+    seed: int = 0
+    """Everything (active regions, flares, noise, gaps) follows from this seed."""
+    resolution: int = Field(64, ge=16)
+    """Image size in pixels (SDOML v2 is 512)."""
+    periods: list[Period] = [
+        Period(start=dt.date(2011, 10, 1), days=6),
+        Period(start=dt.date(2011, 11, 1), days=2),
+        Period(start=dt.date(2011, 12, 1), days=2),
+    ]
+    """Stretches to write; the default spans train (Oct), val (Nov) and test (Dec) months."""
+    aia_cadence: Duration = dt.timedelta(minutes=6)
+    """AIA cadence (6 min in SDOML v2)."""
+    hmi_cadence: Duration = dt.timedelta(minutes=12)
+    """HMI cadence (12 min in SDOML v2)."""
+    eve_cadence: Duration = dt.timedelta(minutes=1)
+    """EVE MEGS-A cadence (1 min in SDOML v2)."""
+    frames_per_chunk: int = Field(15, ge=1)
+    """Frames per zarr chunk along time (15 as the SDOML v2 converter; the small store uses 120)."""
+    missing_fraction: float = Field(0.01, ge=0, lt=0.5)
+    """Share of frames dropped at random, per channel."""
+    gaps_per_day: float = Field(0.3, ge=0)
+    """Rate of instrument-wide data gaps (each 30 min to 3 h)."""
+    flares_per_day: float = Field(2.0, ge=0)
+    """Mean flare rate."""
+    active_regions: int = Field(8, ge=0)
+    """Active regions on the disk on average."""
+    eve_missing_fraction: float = Field(0.02, ge=0, lt=1)
+    """Share of EVE spectra (all lines) marked missing (-1)."""
+    overwrite: bool = False
+    """Replace existing stores instead of refusing to write over them."""
+
+    @model_validator(mode="after")
+    def _check(self) -> SynthConfig:
+        if self.hmi_cadence % self.aia_cadence:
+            raise ValueError("hmi_cadence must be a multiple of aia_cadence")
+        return self
+
+
+class Config(_Section):
+    """A whole sdofm experiment."""
+
+    data: DataConfig = DataConfig()
+    """Stores, channels, alignment and splits."""
+    synth: SynthConfig = SynthConfig()
+    """The synthetic Sun written when ``data.root`` holds no stores."""
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def _describe(err: dict, tree: dict, source: str) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "<top>"
+    if err["type"] == "extra_forbidden":
+        parent: type[BaseModel] | None = Config
+        for p in loc[:-1]:
+            field = parent.model_fields.get(p) if parent else None
+            ann = field.annotation if field else None
+            parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        hint = ""
+        if parent is not None:
+            close = difflib.get_close_matches(loc[-1], list(parent.model_fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            hint += f"; valid keys: {', '.join(parent.model_fields)}"
+        return f"unknown key {key!r} = {err['input']!r} in {source}{hint}"
+    return f"{key} = {err['input']!r} in {source}: {err['msg']}"
+
+
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> Config:
+    """Read a YAML config (or the defaults when ``path`` is None) and apply dotted overrides.
+
+    ``overrides`` are ``"section.key=value"`` strings; the value is parsed as YAML
+    (``data.num_frames=3`` is an int, ``data.aia_channels=[171A,193A]`` a list).
+    """
+    source = str(path) if path is not None else "<defaults>"
+    tree = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        # YAML reads '12:00' and dates itself; keep datetimes/durations as typed text.
+        if isinstance(value, (dt.date, int)) and not text.strip().lstrip("-").isdigit():
+            value = text
+        _set_dotted(tree, key.strip(), value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        where = source + (f" (with overrides {list(overrides)})" if overrides else "")
+        lines = [_describe(err, tree, where) for err in e.errors()]
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def dump_config(cfg: BaseModel) -> dict:
+    """The config as plain YAML-able data (durations as '12min', dates as ISO strings)."""
+    return cfg.model_dump(mode="json")

@@ -1,0 +1,661 @@
+"""The SDOML v2 archive: open stores read-only, validate their layout, read headers and frames.
+
+One code path for a local folder, ``file://``, ``memory://``, anonymous ``s3://`` and
+``gs://`` (any fsspec URL). Both namings are accepted: ``sdomlv2*.zarr`` (EVE under
+``MEGS-A/``) and SDO-FM's mounted ``AIA.zarr`` / ``HMI.zarr`` / ``EVE_legacy.zarr``
+(a flat EVE group). Per-frame headers are parsed once per process and cached.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+
+from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS, LEAP_SECONDS
+
+STORE_NAMES: dict[str, tuple[str, ...]] = {
+    "aia": ("sdomlv2.zarr", "sdomlv2_small.zarr", "AIA.zarr"),
+    "hmi": ("sdomlv2_hmi.zarr", "sdomlv2_hmi_small.zarr", "HMI.zarr"),
+    "eve": ("sdomlv2_eve.zarr", "EVE_legacy.zarr", "EVE.zarr"),
+}
+INSTRUMENT_CHANNELS = {"aia": AIA_CHANNELS, "hmi": HMI_CHANNELS}
+_YEAR_RE = re.compile(r"^\d{4}$")
+
+
+class SDOMLError(Exception):
+    """Base of every error about the archive's content."""
+
+
+class StoreUnreachableError(SDOMLError):
+    """The store's URL cannot be opened (missing path, network error, no permission)."""
+
+
+class LayoutError(SDOMLError):
+    """A store does not have the SDOML v2 layout (or lacks what the config asks for)."""
+
+
+class FrameError(SDOMLError):
+    """One frame cannot be used: corrupt chunk, wrong shape, NaN.
+
+    Carries where it happened so callers can skip and count it.
+    """
+
+    def __init__(self, store: str, year: str, channel: str, index: int, reason: str):
+        self.store, self.year, self.channel, self.index, self.reason = (
+            store,
+            year,
+            channel,
+            index,
+            reason,
+        )
+        super().__init__(f"{store} {year}/{channel} frame {index}: {reason}")
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def join_url(root: str, name: str) -> str:
+    """``name`` under ``root`` unless ``name`` is itself a URL or an absolute path."""
+    if "://" in name or name.startswith("/"):
+        return name
+    return root.rstrip("/") + "/" + name
+
+
+def _fs(url: str, storage_options: dict | None):
+    import fsspec
+
+    return fsspec.core.url_to_fs(url, **(storage_options or {}))
+
+
+def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
+    """Open a zarr v2 group at a local path or fsspec URL; read-only unless ``mode='w'``."""
+    import zarr
+    from zarr.storage import FsspecStore, LocalStore
+
+    read_only = mode == "r"
+    try:
+        if "://" not in url or url.startswith("file://"):
+            path = url.removeprefix("file://")
+            if read_only and not _exists_local(path):
+                raise StoreUnreachableError(f"no store at {url}: the path does not exist")
+            store = LocalStore(path, read_only=read_only)
+        else:
+            store = FsspecStore.from_url(
+                url, read_only=read_only, storage_options=storage_options or {}
+            )
+        return zarr.open_group(store, mode=mode, zarr_format=2)
+    except SDOMLError:
+        raise
+    except FileNotFoundError as e:
+        raise StoreUnreachableError(f"no zarr group at {url}: {e}") from e
+    except Exception as e:  # network, permission, DNS: say which URL
+        raise StoreUnreachableError(f"cannot open {url}: {type(e).__name__}: {e}") from e
+
+
+def _exists_local(path: str) -> bool:
+    import os
+
+    return os.path.exists(path)
+
+
+def find_store(
+    root: str, instrument: str, name: str | None, storage_options: dict | None
+) -> str | None:
+    """The URL of ``instrument``'s store under ``root`` (explicit ``name`` or the known namings)."""
+    if name is not None:
+        return join_url(root, name)
+    try:
+        fs, path = _fs(root, storage_options)
+        for candidate in STORE_NAMES[instrument]:
+            if fs.exists(path.rstrip("/") + "/" + candidate + "/.zgroup"):
+                return join_url(root, candidate)
+    except Exception as e:
+        raise StoreUnreachableError(f"cannot list {root}: {type(e).__name__}: {e}") from e
+    return None
+
+
+# --------------------------------------------------------------------------- time
+
+
+_T_RE = re.compile(
+    r"^\s*(\d{4})[-.](\d{2})[-.](\d{2})[T _](\d{2}):(\d{2}):(\d{2}(?:\.\d*)?)\s*(Z|_?TAI|_?UTC)?\s*$"
+)
+_EPOCH = dt.date(1970, 1, 1)
+_NS = 1_000_000_000
+_LEAP_UTC_NS = np.array(
+    [(dt.date.fromisoformat(d) - _EPOCH).days * 86400 * _NS for d, _ in LEAP_SECONDS],
+    dtype=np.int64,
+)
+_LEAP_OFFSET_NS = np.array([s * _NS for _, s in LEAP_SECONDS], dtype=np.int64)
+_LEAP_TAI_NS = _LEAP_UTC_NS + _LEAP_OFFSET_NS
+
+
+def tai_to_utc(tai_ns: np.ndarray) -> np.ndarray:
+    """TAI nanoseconds since 1970 -> UTC nanoseconds since 1970 (leap-second aware).
+
+    ``tai_ns: (N,) int64 -> (N,) int64``. An instant inside a leap second
+    (UTC 23:59:60.x) maps to 00:00:00.x of the next day.
+    """
+    # The leap second itself (TAI just before the new offset applies) keeps the old
+    # offset and so lands on 00:00:00.x of the next UTC day.
+    i = np.searchsorted(_LEAP_TAI_NS, tai_ns, side="right") - 1
+    return tai_ns - _LEAP_OFFSET_NS[np.clip(i, 0, None)]
+
+
+def parse_times(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Parse SDOML ``T_OBS`` strings into UTC.
+
+    ``values: (N,)`` strings such as ``2010-08-01T00:00:09.57Z`` (AIA, UTC),
+    ``2010.05.01_00:12:04_TAI`` (HMI, TAI) or ``2010-05-01 00:00:00.000`` (EVE);
+    formats may be mixed, seconds may read ``60``.
+    Returns ``(times: (N,) datetime64[ns], bad: (N,) bool)``; bad entries are NaT.
+    """
+    n = len(values)
+    out = np.zeros(n, dtype=np.int64)
+    bad = np.zeros(n, dtype=bool)
+    tai = np.zeros(n, dtype=bool)
+    day_cache: dict[tuple[int, int, int], int] = {}
+    for i, v in enumerate(values):
+        m = _T_RE.match(v) if isinstance(v, str) else None
+        if m is None:
+            bad[i] = True
+            continue
+        y, mo, d, hh, mm = (int(m.group(k)) for k in range(1, 6))
+        sec = float(m.group(6))
+        key = (y, mo, d)
+        days = day_cache.get(key)
+        if days is None:
+            try:
+                days = (dt.date(y, mo, d) - _EPOCH).days
+            except ValueError:
+                bad[i] = True
+                continue
+            day_cache[key] = days
+        if hh > 23 or mm > 59 or sec >= 61:
+            bad[i] = True
+            continue
+        out[i] = days * 86400 * _NS + (hh * 3600 + mm * 60) * _NS + round(sec * _NS)
+        tai[i] = "TAI" in (m.group(7) or "")
+    if tai.any():
+        out[tai] = tai_to_utc(out[tai])
+    times = out.view("datetime64[ns]").copy()
+    times[bad] = np.datetime64("NaT")
+    return times, bad
+
+
+# --------------------------------------------------------------------------- headers
+
+
+@dataclass
+class FrameTimes:
+    """Observation times of one array's frames, in stored order (not time order)."""
+
+    times: np.ndarray  # (N,) datetime64[ns], NaT where the header is unusable
+    problems: dict[str, list[int]] = field(default_factory=dict)  # reason -> frame indices
+
+    @property
+    def n_bad(self) -> int:
+        return int(np.isnat(self.times).sum())
+
+
+_HEADER_CACHE: dict[tuple[str, str, str, str], Any] = {}
+_HEADER_LOCK = threading.Lock()
+
+
+def _cached(key: tuple[str, str, str, str], make):
+    with _HEADER_LOCK:
+        if key in _HEADER_CACHE:
+            return _HEADER_CACHE[key]
+    value = make()
+    with _HEADER_LOCK:
+        _HEADER_CACHE[key] = value
+    return value
+
+
+def clear_header_cache() -> None:
+    """Forget parsed headers (after a store was rewritten in this process)."""
+    with _HEADER_LOCK:
+        _HEADER_CACHE.clear()
+
+
+# --------------------------------------------------------------------------- image stores
+
+
+class ImageStore:
+    """An AIA or HMI store: year groups of ``(N, H, W)`` float32 channel arrays."""
+
+    def __init__(self, url: str, instrument: str, storage_options: dict | None = None):
+        if instrument not in INSTRUMENT_CHANNELS:
+            raise ValueError(f"instrument must be aia or hmi, not {instrument!r}")
+        self.url = url
+        self.instrument = instrument
+        self.storage_options = storage_options or {}
+        self.group = open_group(url, self.storage_options)
+        self._arrays: dict[tuple[str, str], Any] = {}
+        self._check_is_sdoml()
+
+    def __repr__(self) -> str:
+        return f"ImageStore({self.instrument.upper()} {self.url})"
+
+    def _check_is_sdoml(self) -> None:
+        known = INSTRUMENT_CHANNELS[self.instrument]
+        if not self.years:
+            found = sorted(self.group.keys())[:10]
+            raise LayoutError(
+                f"{self.url} is not an SDOML {self.instrument.upper()} store: expected year groups "
+                f"('2010/', '2011/', ...) holding channel arrays ({', '.join(known)}); "
+                f"found {found or 'nothing'}"
+            )
+        year = self.years[0]
+        if not any(c in known for c in self.channels(year)):
+            raise LayoutError(
+                f"{self.url} is not an SDOML {self.instrument.upper()} store: year {year} holds "
+                f"{self.channels(year) or 'nothing'}, none of {', '.join(known)}"
+            )
+
+    @cached_property
+    def years(self) -> list[str]:
+        return sorted(k for k, _ in self.group.groups() if _YEAR_RE.match(k))
+
+    def channels(self, year: str) -> list[str]:
+        return sorted(k for k, _ in self.group[year].arrays())
+
+    def array(self, year: str, channel: str):
+        key = (year, channel)
+        if key not in self._arrays:
+            if year not in self.years:
+                raise LayoutError(f"{self.url}: no year {year} (has {', '.join(self.years)})")
+            try:
+                self._arrays[key] = self.group[f"{year}/{channel}"]
+            except KeyError:
+                raise LayoutError(
+                    f"{self.url}: year {year} has no channel {channel} "
+                    f"(has {', '.join(self.channels(year))})"
+                ) from None
+        return self._arrays[key]
+
+    def validate(
+        self, channels: Sequence[str], years: Sequence[str] | None = None
+    ) -> tuple[int, int]:
+        """Check that every (year, channel) exists with a consistent ``(N, H, W)`` shape.
+
+        Returns the frame shape ``(H, W)``. Raises :class:`LayoutError` listing all problems.
+        """
+        problems: list[str] = []
+        years = list(years) if years is not None else self.years
+        missing_years = [y for y in years if y not in self.years]
+        if missing_years:
+            problems.append(
+                f"missing year(s) {', '.join(missing_years)} (has {', '.join(self.years)})"
+            )
+        shapes: dict[tuple[int, int], list[str]] = {}
+        for year in (y for y in years if y in self.years):
+            have = self.channels(year)
+            missing = [c for c in channels if c not in have]
+            if missing:
+                problems.append(
+                    f"year {year} lacks channel(s) {', '.join(missing)} (has {', '.join(have)})"
+                )
+            for c in (c for c in channels if c in have):
+                a = self.array(year, c)
+                if a.ndim != 3:
+                    problems.append(f"{year}/{c} has shape {a.shape}, expected (frames, H, W)")
+                    continue
+                if not np.issubdtype(a.dtype, np.floating):
+                    problems.append(f"{year}/{c} has dtype {a.dtype}, expected float32")
+                if "T_OBS" not in a.attrs:
+                    problems.append(f"{year}/{c} has no per-frame T_OBS attribute")
+                shapes.setdefault(tuple(a.shape[1:]), []).append(f"{year}/{c}")
+        if len(shapes) > 1:
+            desc = "; ".join(
+                f"{s}: {', '.join(v[:4])}{' ...' if len(v) > 4 else ''}" for s, v in shapes.items()
+            )
+            problems.append(f"frames of different shapes: {desc}")
+        if problems:
+            raise LayoutError(f"{self.url}:\n  " + "\n  ".join(problems))
+        return next(iter(shapes)) if shapes else (0, 0)
+
+    def frame_times(self, year: str, channel: str) -> FrameTimes:
+        """Parsed ``T_OBS`` of every frame of ``year/channel`` (cached per process).
+
+        Frames whose entry is null, unparseable or beyond the end of a too-short
+        list are NaT and listed in ``problems``; a list longer than the array is cut.
+        """
+        a = self.array(year, channel)
+
+        def make() -> FrameTimes:
+            raw = a.attrs.get("T_OBS")
+            if not isinstance(raw, list):
+                raise LayoutError(f"{self.url} {year}/{channel}: T_OBS is not a per-frame list")
+            n = a.shape[0]
+            problems: dict[str, list[int]] = {}
+            if len(raw) != n:
+                problems["header_length_mismatch"] = list(range(len(raw), n))
+                raw = (raw + [None] * n)[:n]
+            times, bad = parse_times(raw)
+            nulls = [i for i in np.flatnonzero(bad) if raw[i] is None and i < n]
+            nulls = [i for i in nulls if i not in set(problems.get("header_length_mismatch", []))]
+            unparseable = [int(i) for i in np.flatnonzero(bad) if raw[i] is not None]
+            if nulls:
+                problems["header_null"] = [int(i) for i in nulls]
+            if unparseable:
+                problems["header_unparseable"] = unparseable
+            return FrameTimes(times=times, problems=problems)
+
+        return _cached((self.url, year, channel, "T_OBS"), make)
+
+    def header(self, year: str, channel: str, key: str) -> np.ndarray:
+        """One numeric per-frame header (``DEG_COR``, ``EXPTIME``, ``QUALITY`` ...) as float64, NaN where absent."""
+        a = self.array(year, channel)
+
+        def make() -> np.ndarray:
+            raw = a.attrs.get(key)
+            if raw is None:
+                raise LayoutError(f"{self.url} {year}/{channel}: no per-frame attribute {key}")
+            out = np.full(a.shape[0], np.nan)
+            vals = [np.nan if v is None else v for v in raw[: a.shape[0]]]
+            out[: len(vals)] = np.asarray(vals, dtype=np.float64)
+            return out
+
+        return _cached((self.url, year, channel, key), make)
+
+    def read_frames(
+        self, year: str, channel: str, indices: Sequence[int], check: bool = True
+    ) -> np.ndarray:
+        """Read frames ``indices`` of ``year/channel`` decoding each chunk once.
+
+        ``-> (len(indices), H, W) float32`` in the order asked for. With ``check``,
+        a frame that is not finite everywhere raises :class:`FrameError`.
+        """
+        a = self.array(year, channel)
+        idx = np.asarray(indices, dtype=np.int64)
+        out = np.empty((len(idx), *a.shape[1:]), dtype=np.float32)
+        if len(idx) == 0:
+            return out
+        if idx.min() < 0 or idx.max() >= a.shape[0]:
+            bad = int(idx[(idx < 0) | (idx >= a.shape[0])][0])
+            raise FrameError(
+                self.url, year, channel, bad, f"index out of range (0..{a.shape[0] - 1})"
+            )
+        chunk = a.chunks[0]
+        order = np.argsort(idx, kind="stable")
+        sorted_idx = idx[order]
+        # One read per run of touched chunks: the codec decodes each chunk once.
+        chunk_id = sorted_idx // chunk
+        breaks = np.flatnonzero(np.diff(chunk_id) > 1) + 1
+        for run in np.split(np.arange(len(sorted_idx)), breaks):
+            lo = int(chunk_id[run[0]] * chunk)
+            hi = int(min((chunk_id[run[-1]] + 1) * chunk, a.shape[0]))
+            lo = max(lo, int(sorted_idx[run[0]]))
+            hi = min(hi, int(sorted_idx[run[-1]]) + 1)
+            try:
+                block = a[lo:hi]
+            except Exception as e:
+                raise FrameError(
+                    self.url,
+                    year,
+                    channel,
+                    int(sorted_idx[run[0]]),
+                    f"cannot decode chunk(s) holding frames {lo}..{hi - 1}: {type(e).__name__}: {e}",
+                ) from e
+            out[order[run]] = block[sorted_idx[run] - lo]
+        if check:
+            for j, i in enumerate(idx):
+                reason = frame_problem(out[j])
+                if reason:
+                    raise FrameError(self.url, year, channel, int(i), reason)
+        return out
+
+    def fingerprint(self, channels: Sequence[str] | None = None) -> str:
+        """A cheap digest of the store's metadata (shapes, chunks, header file sizes and dates)."""
+        fs, root = _fs(self.url, self.storage_options)
+        h = hashlib.sha256(self.url.encode())
+        for year in self.years:
+            for c in channels if channels is not None else self.channels(year):
+                if c not in self.channels(year):
+                    continue
+                a = self.array(year, c)
+                info = fs.info(f"{root.rstrip('/')}/{year}/{c}/.zattrs")
+                stamp = (
+                    info.get("ETag")
+                    or info.get("mtime")
+                    or info.get("created")
+                    or info.get("LastModified")
+                )
+                h.update(
+                    json.dumps(
+                        [year, c, a.shape, a.chunks, str(a.dtype), info.get("size"), str(stamp)]
+                    ).encode()
+                )
+        return h.hexdigest()[:16]
+
+
+def frame_problem(frame: np.ndarray, shape: tuple[int, ...] | None = None) -> str | None:
+    """Why a frame cannot be trained on, or None. ``frame: (H, W)``."""
+    if shape is not None and frame.shape != tuple(shape):
+        return f"wrong shape {frame.shape}, expected {tuple(shape)}"
+    finite = np.isfinite(frame)
+    if not finite.all():
+        n = frame.size - int(finite.sum())
+        return "all NaN" if n == frame.size else f"{n} non-finite pixel(s)"
+    return None
+
+
+# --------------------------------------------------------------------------- EVE
+
+
+class EVEStore:
+    """EVE MEGS-A line irradiances: ``Time`` strings and one (N,) float32 array per line."""
+
+    def __init__(self, url: str, storage_options: dict | None = None):
+        self.url = url
+        self.storage_options = storage_options or {}
+        root = open_group(url, self.storage_options)
+        keys = set(root.keys())
+        if "MEGS-A" in keys:
+            self.group = root["MEGS-A"]
+        elif "Time" in keys:
+            self.group = root  # EVE_legacy.zarr: flat
+        else:
+            raise LayoutError(
+                f"{url} is not an SDOML EVE store: expected 'MEGS-A/Time' (sdomlv2_eve.zarr) or "
+                f"a flat 'Time' array (EVE_legacy.zarr); found {sorted(keys)[:10] or 'nothing'}"
+            )
+
+    def __repr__(self) -> str:
+        return f"EVEStore({self.url})"
+
+    @cached_property
+    def lines(self) -> list[str]:
+        return sorted(k for k, _ in self.group.arrays() if k != "Time")
+
+    def validate(self, lines: Sequence[str]) -> None:
+        missing = [ln for ln in lines if ln not in self.lines]
+        if missing:
+            raise LayoutError(
+                f"{self.url}: missing EVE line(s) {', '.join(missing)} (has {len(self.lines)} lines)"
+            )
+        n = self.group["Time"].shape[0]
+        wrong = [ln for ln in lines if self.group[ln].shape != (n,)]
+        if wrong:
+            raise LayoutError(
+                f"{self.url}: EVE line(s) {', '.join(wrong)} do not have the shape of Time ({n},)"
+            )
+
+    def times(self) -> np.ndarray:
+        """``(N,) datetime64[ns]`` UTC, NaT where unparseable (cached per process)."""
+
+        def make() -> np.ndarray:
+            raw = self.group["Time"][:]
+            return parse_times([str(v) for v in raw])[0]
+
+        return _cached((self.url, "", "Time", "EVE"), make)
+
+    def read(self, lines: Sequence[str], rows: np.ndarray | slice | None = None) -> np.ndarray:
+        """``-> (len(rows), len(lines)) float32``; negative values mean missing (as stored)."""
+        sel = slice(None) if rows is None else rows
+        cols = []
+        for ln in lines:
+            a = self.group[ln]
+            cols.append(
+                a[sel] if isinstance(sel, slice) else a.get_orthogonal_selection((np.asarray(sel),))
+            )
+        return np.stack(cols, axis=1).astype(np.float32, copy=False)
+
+    def fingerprint(self) -> str:
+        fs, root = _fs(self.url, self.storage_options)
+        path = self.group.path
+        info = fs.info(f"{root.rstrip('/')}/{path + '/' if path else ''}Time/.zarray")
+        t = self.group["Time"]
+        stamp = (
+            info.get("ETag") or info.get("mtime") or info.get("created") or info.get("LastModified")
+        )
+        return hashlib.sha256(
+            json.dumps([self.url, t.shape, self.lines, str(stamp)]).encode()
+        ).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- the archive
+
+
+@dataclass
+class Archive:
+    """The AIA, HMI and EVE stores that one :class:`~sdofm.config.DataConfig` points at."""
+
+    aia: ImageStore | None
+    hmi: ImageStore | None
+    eve: EVEStore | None
+
+    @classmethod
+    def open(cls, data_cfg, require: Sequence[str] | None = None) -> Archive:
+        """Open the stores the config selects; :class:`LayoutError` if one is missing.
+
+        ``require`` defaults to what the config selects: AIA if it lists AIA
+        channels, HMI if HMI channels, EVE if EVE lines.
+        """
+        if require is None:
+            require = [
+                name
+                for name, on in (
+                    ("aia", data_cfg.aia_channels),
+                    ("hmi", data_cfg.hmi_channels),
+                    ("eve", data_cfg.eve_lines),
+                )
+                if on
+            ]
+        opts = data_cfg.storage_options
+        stores: dict[str, Any] = {}
+        for inst, name in (
+            ("aia", data_cfg.aia_store),
+            ("hmi", data_cfg.hmi_store),
+            ("eve", data_cfg.eve_store),
+        ):
+            url = find_store(data_cfg.root, inst, name, opts)
+            if url is None:
+                if inst in require:
+                    raise LayoutError(
+                        f"no {inst.upper()} store under {data_cfg.root} (looked for "
+                        f"{', '.join(STORE_NAMES[inst])}); set data.{inst}_store or data.root"
+                        + (
+                            "; or run `sdofm data synth` to write the synthetic Sun"
+                            if "://" not in data_cfg.root
+                            else ""
+                        )
+                    )
+                stores[inst] = None
+                continue
+            stores[inst] = EVEStore(url, opts) if inst == "eve" else ImageStore(url, inst, opts)
+        return cls(**stores)
+
+    def image_stores(self) -> list[ImageStore]:
+        return [s for s in (self.aia, self.hmi) if s is not None]
+
+
+# --------------------------------------------------------------------------- summaries
+
+
+def _codec(a) -> str:
+    comp = getattr(a.metadata, "compressor", None)
+    if comp is None:
+        return "none"
+    cfg = comp.get_config() if hasattr(comp, "get_config") else {}
+    shuffle = {0: "no shuffle", 1: "byte shuffle", 2: "bit-shuffle"}.get(cfg.get("shuffle"), "")
+    return " ".join(
+        str(x)
+        for x in (cfg.get("id", comp), cfg.get("cname", ""), cfg.get("clevel", ""), shuffle)
+        if x != ""
+    )
+
+
+def describe_image_store(store: ImageStore, gap_factor: float = 1.5) -> dict:
+    """What an AIA/HMI store holds: per year and channel the frame count, span and gaps.
+
+    A gap is a spacing between consecutive frames over ``gap_factor`` times the
+    channel's median spacing.
+    """
+    out: dict[str, Any] = {"url": store.url, "instrument": store.instrument.upper(), "years": {}}
+    for year in store.years:
+        rows = {}
+        for c in store.channels(year):
+            a = store.array(year, c)
+            ft = store.frame_times(year, c)
+            t = np.sort(ft.times[~np.isnat(ft.times)])
+            d = (
+                np.diff(t).astype("timedelta64[s]").astype(np.int64)
+                if len(t) > 1
+                else np.zeros(0, np.int64)
+            )
+            cadence = int(np.median(d)) if len(d) else 0
+            gaps = d[d > gap_factor * cadence] if cadence else d[:0]
+            rows[c] = {
+                "frames": int(a.shape[0]),
+                "shape": list(a.shape[1:]),
+                "chunks": list(a.chunks),
+                "dtype": str(a.dtype),
+                "codec": _codec(a),
+                "first": str(t[0])[:19] if len(t) else None,
+                "last": str(t[-1])[:19] if len(t) else None,
+                "cadence_s": cadence,
+                "gaps": int(len(gaps)),
+                "longest_gap_s": int(gaps.max()) if len(gaps) else 0,
+                "bad_headers": int(ft.n_bad),
+                "in_time_order": bool(
+                    np.all(np.diff(ft.times[~np.isnat(ft.times)].astype(np.int64)) > 0)
+                ),
+            }
+        out["years"][year] = rows
+    return out
+
+
+def describe_eve_store(store: EVEStore) -> dict:
+    t = store.times()
+    ok = t[~np.isnat(t)]
+    return {
+        "url": store.url,
+        "instrument": "EVE",
+        "lines": len(store.lines),
+        "rows": int(len(t)),
+        "first": str(ok.min())[:19] if len(ok) else None,
+        "last": str(ok.max())[:19] if len(ok) else None,
+    }
+
+
+def describe(archive: Archive) -> dict:
+    """A summary of every store of the archive (what ``sdofm data info`` prints)."""
+    out = {}
+    for name in ("aia", "hmi"):
+        store = getattr(archive, name)
+        if store is not None:
+            out[name] = describe_image_store(store)
+    if archive.eve is not None:
+        out["eve"] = describe_eve_store(archive.eve)
+    return out

@@ -1,0 +1,42 @@
+"""Shared fixtures: one small synthetic SDOML archive per test session."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sdofm.config import load_config
+from sdofm.datasets.synthetic import write_synthetic
+
+# Small and fast: 32 px, a leap second (2012-06-30) inside HMI's TAI times, and
+# one day each of November and December for the month split.
+SMALL = [
+    "synth.resolution=32",
+    "synth.periods=[{start: 2012-06-29, days: 3}, {start: 2012-11-01, days: 1}, {start: 2012-12-01, days: 1}]",
+    "synth.frames_per_chunk=8",
+    "synth.missing_fraction=0.03",
+    "synth.gaps_per_day=1.0",
+    "synth.flares_per_day=4",
+]
+
+
+def small_config(root: Path | str, *extra: str):
+    return load_config(None, [*SMALL, f"data.root={root}", *extra])
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A synthetic archive written once per session. Read-only: copy it to modify it."""
+    root = tmp_path_factory.mktemp("sdoml") / "synthetic"
+    write_synthetic(small_config(root))
+    return root
+
+
+@pytest.fixture
+def synth_copy(synth_root, tmp_path) -> Path:
+    """A private copy of the session archive that a test may damage."""
+    dst = tmp_path / "synthetic"
+    shutil.copytree(synth_root, dst)
+    return dst

@@ -1,0 +1,227 @@
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from sdofm.config import load_config
+from sdofm.datasets.sdoml import (
+    Archive,
+    EVEStore,
+    FrameError,
+    ImageStore,
+    LayoutError,
+    StoreUnreachableError,
+    clear_header_cache,
+    describe,
+    parse_times,
+    tai_to_utc,
+)
+
+
+def _edit_attrs(array_dir: Path, edit) -> None:
+    path = array_dir / ".zattrs"
+    attrs = json.loads(path.read_text())
+    edit(attrs)
+    path.write_text(json.dumps(attrs))
+    clear_header_cache()
+
+
+# --------------------------------------------------------------------------- time
+
+
+@pytest.mark.parametrize(
+    "text,utc",
+    [
+        ("2010-08-01T00:00:09.57Z", "2010-08-01T00:00:09.570"),  # AIA, UTC
+        ("2010-08-01T00:00:09.57", "2010-08-01T00:00:09.570"),  # no Z (2020 mixes both)
+        ("2010-08-01 00:00:09.570", "2010-08-01T00:00:09.570"),  # EVE style
+        ("2010.05.01_00:12:04_TAI", "2010-05-01T00:11:30.000"),  # HMI: TAI - 34 s
+        ("2012.06.30_23:59:00_TAI", "2012-06-30T23:58:26.000"),  # before the 2012 leap second
+        ("2012.07.01_00:00:35_TAI", "2012-07-01T00:00:00.000"),  # after it: TAI - 35 s
+        ("2012.07.01_00:00:34_TAI", "2012-07-01T00:00:00.000"),  # the leap second 23:59:60 UTC
+        ("2017.01.01_00:01:37_TAI", "2017-01-01T00:01:00.000"),  # TAI - 37 s
+        ("2012.06.30_23:59:60_TAI", "2012-06-30T23:59:26.000"),  # seconds written as 60
+        ("2016-12-31T23:59:60.50Z", "2017-01-01T00:00:00.500"),  # UTC leap second
+    ],
+)
+def test_parse_times(text, utc):
+    times, bad = parse_times([text])
+    assert not bad[0]
+    assert times[0] == np.datetime64(utc, "ns")
+
+
+def test_parse_times_marks_bad_entries():
+    times, bad = parse_times(
+        ["2011-01-01T00:00:00Z", None, "yesterday", "2011-02-30T00:00:00Z", "2011-01-01T25:00:00Z"]
+    )
+    assert bad.tolist() == [False, True, True, True, True]
+    assert np.isnat(times[1:]).all() and not np.isnat(times[0])
+
+
+def test_tai_to_utc_is_monotonic_outside_leap_seconds():
+    t = np.arange(0, 3 * 86400, 3600, dtype=np.int64) * 10**9 + np.datetime64(
+        "2015-06-29", "ns"
+    ).astype(np.int64)
+    assert np.all(np.diff(tai_to_utc(t)) > 0)
+
+
+# --------------------------------------------------------------------------- opening and layout
+
+
+def test_open_both_namings(synth_copy):
+    cfg = load_config(None, [f"data.root={synth_copy}"])
+    a = Archive.open(cfg.data, require=["aia", "hmi", "eve"])
+    assert a.aia.url.endswith("sdomlv2.zarr") and a.eve.group.path == "MEGS-A"
+    times = a.aia.frame_times("2012", "171A").times
+    # SDO-FM's mounted names, with a flat EVE group.
+    (synth_copy / "sdomlv2.zarr").rename(synth_copy / "AIA.zarr")
+    (synth_copy / "sdomlv2_hmi.zarr").rename(synth_copy / "HMI.zarr")
+    eve = synth_copy / "sdomlv2_eve.zarr"
+    flat = synth_copy / "EVE_legacy.zarr"
+    (eve / "MEGS-A").rename(flat)
+    eve.joinpath(".zattrs").rename(flat / ".zattrs")
+    shutil.rmtree(eve)
+    b = Archive.open(cfg.data, require=["aia", "hmi", "eve"])
+    assert b.aia.url.endswith("AIA.zarr") and b.hmi.url.endswith("HMI.zarr")
+    assert isinstance(b.eve, EVEStore) and b.eve.group.path == "" and len(b.eve.lines) == 39
+    np.testing.assert_array_equal(b.aia.frame_times("2012", "171A").times, times)
+
+
+def test_missing_store_says_where_it_looked(tmp_path):
+    cfg = load_config(None, [f"data.root={tmp_path}"])
+    with pytest.raises(
+        LayoutError,
+        match=r"no AIA store under .*sdomlv2\.zarr, sdomlv2_small\.zarr, AIA\.zarr.*sdofm data synth",
+    ):
+        Archive.open(cfg.data)
+
+
+def test_not_an_sdoml_store(tmp_path):
+    g = zarr.open_group(tmp_path / "thing.zarr", mode="w", zarr_format=2)
+    g.create_array("images", shape=(2, 4, 4), dtype="f4")
+    with pytest.raises(LayoutError, match="is not an SDOML AIA store.*found \\['images'\\]"):
+        ImageStore(str(tmp_path / "thing.zarr"), "aia")
+    y = g.require_group("2011")
+    y.create_array("cats", shape=(2, 4, 4), dtype="f4")
+    with pytest.raises(LayoutError, match="year 2011 holds \\['cats'\\]"):
+        ImageStore(str(tmp_path / "thing.zarr"), "aia")
+
+
+def test_missing_year_and_channel_are_named(synth_copy):
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    with pytest.raises(LayoutError, match="missing year\\(s\\) 2013 \\(has 2012\\)"):
+        store.validate(["171A"], ["2012", "2013"])
+    shutil.rmtree(synth_copy / "sdomlv2.zarr" / "2012" / "304A")
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    with pytest.raises(LayoutError, match="year 2012 lacks channel\\(s\\) 304A"):
+        store.validate(["171A", "304A"])
+
+
+def test_wrong_shape_channel_is_a_layout_error(synth_copy):
+    y = zarr.open_group(synth_copy / "sdomlv2.zarr" / "2012", mode="a", zarr_format=2)
+    n = y["94A"].shape[0]
+    a = y.create_array("94A", shape=(n, 16, 16), dtype="f4", overwrite=True)
+    a.attrs["T_OBS"] = ["2012-06-29T00:00:00Z"] * n
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    with pytest.raises(LayoutError, match=r"frames of different shapes: .*\(16, 16\): 2012/94A"):
+        store.validate(["94A", "171A"])
+
+
+def test_unreachable_urls():
+    with pytest.raises(StoreUnreachableError, match="does not exist"):
+        ImageStore("/nonexistent/sdomlv2.zarr", "aia")
+    cfg = load_config(None, ["data.root=http://127.0.0.1:9/sdoml", "data.aia_store=sdomlv2.zarr"])
+    with pytest.raises(StoreUnreachableError, match="127.0.0.1:9"):
+        Archive.open(cfg.data)
+
+
+# --------------------------------------------------------------------------- headers
+
+
+def test_header_length_mismatch_and_nulls_are_listed(synth_copy):
+    arr = synth_copy / "sdomlv2.zarr" / "2012" / "171A"
+
+    def edit(attrs):
+        attrs["T_OBS"] = attrs["T_OBS"][:-3]  # 3 frames without an entry
+        attrs["T_OBS"][5] = None
+
+    _edit_attrs(arr, edit)
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    ft = store.frame_times("2012", "171A")
+    n = store.array("2012", "171A").shape[0]
+    assert ft.problems["header_length_mismatch"] == [n - 3, n - 2, n - 1]
+    assert ft.problems["header_null"] == [5]
+    assert ft.n_bad == 4 and np.isnat(ft.times[[5, n - 1]]).all()
+
+
+def test_headers_are_parsed_once_per_process(synth_root):
+    store = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")
+    assert store.frame_times("2012", "193A") is store.frame_times("2012", "193A")
+    other = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")  # a new handle, same process
+    assert other.frame_times("2012", "193A") is store.frame_times("2012", "193A")
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def test_read_frames_any_order_equals_direct_reads(synth_root):
+    store = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")
+    a = store.array("2012", "211A")
+    idx = [17, 3, 40, 3, 8, 9, a.shape[0] - 1]
+    got = store.read_frames("2012", "211A", idx)
+    assert got.shape == (len(idx), 32, 32) and got.dtype == np.float32
+    for j, i in enumerate(idx):
+        np.testing.assert_array_equal(got[j], a[i])
+
+
+def test_corrupt_and_truncated_chunks_name_store_channel_and_frame(synth_copy):
+    arr = synth_copy / "sdomlv2.zarr" / "2012" / "131A"
+    (arr / "1.0.0").write_bytes(b"this is not blosc")  # frames 8..15 (8 per chunk)
+    raw = (arr / "2.0.0").read_bytes()
+    (arr / "2.0.0").write_bytes(raw[: len(raw) // 2])  # truncated
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    assert store.read_frames("2012", "131A", [0, 7]).shape == (2, 32, 32)  # other chunks still read
+    with pytest.raises(
+        FrameError,
+        match=r"sdomlv2.zarr 2012/131A frame 9: cannot decode chunk\(s\) holding frames 9\.\.9",
+    ) as e:
+        store.read_frames("2012", "131A", [9])
+    assert (e.value.year, e.value.channel, e.value.index) == ("2012", "131A", 9)
+    with pytest.raises(FrameError, match="2012/131A frame 20"):
+        store.read_frames("2012", "131A", [20])
+
+
+def test_nan_frames_are_refused(synth_copy):
+    a = zarr.open_array(synth_copy / "sdomlv2.zarr" / "2012" / "94A", mode="r+", zarr_format=2)
+    block = a[0:8]
+    block[2] = np.nan
+    block[5, 0, 0] = np.inf
+    a[0:8] = block
+    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
+    with pytest.raises(FrameError, match="2012/94A frame 2: all NaN"):
+        store.read_frames("2012", "94A", [1, 2])
+    with pytest.raises(FrameError, match="frame 5: 1 non-finite pixel"):
+        store.read_frames("2012", "94A", [5])
+    assert np.isnan(store.read_frames("2012", "94A", [2], check=False)).all()
+    with pytest.raises(FrameError, match="index out of range"):
+        store.read_frames("2012", "94A", [a.shape[0]])
+
+
+def test_describe_reports_counts_span_and_gaps(synth_root):
+    cfg = load_config(None, [f"data.root={synth_root}"])
+    s = describe(Archive.open(cfg.data, require=["aia", "hmi", "eve"]))
+    rows = s["aia"]["years"]["2012"]
+    assert set(rows) == {"94A", "131A", "171A", "193A", "211A", "304A", "335A", "1600A", "1700A"}
+    assert len({r["frames"] for r in rows.values()}) > 1  # per-channel frame counts differ
+    assert all(r["cadence_s"] == 360 and r["gaps"] > 0 for r in rows.values())
+    assert rows["171A"]["codec"] == "blosc zstd 5 bit-shuffle" and rows["171A"]["chunks"] == [
+        8,
+        32,
+        32,
+    ]
+    assert not rows["171A"]["in_time_order"]  # days are stored out of order
+    assert s["hmi"]["years"]["2012"]["Bz"]["cadence_s"] == 720
+    assert s["eve"]["lines"] == 39 and s["eve"]["first"].startswith("2012-06-29")
