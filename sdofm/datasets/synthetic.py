@@ -279,10 +279,11 @@ class SyntheticSun:
         lon = r.longitude(t)
         half = r.separation / 2
         tilt = math.radians(r.tilt)
-        eq = -1 if r.lat > 0 else 1  # the leading spot sits closer to the equator (Joy)
+        hemi = 1 if r.lat > 0 else -1
         sigma = math.radians(r.size)
         for sign, d in ((r.leading_sign, +1), (-r.leading_sign, -1)):
-            lat = r.lat + d * eq * half * math.sin(tilt) * -1
+            # d = +1: the leading spot, to the west and closer to the equator (Joy's law)
+            lat = r.lat - d * hemi * half * math.sin(tilt)
             x, y, z = self._vector(lat, lon + d * half * math.cos(tilt))
             if z <= 0:
                 continue
@@ -576,7 +577,9 @@ def _write_images(
             if instrument == "aia":
                 active = sun.activity(t)
             else:
-                tai = nominal + dt.timedelta(seconds=4 + _utc_to_tai_offset(nominal) - 34)
+                # HMI's 720-s vectors are centred 30 s before the grid time; T_OBS is TAI.
+                hmi_utc = nominal - dt.timedelta(seconds=30)
+                tai = hmi_utc + dt.timedelta(seconds=_utc_to_tai_offset(hmi_utc))
                 maps = sun.render_hmi(t)
             for c in channels:
                 if missing[c][i]:
@@ -607,7 +610,7 @@ def _write_images(
                         ),
                         "PIXLUNIT": "Gauss",
                     }
-                    utc = tai - dt.timedelta(seconds=_utc_to_tai_offset(tai))
+                    utc = hmi_utc
                 for k, v in {**header, **head}.items():
                     attrs[c].setdefault(k, []).append(v)
                 truth_rows.append(

@@ -1,0 +1,216 @@
+import datetime as dt
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
+from sdofm.datasets.sdoml import Archive, ImageStore, SDOMLError, open_group
+from sdofm.datasets.synthetic import (
+    ActiveRegion,
+    SyntheticSun,
+    read_truth,
+    read_truth_frames,
+    write_synthetic,
+)
+from tests.conftest import small_config
+
+
+def test_layout_matches_sdoml_v2(synth_root):
+    for store, channels in (("sdomlv2.zarr", AIA_CHANNELS), ("sdomlv2_hmi.zarr", HMI_CHANNELS)):
+        for c in channels:
+            meta = json.loads((synth_root / store / "2012" / c / ".zarray").read_text())
+            assert meta["zarr_format"] == 2 and meta["dtype"] == "<f4"
+            assert meta["chunks"] == [8, 32, 32] and meta["shape"][1:] == [32, 32]
+            assert meta["compressor"] == {
+                "id": "blosc",
+                "cname": "zstd",
+                "clevel": 5,
+                "shuffle": 2,
+                "blocksize": 0,
+            }
+            attrs = json.loads((synth_root / store / "2012" / c / ".zattrs").read_text())
+            assert all(len(v) == meta["shape"][0] for v in attrs.values())
+    aia = json.loads((synth_root / "sdomlv2.zarr/2012/171A/.zattrs").read_text())
+    assert {
+        "T_OBS",
+        "EXPTIME",
+        "WAVELNTH",
+        "QUALITY",
+        "DEG_COR",
+        "PIXLUNIT",
+        "R_SUN",
+        "CDELT1",
+    } <= set(aia)
+    assert (
+        aia["T_OBS"][0].endswith("Z")
+        and set(aia["PIXLUNIT"]) == {"DN/s"}
+        and set(aia["WAVELNTH"]) == {171}
+    )
+    hmi = json.loads((synth_root / "sdomlv2_hmi.zarr/2012/Bz/.zattrs").read_text())
+    assert "EXPTIME" not in hmi and hmi["T_OBS"][0].endswith("_TAI")
+    eve = open_group(str(synth_root / "sdomlv2_eve.zarr"))["MEGS-A"]
+    assert str(eve["Time"].dtype) == "<U23" and len(str(eve["Time"][0])) == 23
+    assert eve["Fe XVIII"].attrs["wavelength"] == "9.3926 nm" and "logT" in eve["Fe XVIII"].attrs
+
+
+def test_frame_order_counts_and_missing_values(synth_root):
+    frames = read_truth_frames(str(synth_root))
+    counts = frames[frames.instrument == "aia"].groupby("channel").size()
+    assert counts.nunique() > 1  # each channel has its own gaps
+    one = frames[(frames.channel == "171A")].sort_values("index")
+    days = one.time.dt.date.to_numpy()
+    assert not np.all(days[1:] >= days[:-1])  # days out of order ...
+    for _, day in one.groupby(one.time.dt.date):  # ... frames within a day in time order
+        assert day.time.is_monotonic_increasing
+    eve = open_group(str(synth_root / "sdomlv2_eve.zarr"))["MEGS-A"]
+    assert (eve["Fe XVI_2"][:] < 0).mean() > 0.8
+    assert 0 < (eve["He II"][:] < 0).mean() < 0.2
+
+
+def test_deterministic_from_seed():
+    roots = ["memory://synth-a", "memory://synth-b", "memory://synth-c"]
+    extra = ["synth.resolution=16", "synth.periods=[{start: 2012-03-01, days: 1}]"]
+    write_synthetic(small_config(roots[0], *extra))
+    write_synthetic(small_config(roots[1], *extra))
+    write_synthetic(small_config(roots[2], *extra, "synth.seed=1"))
+    a, b, c = (open_group(r + "/sdomlv2.zarr")["2012/193A"] for r in roots)
+    np.testing.assert_array_equal(a[:], b[:])
+    assert a.attrs["T_OBS"] == b.attrs["T_OBS"]
+    assert a.shape != c.shape or not np.array_equal(a[:], c[:])
+    ta, tb = read_truth(roots[0]), read_truth(roots[1])
+    assert ta["active_regions"] == tb["active_regions"] and ta["flares"] == tb["flares"]
+
+
+def test_reuse_and_refusal_to_overwrite(tmp_path):
+    extra = ["synth.resolution=16", "synth.periods=[{start: 2012-03-01, days: 1}]"]
+    cfg = small_config(tmp_path, *extra)
+    assert not write_synthetic(cfg).reused
+    assert write_synthetic(cfg).reused
+    with pytest.raises(SDOMLError, match="already exists.*synth.overwrite=true"):
+        write_synthetic(small_config(tmp_path, *extra, "synth.seed=5"))
+    assert not write_synthetic(
+        small_config(tmp_path, *extra, "synth.seed=5", "synth.overwrite=true")
+    ).reused
+    assert read_truth(str(tmp_path))["synth"]["seed"] == 5
+
+
+def test_degradation_recorded_per_frame(synth_root):
+    truth = read_truth(str(synth_root))
+    store = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")
+    times = store.frame_times("2012", "304A").times
+    deg = store.header("2012", "304A", "DEG_COR")
+    years = (times - np.datetime64("2010-05-01")) / np.timedelta64(1, "D") / 365.25
+    np.testing.assert_allclose(
+        deg, np.exp(-years / truth["degradation"]["tau_years"]["304A"]), rtol=1e-6
+    )
+    assert (
+        deg.min() < 1
+        and truth["degradation"]["tau_years"]["304A"] < truth["degradation"]["tau_years"]["1700A"]
+    )
+
+
+# --------------------------------------------------------------------------- physics
+
+
+@pytest.fixture(scope="module")
+def sun():
+    return SyntheticSun(small_config("unused", "synth.resolution=128").synth)
+
+
+def _one_region(sun, lat: float) -> ActiveRegion:
+    return ActiveRegion(
+        id=0,
+        lat=lat,
+        lon=0.0,
+        t_emerge=-5 * 86400,
+        rise=3600,
+        decay=30 * 86400,
+        flux=1500,
+        size=2.0,
+        separation=8.0,
+        tilt=0.5 * abs(lat),
+        leading_sign=-1.0 if lat > 0 else 1.0,
+        temperature=1.0,
+    )
+
+
+def test_hmi_is_zero_off_disk_and_obeys_hale(sun, monkeypatch):
+    for lat in (20.0, -20.0):
+        monkeypatch.setattr(sun, "regions", [_one_region(sun, lat)])
+        bz = sun.render_hmi(0.0)["Bz"]
+        assert np.all(bz[~sun.on_disk] == 0) and np.abs(bz[sun.on_disk]).max() > 300
+        x = (np.arange(sun.res) - (sun.res - 1) / 2) / sun.radius
+        y = -x  # image rows run from north to south
+        (ny, nx), (py, px) = (
+            np.unravel_index(bz.argmin(), bz.shape),
+            np.unravel_index(bz.argmax(), bz.shape),
+        )
+        neg, pos = (x[nx], y[ny]), (x[px], y[py])
+        lead, trail = (neg, pos) if neg[0] > pos[0] else (pos, neg)
+        # cycle 24: negative leading (western) polarity in the north, positive in the south
+        assert (lead is neg) == (lat > 0)
+        assert abs(lead[1]) < abs(trail[1])  # Joy's law: the leading spot is closer to the equator
+        assert np.sign(lead[1]) == np.sign(lat)
+
+
+def test_region_rotates_west_with_differential_rotation():
+    low = ActiveRegion(0, 5.0, 0.0, 0.0, 3600, 1e7, 1000, 2, 8, 2, 1, 1)
+    high = ActiveRegion(1, 35.0, 0.0, 0.0, 3600, 1e7, 1000, 2, 8, 2, 1, 1)
+    assert low.longitude(86400) > high.longitude(86400) > 0
+    assert math.isclose(low.longitude(86400), 13.7, abs_tol=0.2)
+
+
+def test_channels_share_one_hidden_state(sun, monkeypatch):
+    monkeypatch.setattr(sun, "regions", [_one_region(sun, 15.0)])
+    monkeypatch.setattr(sun, "flares", [])
+    imgs = {
+        c: sun.render_aia(c, 0.0)[0][sun.on_disk] for c in ("171A", "193A", "211A", "335A", "94A")
+    }
+    for c in ("171A", "211A", "335A"):
+        assert np.corrcoef(np.log(imgs["193A"]), np.log(imgs[c]))[0, 1] > 0.5, c
+    quiet = np.median(imgs["193A"])
+    assert imgs["193A"].max() > 3 * quiet  # the active region stands out
+
+
+def test_flares_brighten_hot_channels_most(sun, monkeypatch):
+    from sdofm.datasets.synthetic import Flare
+
+    monkeypatch.setattr(sun, "regions", [_one_region(sun, 15.0)])
+    monkeypatch.setattr(
+        sun, "flares", [Flare(t_peak=7200.0, ar_id=0, magnitude=30.0, rise=300, decay=1800)]
+    )
+    gain = {}
+    for c in ("94A", "131A", "171A", "1700A"):
+        before, peak = sun.render_aia(c, 0.0)[0].sum(), sun.render_aia(c, 7200.0)[0].sum()
+        gain[c] = peak / before
+    assert gain["94A"] > 1.5 and gain["131A"] > 1.5
+    assert gain["94A"] > 2 * gain["171A"] - 1 and gain["131A"] > gain["171A"] > gain["1700A"] * 0.99
+
+
+def test_pixel_values_in_archive_ranges(synth_root):
+    cfg = small_config(synth_root)
+    a = Archive.open(cfg.data)
+    sdoml_mean = {"94A": 0.53, "171A": 109.5, "193A": 117.3, "1600A": 35.8, "1700A": 445.4}
+    for c, mean in sdoml_mean.items():
+        frames = a.aia.read_frames("2012", c, range(0, 200, 20))
+        assert mean / 4 < frames.mean() < mean * 4, c
+        assert frames.min() >= 0
+    bz = a.hmi.read_frames("2012", "Bz", range(0, 100, 10))
+    assert 100 < np.abs(bz).max() < 4000
+
+
+def test_hmi_time_is_tai(synth_root):
+    frames = read_truth_frames(str(synth_root))
+    store = ImageStore(str(synth_root / "sdomlv2_hmi.zarr"), "hmi")
+    raw = store.array("2012", "Bz").attrs["T_OBS"]
+    t = store.frame_times("2012", "Bz").times
+    truth = (
+        frames[(frames.channel == "Bz")].sort_values("index").time.dt.tz_localize(None).to_numpy()
+    )
+    np.testing.assert_array_equal(t, truth)
+    i = next(i for i, s in enumerate(raw) if s.startswith("2012.06.29_12:00"))
+    assert t[i] == np.datetime64(
+        dt.datetime(2012, 6, 29, 11, 59, 30)
+    )  # TAI - 34 s, the grid minus 30 s
