@@ -247,11 +247,59 @@ class SynthConfig(_Section):
         return self
 
 
+class TransformConfig(_Section):
+    """How stored pixels become model inputs: physical units -> scaled -> z-scored."""
+
+    size: int | None = None
+    """Output image size (area-averaged from the stored size); None keeps the stored size."""
+    limb: Literal["keep_corona", "mask_off_disk"] = "keep_corona"
+    """``keep_corona``: EUV corona kept, HMI zero off the disk; ``mask_off_disk``: all zero off the disk."""
+    scaling: dict[str, tuple[Literal["linear", "log", "sqrt", "asinh"], float | None, float | None]] = {}
+    """Per-channel (method, clip_min, clip_max) overriding the SDOML defaults (log for AIA, +-1500 G for HMI)."""
+    zscore: bool = True
+    """Standardise each channel with the train-split statistics."""
+    dtype: Literal["float32", "float16"] = "float32"
+    """Dtype of the emitted images (float16 halves the bytes moved)."""
+    stats_samples: int = Field(2000, ge=1)
+    """Train samples used for the statistics (a seeded subsample when the split is larger)."""
+    stats_seed: int = 0
+    """Seed of the statistics subsample."""
+
+
+class LoaderConfig(_Section):
+    """Ray Data resources and ordering of the streaming pipeline."""
+
+    block_size: int = Field(32, ge=1)
+    """Samples per read block; a block is read chunk-aware (each chunk decoded once)."""
+    readers: int = Field(2, ge=1)
+    """Reader actors (each opens the stores once)."""
+    cpus_per_reader: float = Field(0.5, gt=0)
+    """CPUs each reader actor reserves (fractional on small machines so trainers are not starved)."""
+    batch_size: int = Field(8, ge=1)
+    """Samples per batch delivered to a consumer (per worker)."""
+    prefetch_batches: int = Field(2, ge=0)
+    """Batches prefetched by each consumer."""
+    shuffle: bool = True
+    """Randomise block order and sample order within blocks each epoch (train split)."""
+    shuffle_buffer: int = Field(64, ge=0)
+    """Local shuffle buffer of the consumer (samples); 0 disables it."""
+    seed: int = 0
+    """Seed of every shuffle: the same seed and epoch give the same order."""
+    on_bad_frame: Literal["skip", "raise"] = "skip"
+    """A NaN, all-zero or wrong-shape frame, or an unreadable chunk: skip the sample and count it, or raise."""
+    read_retries: int = Field(3, ge=0)
+    """Retries of a read that failed with a transient I/O error."""
+
+
 class Config(_Section):
     """A whole sdofm experiment."""
 
     data: DataConfig = DataConfig()
     """Stores, channels, alignment and splits."""
+    transform: TransformConfig = TransformConfig()
+    """Scaling, z-score, limb and size of the model inputs."""
+    loader: LoaderConfig = LoaderConfig()
+    """Ray Data resources, batch size, shuffling, bad-frame policy."""
     synth: SynthConfig = SynthConfig()
     """The synthetic Sun written when ``data.root`` holds no stores."""
 

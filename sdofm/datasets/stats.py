@@ -1,0 +1,122 @@
+"""Per-channel normalisation statistics of the scaled values, over the train split, with Ray Data.
+
+Each reader batch is reduced where it was read (count, sum, sum of squares,
+min, max and a fixed-range histogram per channel); the driver only adds the
+partial results. Percentiles come from the histogram (4096 bins spanning the
+channel's clip range in scaled units, so their resolution is 1/4096 of it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from sdofm.config import Config, dump_config
+from sdofm.datasets.index import index_key
+
+N_BINS = 4096
+PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
+
+
+def scaled_ranges(pre) -> np.ndarray:
+    """``(C, 2)`` range of each channel's scaled values (from its clip values)."""
+    out = np.zeros((len(pre.channels), 2))
+    for i, (m, lo, hi) in enumerate(zip(pre.methods, pre.clip_min, pre.clip_max, strict=True)):
+        lo = -1e4 if lo is None else lo
+        hi = 1e4 if hi is None else hi
+        f = {"log": np.log10, "sqrt": lambda v: np.sqrt(max(v, 0.0)), "asinh": np.arcsinh, "linear": float}[m]
+        out[i] = f(lo), f(hi)
+    return out
+
+
+def partial_stats(batch: dict[str, np.ndarray], ranges: np.ndarray) -> dict[str, np.ndarray]:
+    """Reduce images ``(n, C, T, H, W)`` to per-channel count, sums, extremes and a histogram (one row)."""
+    x = batch["image"]
+    c = x.shape[1]
+    v = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
+    hist = np.stack([np.histogram(v[i], bins=N_BINS, range=tuple(ranges[i]))[0] for i in range(c)])
+    row = {"count": np.full(c, v.shape[1]), "sum": v.sum(axis=1), "sumsq": (v * v).sum(axis=1),
+           "min": v.min(axis=1), "max": v.max(axis=1), "hist": hist}
+    return {k: a[None] for k, a in row.items()}
+
+
+def combine(parts: list[dict[str, np.ndarray]], channels: list[str], ranges: np.ndarray) -> dict:
+    """Add partial results into the statistics of each channel."""
+    def get(k: str) -> np.ndarray:  # (parts, C[, bins])
+        return np.stack([np.asarray(p[k]) for p in parts])
+
+    count, s, sq = get("count").sum(0), get("sum").sum(0), get("sumsq").sum(0)
+    hist = get("hist").sum(0)
+    mn, mx = get("min").min(0), get("max").max(0)
+    out = {}
+    for i, c in enumerate(channels):
+        mean = s[i] / count[i]
+        std = float(np.sqrt(max(sq[i] / count[i] - mean * mean, 0.0)))
+        edges = np.linspace(*ranges[i], N_BINS + 1)
+        cdf = np.cumsum(hist[i]) / max(hist[i].sum(), 1)
+        pct = {f"{p:g}": float(np.interp(p / 100, np.concatenate([[0], cdf]), edges)) for p in PERCENTILES}
+        out[c] = {"count": int(count[i]), "mean": float(mean), "std": std, "min": float(mn[i]),
+                  "max": float(mx[i]), "percentiles": pct}
+    return out
+
+
+def stats_provenance(cfg: Config, table: pd.DataFrame) -> dict:
+    t = dump_config(cfg.transform)
+    return {
+        "index_key": index_key(cfg.data),
+        "index_fingerprint": str(int(pd.util.hash_pandas_object(table, index=False).sum())),
+        "channels": list(cfg.data.channels),
+        "num_frames": cfg.data.num_frames,
+        "transform": {k: t[k] for k in ("size", "limb", "scaling", "stats_samples", "stats_seed")},
+        "split": "train",
+    }
+
+
+def stats_path(cfg: Config, provenance: dict) -> Path:
+    key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(cfg.data.cache_dir) / f"stats-{key}.json"
+
+
+def compute_stats(cfg: Config, table: pd.DataFrame) -> dict:
+    """Statistics of the scaled (not z-scored) values over the train split (or a seeded subsample)."""
+    from sdofm.datasets.pipeline import SDOMLPipeline, make_preprocessor
+
+    raw = cfg.model_copy(update={"transform": cfg.transform.model_copy(update={"zscore": False})})
+    pipe = SDOMLPipeline(raw, table=table, stats=None)
+    n = pipe.num_samples("train")
+    if n == 0:
+        raise ValueError("the train split is empty: no statistics can be computed (check data.split)")
+    subset = None
+    if n > cfg.transform.stats_samples:
+        subset = np.sort(np.random.default_rng(cfg.transform.stats_seed).choice(n, cfg.transform.stats_samples, replace=False))
+    ranges = scaled_ranges(make_preprocessor(raw, 0, None))
+    ds = pipe.dataset("train", epoch=0, subset=subset)
+    parts = ds.map_batches(partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25).take_all()
+    return {
+        "channels": combine(parts, list(cfg.data.channels), ranges),
+        "samples": int(n if subset is None else len(subset)),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
+
+
+def load_or_compute_stats(cfg: Config, table: pd.DataFrame, recompute: bool = False) -> dict:
+    """The statistics for ``cfg``: reused while the index and transform settings match."""
+    prov = stats_provenance(cfg, table)
+    path = stats_path(cfg, prov)
+    if path.exists() and not recompute:
+        stats = json.loads(path.read_text())
+        if stats.get("provenance") == prov:
+            return stats
+    stats = {**compute_stats(cfg, table), "provenance": prov}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(stats, indent=1))
+    os.replace(tmp, path)
+    stats["path"] = str(path)
+    return stats
