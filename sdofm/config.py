@@ -254,7 +254,9 @@ class TransformConfig(_Section):
     """Output image size (area-averaged from the stored size); None keeps the stored size."""
     limb: Literal["keep_corona", "mask_off_disk"] = "keep_corona"
     """``keep_corona``: EUV corona kept, HMI zero off the disk; ``mask_off_disk``: all zero off the disk."""
-    scaling: dict[str, tuple[Literal["linear", "log", "sqrt", "asinh"], float | None, float | None]] = {}
+    scaling: dict[
+        str, tuple[Literal["linear", "log", "sqrt", "asinh"], float | None, float | None]
+    ] = {}
     """Per-channel (method, clip_min, clip_max) overriding the SDOML defaults (log for AIA, +-1500 G for HMI)."""
     zscore: bool = True
     """Standardise each channel with the train-split statistics."""

@@ -40,3 +40,14 @@ def synth_copy(synth_root, tmp_path) -> Path:
     dst = tmp_path / "synthetic"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole test session (ray.init costs ~10 s here)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -28,7 +28,12 @@ import pandas as pd
 from sdofm.config import Config
 from sdofm.datasets.index import load_or_build_index, make_windows
 from sdofm.datasets.sdoml import Archive, FrameError
-from sdofm.datasets.transforms import MAGNETOGRAM_CHANNELS, Preprocessor, default_disk_radius, scaling_params
+from sdofm.datasets.transforms import (
+    MAGNETOGRAM_CHANNELS,
+    Preprocessor,
+    default_disk_radius,
+    scaling_params,
+)
 
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
@@ -53,7 +58,9 @@ class SplitPlan:
         return len(self.windows)
 
 
-def plan_split(cfg: Config, table: pd.DataFrame, split: str, subset: np.ndarray | None = None) -> SplitPlan:
+def plan_split(
+    cfg: Config, table: pd.DataFrame, split: str, subset: np.ndarray | None = None
+) -> SplitPlan:
     """Windows of ``split`` grouped into blocks of nearby frames.
 
     Blocks follow the stored order of the first channel (its year, then frame
@@ -66,7 +73,10 @@ def plan_split(cfg: Config, table: pd.DataFrame, split: str, subset: np.ndarray 
         windows = windows[np.asarray(subset)]
     first = d.channels[0]
     last = windows[:, -1]
-    key = table[f"{first}_year"].to_numpy()[last].astype(np.int64) * 10**8 + table[f"{first}_idx"].to_numpy()[last]
+    key = (
+        table[f"{first}_year"].to_numpy()[last].astype(np.int64) * 10**8
+        + table[f"{first}_idx"].to_numpy()[last]
+    )
     order = np.argsort(key, kind="stable")
     n_blocks = max(1, -(-len(order) // cfg.loader.block_size))
     blocks = [b for b in np.array_split(order, n_blocks) if len(b)]
@@ -95,9 +105,17 @@ def make_preprocessor(cfg: Config, stored_size: int, stats: dict | None) -> Prep
         std = tuple(float(stats["channels"][c]["std"]) for c in channels)
     out = t.size if t.size and t.size != stored_size else None
     return Preprocessor(
-        channels=channels, methods=tuple(methods), clip_min=tuple(lo), clip_max=tuple(hi),
-        is_magnetogram=tuple(c in MAGNETOGRAM_CHANNELS for c in channels), mean=mean, std=std,
-        limb=t.limb, radius_px=default_disk_radius(out or stored_size), out_size=out, dtype=t.dtype,
+        channels=channels,
+        methods=tuple(methods),
+        clip_min=tuple(lo),
+        clip_max=tuple(hi),
+        is_magnetogram=tuple(c in MAGNETOGRAM_CHANNELS for c in channels),
+        mean=mean,
+        std=std,
+        limb=t.limb,
+        radius_px=default_disk_radius(out or stored_size),
+        out_size=out,
+        dtype=t.dtype,
     )
 
 
@@ -117,7 +135,14 @@ def frame_checks(frames: np.ndarray) -> np.ndarray:
 class BlockReader:
     """Reads whole blocks; one instance per reader actor, stores opened once."""
 
-    def __init__(self, cfg: Config, plan: SplitPlan, stats: dict | None, registry: str | None, epoch: int | None):
+    def __init__(
+        self,
+        cfg: Config,
+        plan: SplitPlan,
+        stats: dict | None,
+        registry: str | None,
+        epoch: int | None,
+    ):
         self.cfg, self.plan, self.registry_name, self.fixed_epoch = cfg, plan, registry, epoch
         self.archive = Archive.open(cfg.data)
         self.stores = {c: self.archive.aia for c in cfg.data.aia_channels}
@@ -136,7 +161,9 @@ class BlockReader:
             self._registry = ray.get_actor(self.registry_name)
         return self._registry
 
-    def _read(self, channel: str, year: int, idx: np.ndarray) -> tuple[np.ndarray, list[str | None]]:
+    def _read(
+        self, channel: str, year: int, idx: np.ndarray
+    ) -> tuple[np.ndarray, list[str | None]]:
         """Frames ``idx`` of one year and channel; unreadable chunks give per-frame reasons."""
         store = self.stores[channel]
         for attempt in range(self.cfg.loader.read_retries + 1):
@@ -200,7 +227,9 @@ class BlockReader:
             "deg_cor": deg[keep],
         }
         if plan.eve_row is not None:
-            eve = self.archive.eve.read(cfg.data.eve_lines, plan.eve_row[rows[keep]].ravel())  # (n*T, L)
+            eve = self.archive.eve.read(
+                cfg.data.eve_lines, plan.eve_row[rows[keep]].ravel()
+            )  # (n*T, L)
             out["eve"] = eve.reshape(int(keep.sum()), T, -1).transpose(0, 2, 1).copy()
         return out
 
@@ -208,7 +237,11 @@ class BlockReader:
         block_id = int(batch["block"][0])
         epoch = int(batch["epoch"][0])
         if epoch < 0:  # an open-ended dataset: this block's own pass count is the epoch
-            epoch = self._ray_get(self.registry.next_epoch.remote(block_id)) if self.registry is not None else 0
+            epoch = (
+                self._ray_get(self.registry.next_epoch.remote(block_id))
+                if self.registry is not None
+                else 0
+            )
         return self.read_block(block_id, epoch)
 
     @staticmethod
@@ -263,16 +296,29 @@ def _block_source(n_blocks: int, shuffle: bool, seed: int, epoch: int | None, re
             import ray
 
             e = epoch if epoch is not None else ray.get(ray.get_actor(registry).completed.remote())
-            order = np.random.default_rng([seed, e]).permutation(n_blocks) if shuffle else np.arange(n_blocks)
+            order = (
+                np.random.default_rng([seed, e]).permutation(n_blocks)
+                if shuffle
+                else np.arange(n_blocks)
+            )
             tag = -1 if epoch is None else epoch
-            parts = np.array_split(order, max(1, min(parallelism if parallelism > 0 else 16, n_blocks)))
+            # One block per read task (up to 2048 tasks) so reader actors work in parallel.
+            parts = np.array_split(order, max(1, min(2048, n_blocks)))
 
             def make(part):
-                return lambda: [pa.table({"block": part.astype(np.int64), "epoch": np.full(len(part), tag)})]
+                return lambda: [
+                    pa.table({"block": part.astype(np.int64), "epoch": np.full(len(part), tag)})
+                ]
 
             return [
-                ReadTask(make(p), BlockMetadata(num_rows=len(p), size_bytes=16 * len(p), input_files=None, exec_stats=None))
-                for p in parts if len(p)
+                ReadTask(
+                    make(p),
+                    BlockMetadata(
+                        num_rows=len(p), size_bytes=16 * len(p), input_files=None, exec_stats=None
+                    ),
+                )
+                for p in parts
+                if len(p)
             ]
 
     return BlockSource()
@@ -301,7 +347,13 @@ class SDOMLPipeline:
     def num_samples(self, split: str) -> int:
         return self.plan(split).num_samples
 
-    def dataset(self, split: str, epoch: int | None = None, subset: np.ndarray | None = None, stats: dict | None = None):
+    def dataset(
+        self,
+        split: str,
+        epoch: int | None = None,
+        subset: np.ndarray | None = None,
+        stats: dict | None = None,
+    ):
         """A Ray Dataset of ``split``.
 
         ``epoch=None``: every pass over the dataset is the next epoch (the form to
@@ -312,7 +364,9 @@ class SDOMLPipeline:
 
         plan = self.plan(split, subset)
         if plan.num_samples == 0:
-            raise ValueError(f"split {split!r} has no samples (index {len(self.table)} rows, num_frames {self.cfg.data.num_frames})")
+            raise ValueError(
+                f"split {split!r} has no samples (index {len(self.table)} rows, num_frames {self.cfg.data.num_frames})"
+            )
         name = f"sdofm-pipeline-{split}-{uuid.uuid4().hex[:8]}"
         # The handle keeps the registry alive as long as this pipeline object.
         self._registries[split] = _registry_class().options(name=name).remote(len(plan.blocks))
@@ -320,10 +374,18 @@ class SDOMLPipeline:
         shuffle = lc.shuffle and split == "train"
         source = _block_source(len(plan.blocks), shuffle, lc.seed, epoch, name)
         ds = ray.data.read_datasource(source, num_cpus=0.01)
+        # Blocks leave in the order planned, whichever reader finishes first: the
+        # same seed and epoch give the same sample order.
+        ds.context.execution_options.preserve_order = True
         return ds.map_batches(
             BlockReader,
-            fn_constructor_kwargs={"cfg": self.cfg, "plan": plan, "stats": stats if stats is not None else self.stats,
-                                   "registry": name, "epoch": epoch},
+            fn_constructor_kwargs={
+                "cfg": self.cfg,
+                "plan": plan,
+                "stats": stats if stats is not None else self.stats,
+                "registry": name,
+                "epoch": epoch,
+            },
             batch_size=1,
             compute=ActorPoolStrategy(size=min(lc.readers, len(plan.blocks))),
             num_cpus=lc.cpus_per_reader,

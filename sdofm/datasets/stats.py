@@ -30,7 +30,12 @@ def scaled_ranges(pre) -> np.ndarray:
     for i, (m, lo, hi) in enumerate(zip(pre.methods, pre.clip_min, pre.clip_max, strict=True)):
         lo = -1e4 if lo is None else lo
         hi = 1e4 if hi is None else hi
-        f = {"log": np.log10, "sqrt": lambda v: np.sqrt(max(v, 0.0)), "asinh": np.arcsinh, "linear": float}[m]
+        f = {
+            "log": np.log10,
+            "sqrt": lambda v: np.sqrt(max(v, 0.0)),
+            "asinh": np.arcsinh,
+            "linear": float,
+        }[m]
         out[i] = f(lo), f(hi)
     return out
 
@@ -41,13 +46,20 @@ def partial_stats(batch: dict[str, np.ndarray], ranges: np.ndarray) -> dict[str,
     c = x.shape[1]
     v = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
     hist = np.stack([np.histogram(v[i], bins=N_BINS, range=tuple(ranges[i]))[0] for i in range(c)])
-    row = {"count": np.full(c, v.shape[1]), "sum": v.sum(axis=1), "sumsq": (v * v).sum(axis=1),
-           "min": v.min(axis=1), "max": v.max(axis=1), "hist": hist}
+    row = {
+        "count": np.full(c, v.shape[1]),
+        "sum": v.sum(axis=1),
+        "sumsq": (v * v).sum(axis=1),
+        "min": v.min(axis=1),
+        "max": v.max(axis=1),
+        "hist": hist,
+    }
     return {k: a[None] for k, a in row.items()}
 
 
 def combine(parts: list[dict[str, np.ndarray]], channels: list[str], ranges: np.ndarray) -> dict:
     """Add partial results into the statistics of each channel."""
+
     def get(k: str) -> np.ndarray:  # (parts, C[, bins])
         return np.stack([np.asarray(p[k]) for p in parts])
 
@@ -60,9 +72,18 @@ def combine(parts: list[dict[str, np.ndarray]], channels: list[str], ranges: np.
         std = float(np.sqrt(max(sq[i] / count[i] - mean * mean, 0.0)))
         edges = np.linspace(*ranges[i], N_BINS + 1)
         cdf = np.cumsum(hist[i]) / max(hist[i].sum(), 1)
-        pct = {f"{p:g}": float(np.interp(p / 100, np.concatenate([[0], cdf]), edges)) for p in PERCENTILES}
-        out[c] = {"count": int(count[i]), "mean": float(mean), "std": std, "min": float(mn[i]),
-                  "max": float(mx[i]), "percentiles": pct}
+        pct = {
+            f"{p:g}": float(np.interp(p / 100, np.concatenate([[0], cdf]), edges))
+            for p in PERCENTILES
+        }
+        out[c] = {
+            "count": int(count[i]),
+            "mean": float(mean),
+            "std": std,
+            "min": float(mn[i]),
+            "max": float(mx[i]),
+            "percentiles": pct,
+        }
     return out
 
 
@@ -91,13 +112,21 @@ def compute_stats(cfg: Config, table: pd.DataFrame) -> dict:
     pipe = SDOMLPipeline(raw, table=table, stats=None)
     n = pipe.num_samples("train")
     if n == 0:
-        raise ValueError("the train split is empty: no statistics can be computed (check data.split)")
+        raise ValueError(
+            "the train split is empty: no statistics can be computed (check data.split)"
+        )
     subset = None
     if n > cfg.transform.stats_samples:
-        subset = np.sort(np.random.default_rng(cfg.transform.stats_seed).choice(n, cfg.transform.stats_samples, replace=False))
+        subset = np.sort(
+            np.random.default_rng(cfg.transform.stats_seed).choice(
+                n, cfg.transform.stats_samples, replace=False
+            )
+        )
     ranges = scaled_ranges(make_preprocessor(raw, 0, None))
     ds = pipe.dataset("train", epoch=0, subset=subset)
-    parts = ds.map_batches(partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25).take_all()
+    parts = ds.map_batches(
+        partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25
+    ).take_all()
     return {
         "channels": combine(parts, list(cfg.data.channels), ranges),
         "samples": int(n if subset is None else len(subset)),

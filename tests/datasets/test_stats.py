@@ -1,0 +1,59 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sdofm.datasets.index import build_index
+from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.stats import load_or_compute_stats
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+def test_zscored_train_split_is_standardised(synth_root, tmp_path):
+    cfg = small_config(
+        synth_root,
+        f"data.cache_dir={tmp_path}",
+        "transform.stats_samples=100000",
+        "loader.block_size=16",
+    )
+    pipe = SDOMLPipeline(cfg)
+    stats = pipe.stats
+    assert set(stats["channels"]) == set(cfg.data.channels)
+    s171 = stats["channels"]["171A"]
+    assert s171["count"] == stats["samples"] * 32 * 32
+    p = s171["percentiles"]
+    assert s171["min"] <= p["0.5"] <= p["50"] <= p["99.5"] <= s171["max"]
+    x = np.concatenate([b["image"] for b in pipe.dataset("train").iter_batches(batch_size=16)])
+    v = np.moveaxis(x, 1, 0).reshape(12, -1).astype(np.float64)
+    np.testing.assert_allclose(v.mean(axis=1), 0, atol=1e-3)
+    np.testing.assert_allclose(v.std(axis=1), 1, atol=1e-3)
+
+
+def test_stats_are_reused_and_rebuilt_when_stale(synth_root, tmp_path):
+    cfg = small_config(synth_root, f"data.cache_dir={tmp_path}", "transform.stats_samples=50")
+    table, _ = build_index(cfg.data)
+    first = load_or_compute_stats(cfg, table)
+    assert first["samples"] == 50
+    path = Path(first["path"])
+    stamp = path.stat().st_mtime_ns
+    again = load_or_compute_stats(cfg, table)
+    assert (
+        path.stat().st_mtime_ns == stamp
+        and again["channels"] == json.loads(path.read_text())["channels"]
+    )
+    masked = small_config(
+        synth_root,
+        f"data.cache_dir={tmp_path}",
+        "transform.stats_samples=50",
+        "transform.limb=mask_off_disk",
+    )
+    other = load_or_compute_stats(masked, table)
+    assert other["path"] != first["path"]
+    assert other["channels"]["171A"]["mean"] != first["channels"]["171A"]["mean"]
+    assert other["provenance"]["transform"]["limb"] == "mask_off_disk"
+    # a different index (one day less) is stale too
+    fewer = table[table.time < table.time.max() - np.timedelta64(1, "D")]
+    assert load_or_compute_stats(cfg, fewer)["path"] != first["path"]
