@@ -198,6 +198,34 @@ def run_info(cfg, as_json: bool = False) -> None:
         )
 
 
+def run_stats(cfg, recompute: bool = False) -> None:
+    from sdofm.datasets.index import load_or_build_index
+    from sdofm.datasets.stats import load_or_compute_stats
+    from sdofm.runtime import init_ray
+
+    table, _ = load_or_build_index(cfg.data)
+    init_ray()
+    t0 = time.perf_counter()
+    with console.status("normalisation statistics over the train split (Ray Data)"):
+        stats = load_or_compute_stats(cfg, table, recompute=recompute)
+    console.print(
+        f"statistics of {stats['samples']:,} train samples in {time.perf_counter() - t0:.1f} s: {stats['path']}"
+    )
+    table_ = Table(
+        "channel", "mean", "std", "min", "p0.5", "p50", "p99.5", "max", title="scaled values"
+    )
+    for c, s in stats["channels"].items():
+        p = s["percentiles"]
+        table_.add_row(
+            c,
+            *(
+                f"{v:.3g}"
+                for v in (s["mean"], s["std"], s["min"], p["0.5"], p["50"], p["99.5"], s["max"])
+            ),
+        )
+    console.print(table_)
+
+
 @data_app.command("synth")
 def data_synth(args: Args = None) -> None:
     """Write the synthetic Sun (AIA, HMI, EVE in the SDOML v2 layout + truth) to data.root."""
@@ -215,6 +243,16 @@ def data_index(
         run_index(_load(args), rebuild)
 
 
+@data_app.command("stats")
+def data_stats(
+    args: Args = None,
+    recompute: Annotated[bool, typer.Option(help="Recompute even if current.")] = False,
+) -> None:
+    """Per-channel normalisation statistics of the train split, computed with Ray Data."""
+    with _friendly_errors():
+        run_stats(_load(args), recompute)
+
+
 @data_app.command("info")
 def data_info(
     args: Args = None, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
@@ -226,12 +264,13 @@ def data_info(
 
 @app.command("demo")
 def demo(args: Args = None) -> None:
-    """The main job on the embedded default: synthetic Sun -> alignment index -> summary."""
+    """The main job on the embedded default: synthetic Sun -> alignment index -> statistics -> summary."""
     with _friendly_errors():
         cfg = _load(args)
         run_synth(cfg)
         run_index(cfg)
         run_info(cfg)
+        run_stats(cfg)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from sdofm.cli import app
 runner = CliRunner()
 SMALL = [
     "synth.resolution=16",
-    "synth.periods=[{start: 2011-11-30, days: 2}]",
+    "synth.periods=[{start: 2011-10-31, days: 2}]",
     "data.split.buffer=0s",
 ]
 
@@ -63,7 +63,20 @@ def test_config_file_and_errors(tmp_path):
     assert r.exit_code == 2 and "no AIA store under" in r.output
 
 
-def test_demo_runs_end_to_end(tmp_path):
+def test_stats_on_an_empty_train_split_is_a_clear_error(tmp_path, ray_session):
+    args = [
+        f"data.root={tmp_path / 'sdoml'}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        *SMALL,
+        "data.split.val_months=[10]",
+        "data.split.test_months=[11]",
+    ]
+    assert runner.invoke(app, ["data", "synth", *args]).exit_code == 0
+    r = runner.invoke(app, ["data", "stats", *args])
+    assert r.exit_code == 2 and "the train split is empty" in r.output, r.output
+
+
+def test_demo_runs_end_to_end(tmp_path, ray_session):
     r = runner.invoke(
         app,
         ["demo", f"data.root={tmp_path / 'sdoml'}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL],

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sdofm.config import Config, dump_config
+from sdofm.config import Config, ConfigError, dump_config
 from sdofm.datasets.index import index_key
 
 N_BINS = 4096
@@ -112,8 +112,9 @@ def compute_stats(cfg: Config, table: pd.DataFrame) -> dict:
     pipe = SDOMLPipeline(raw, table=table, stats=None)
     n = pipe.num_samples("train")
     if n == 0:
-        raise ValueError(
-            "the train split is empty: no statistics can be computed (check data.split)"
+        raise ConfigError(
+            "the train split is empty, so no normalisation statistics can be computed: "
+            "check data.split (val/test months or fractions), data.start/end and data.num_frames"
         )
     subset = None
     if n > cfg.transform.stats_samples:
@@ -141,7 +142,7 @@ def load_or_compute_stats(cfg: Config, table: pd.DataFrame, recompute: bool = Fa
     if path.exists() and not recompute:
         stats = json.loads(path.read_text())
         if stats.get("provenance") == prov:
-            return stats
+            return {**stats, "path": str(path)}
     stats = {**compute_stats(cfg, table), "provenance": prov}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

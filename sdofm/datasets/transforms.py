@@ -17,6 +17,8 @@ from typing import Literal
 
 import numpy as np
 
+from sdofm.constants import SDOML_DISK_RADIUS_PX, SDOML_RESOLUTION
+
 PerChannel = float | Sequence[float] | np.ndarray
 OptionalPerChannel = float | Sequence[float | None] | np.ndarray | None
 Methods = str | Sequence[str]
@@ -29,7 +31,7 @@ MIN_EXPTIME = 0.01  # seconds; guards against zero/garbage EXPTIME in headers
 STD_FLOOR = 1e-6  # z-score divides by max(std, STD_FLOOR) so constant channels stay finite
 
 # SDOML v2 images are 512 px with the solar disk about 204 px in radius.
-SDOML_DISK_RADIUS_FRACTION = 204 / 512
+SDOML_DISK_RADIUS_FRACTION = SDOML_DISK_RADIUS_PX / SDOML_RESOLUTION
 
 # channel -> (method, clip_min, clip_max), in DN/s for AIA and Gauss for HMI.
 DEFAULT_SCALING: dict[str, tuple[str, float, float]] = {

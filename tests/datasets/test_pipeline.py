@@ -137,3 +137,35 @@ def test_bad_frames_raise_when_asked(synth_copy, tmp_path):
         for split in ("train", "val", "test"):
             for _ in pipe.dataset(split).iter_batches(batch_size=8):
                 pass
+
+
+def test_torch_trainer_workers_get_disjoint_shards(synth_root, tmp_path):
+    import json
+
+    import ray.train
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    pipe = SDOMLPipeline(_cfg(synth_root, tmp_path))
+    n = pipe.num_samples("train")
+    out = tmp_path / "seen"
+    out.mkdir()
+
+    def loop(config):
+        ctx = ray.train.get_context()
+        shard = ray.train.get_dataset_shard("train")
+        for epoch in range(2):
+            ids = [int(i) for b in shard.iter_torch_batches(batch_size=8) for i in b["sample"]]
+            (out / f"{ctx.get_world_rank()}-{epoch}.json").write_text(json.dumps(ids))
+
+    TorchTrainer(
+        loop,
+        scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 0.25}),
+        datasets={"train": pipe.dataset("train")},
+        run_config=RunConfig(storage_path=str(tmp_path / "runs"), name="shards"),
+    ).fit()
+    for epoch in range(2):
+        a, b = (json.loads((out / f"{r}-{epoch}.json").read_text()) for r in (0, 1))
+        assert not set(a) & set(b)
+        # DDP shards are equalised: at most world_size - 1 samples are left out.
+        assert len(a) == len(b) and n - 1 <= len(a) + len(b) <= n and len(set(a + b)) == len(a + b)
