@@ -315,9 +315,19 @@ def ray_batches(ds, store: Store) -> Iterator[dict[str, np.ndarray]]:
 
 def run_sdofm(store: Store, warmup: int) -> list[Result]:
     from sdofm.datasets.pipeline import SDOMLPipeline
+    from sdofm.datasets.stats import load_or_compute_stats
 
     t0 = time.perf_counter()
-    pipe = SDOMLPipeline(store.cfg)  # index and statistics: built or reused, not timed
+    # The statistics job runs its own map task (num_cpus=0.25) beside the reader actors:
+    # when readers x cpus_per_reader takes every CPU it can never be scheduled (a
+    # deadlock), so compute them with half-CPU readers; the pipeline then reuses the
+    # file (its provenance does not involve the loader settings).
+    stats_cfg = store.cfg.model_copy(
+        update={"loader": store.cfg.loader.model_copy(update={"cpus_per_reader": 0.5})}
+    )
+    table = load_or_build_index(store.cfg.data)[0]
+    load_or_compute_stats(stats_cfg, table)
+    pipe = SDOMLPipeline(store.cfg, table=table)  # statistics reused; nothing here is timed
     print(
         f"  fpc={store.frames_per_chunk}: pipeline ready in {time.perf_counter() - t0:.1f} s (index + stats)",
         flush=True,
@@ -377,6 +387,25 @@ def print_report(results: list[Result], cpus: int, readers: int, cpus_per_reader
     )
 
 
+def quiet_ray_data() -> None:
+    """No progress bars, execution logs or memory advice from Ray Data in the output."""
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.issue_detectors_config.detectors = []
+
+
+def load_note(cpus: int) -> str:
+    """The 1-min load average: other work on the machine makes every timing unreliable."""
+    load = os.getloadavg()[0]
+    busy = load > cpus + 0.5
+    return f"load average (1 min): {load:.2f}" + (
+        " -- the machine is busy with other work, timings are unreliable" if busy else ""
+    )
+
+
 def machine_note() -> str:
     import ray
     import zarr
@@ -415,6 +444,7 @@ def main() -> None:
     readers = args.readers or cpus
     cpus_per_reader = args.cpus_per_reader or cpus / readers
     print(machine_note(), flush=True)
+    print(load_note(cpus), flush=True)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     stores = [
@@ -437,12 +467,10 @@ def main() -> None:
         print(f"  {results[-1]}", flush=True)
 
     import ray
+    import ray.data
 
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.init(
-        num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING
-    )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    quiet_ray_data()
     try:
         for s in stores:
             results.extend(run_sdofm(s, args.warmup))
@@ -452,9 +480,10 @@ def main() -> None:
         ray.shutdown()
 
     order = {k: i for i, k in enumerate(CHUNKINGS)}
-    results.sort(key=lambda r: (order[r.chunking], r.contender))
+    results.sort(key=lambda r: (order[r.chunking], r.contender[:3]))  # stable: (d) in run order
     print_report(results, cpus, readers, cpus_per_reader)
     print(machine_note())
+    print(load_note(cpus))
 
 
 if __name__ == "__main__":
