@@ -1,11 +1,11 @@
-"""Ray Data pipeline: index rows -> chunk-aware reader actors -> model-ready tensors.
+"""Ray Data pipeline: index rows -> chunk-aware readers -> model-ready tensors.
 
 Samples (windows of T aligned steps) of a split are grouped into *blocks* of
 ``loader.block_size`` samples that lie close together in the stores, so that a
 block touches few chunks. Each epoch the blocks come in a new order (seeded by
-``loader.seed`` and the epoch), a reader actor (which opened the stores once)
-reads a block decoding each chunk once, shuffles the block's samples, applies
-the transforms and emits
+``loader.seed`` and the epoch). A Ray Data read task reads one block: it decodes
+only the chunks holding the block's frames, each once, transforms each channel
+straight into the output array, shuffles the block's samples and emits
 
 * ``image``: ``(n, C, T, H, W)`` float32 (or float16), physical -> scaled -> z-scored,
 * ``time``: ``(n, T)`` int64 ns UTC, ``sample``: ``(n,)`` the sample's id in its split,
@@ -14,6 +14,12 @@ the transforms and emits
 
 Frames that are NaN, all zero or unreadable are skipped and counted (or raise,
 ``loader.on_bad_frame``); nothing non-finite reaches a consumer.
+
+The readers live in Ray's pooled worker processes: each process opens the stores
+and parses their headers once and keeps them across epochs. (An ``ActorPoolStrategy``
+map stage was the first design; Ray Data starts its actor pool anew for every
+execution, which cost ~5 s per epoch here and would re-read hundreds of MB of
+headers per epoch on the real archive.)
 """
 
 from __future__ import annotations
@@ -122,133 +128,145 @@ def make_preprocessor(cfg: Config, stored_size: int, stats: dict | None) -> Prep
 # --------------------------------------------------------------------------- reading
 
 
-def frame_checks(frames: np.ndarray) -> np.ndarray:
-    """Why each frame is unusable: ``(N, H, W) -> (N,)`` object array of str or None."""
-    finite = np.isfinite(frames).all(axis=(1, 2))
-    nonzero = (frames != 0).any(axis=(1, 2))
-    out = np.full(len(frames), None, dtype=object)
-    out[~nonzero] = "all zero"
-    out[~finite] = "non-finite pixels"
+def frame_checks(frames: np.ndarray) -> list[str | None]:
+    """Why each frame is unusable: ``(N, H, W) -> N`` reasons or None."""
+    # A float64 sum is non-finite iff some pixel is: one pass instead of an isfinite mask.
+    sums = frames.sum(axis=(1, 2), dtype=np.float64)
+    out: list[str | None] = [None] * len(frames)
+    for i in np.flatnonzero(~np.isfinite(sums)):
+        out[i] = "non-finite pixels"
+    for i in np.flatnonzero(np.isfinite(sums) & (sums == 0)):
+        if not frames[i].any():
+            out[i] = "all zero"
     return out
 
 
 class BlockReader:
-    """Reads whole blocks; one instance per reader actor, stores opened once."""
+    """Reads whole blocks. One per worker process and pipeline: the stores are opened,
+    and their headers parsed, once per process and kept across epochs."""
 
-    def __init__(
-        self,
-        cfg: Config,
-        plan: SplitPlan,
-        stats: dict | None,
-        registry: str | None,
-        epoch: int | None,
-    ):
-        self.cfg, self.plan, self.registry_name, self.fixed_epoch = cfg, plan, registry, epoch
+    def __init__(self, cfg: Config, plan: SplitPlan, stats: dict | None):
+        self.cfg, self.plan = cfg, plan
         self.archive = Archive.open(cfg.data)
         self.stores = {c: self.archive.aia for c in cfg.data.aia_channels}
         self.stores.update({c: self.archive.hmi for c in cfg.data.hmi_channels})
         first = cfg.data.channels[0]
         y0 = str(plan.year[first][plan.windows[0, 0]]) if plan.num_samples else None
         self.stored_size = self.stores[first].array(y0, first).shape[-1] if y0 else 0
-        self.pre = make_preprocessor(cfg, self.stored_size, stats)
-        self._registry = None
-
-    @property
-    def registry(self):
-        if self._registry is None and self.registry_name:
-            import ray
-
-            self._registry = ray.get_actor(self.registry_name)
-        return self._registry
+        pre = make_preprocessor(cfg, self.stored_size, stats)
+        self.size = pre.out_size or self.stored_size
+        # One single-channel transform per channel: each channel is read and
+        # transformed on its own, straight into the output array.
+        self.pre = [
+            Preprocessor(
+                channels=(c,),
+                methods=(pre.methods[i],),
+                clip_min=(pre.clip_min[i],),
+                clip_max=(pre.clip_max[i],),
+                is_magnetogram=(pre.is_magnetogram[i],),
+                mean=None if pre.mean is None else (pre.mean[i],),
+                std=None if pre.std is None else (pre.std[i],),
+                limb=pre.limb,
+                radius_px=pre.radius_px,
+                out_size=pre.out_size,
+                dtype="float32",
+            )
+            for i, c in enumerate(cfg.data.channels)
+        ]
 
     def _read(
         self, channel: str, year: int, idx: np.ndarray
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Frames ``idx`` of one year and channel; unreadable chunks give per-frame reasons."""
+        """Frames ``idx`` (sorted, unique) of one year and channel, with a reason per unusable frame."""
         store = self.stores[channel]
         for attempt in range(self.cfg.loader.read_retries + 1):
             try:
-                return store.read_frames(str(year), channel, idx, check=False), [None] * len(idx)
+                frames = store.read_frames(str(year), channel, idx, check=False)
+                return frames, frame_checks(frames)
             except FrameError as e:
                 if isinstance(e.__cause__, _TRANSIENT) and attempt < self.cfg.loader.read_retries:
                     time.sleep(0.2 * 2**attempt)
                     continue
-                break
-        # Find the bad chunk(s): read chunk by chunk, keep what decodes.
-        chunk = store.array(str(year), channel).chunks[0]
-        frames = np.zeros((len(idx), *store.array(str(year), channel).shape[1:]), np.float32)
-        reasons: list[str | None] = [None] * len(idx)
-        for k in np.unique(idx // chunk):
-            sel = np.flatnonzero(idx // chunk == k)
-            try:
-                frames[sel] = store.read_frames(str(year), channel, idx[sel], check=False)
-            except FrameError as e:
                 if self.cfg.loader.on_bad_frame == "raise":
                     raise
+                break
+        # Find the bad chunk(s): read chunk by chunk, keep what decodes.
+        a = store.array(str(year), channel)
+        frames = np.zeros((len(idx), *a.shape[1:]), np.float32)
+        reasons: list[str | None] = [None] * len(idx)
+        for k in np.unique(idx // a.chunks[0]):
+            sel = np.flatnonzero(idx // a.chunks[0] == k)
+            try:
+                frames[sel] = store.read_frames(str(year), channel, idx[sel], check=False)
+                for j, why in zip(sel, frame_checks(frames[sel]), strict=True):
+                    reasons[j] = why
+            except FrameError as e:
                 for j in sel:
                     reasons[j] = f"unreadable chunk ({e.reason})"
         return frames, reasons
 
-    def read_block(self, block_id: int, epoch: int) -> dict[str, np.ndarray]:
+    def read_block(self, block_id: int, epoch: int) -> tuple[dict[str, np.ndarray], list]:
+        """``-> (batch, bad)``: the block's samples and (channel, where, reason) of those skipped."""
         cfg, plan = self.cfg, self.plan
-        samples = plan.blocks[block_id]
-        if cfg.loader.shuffle and plan.split == "train":
-            samples = np.random.default_rng([cfg.loader.seed, epoch, block_id]).permutation(samples)
+        samples = plan.blocks[block_id]  # in store order: reads stay sequential
         rows = plan.windows[samples]  # (n, T)
         n, T = rows.shape
-        channels = cfg.data.channels
-        cube = np.empty((n, len(channels), T, self.stored_size, self.stored_size), np.float32)
-        deg = np.ones((n, len(channels), T), np.float32)
-        bad: dict[int, tuple[str, str, str]] = {}  # sample position -> (channel, where, reason)
-        for ci, c in enumerate(channels):
-            years, idxs = self.plan.year[c][rows], self.plan.idx[c][rows]
+        # The block's samples leave in a seeded random order: sample j goes to pos[j].
+        if cfg.loader.shuffle and plan.split == "train":
+            pos = np.argsort(
+                np.random.default_rng([cfg.loader.seed, epoch, block_id]).permutation(n)
+            )
+        else:
+            pos = np.arange(n)
+        out = np.empty((n, len(cfg.data.channels), T, self.size, self.size), cfg.transform.dtype)
+        deg = np.ones((n, len(cfg.data.channels), T), np.float32)
+        bad: dict[int, tuple[str, str, str]] = {}
+        for ci, c in enumerate(cfg.data.channels):
             store = self.stores[c]
+            years, idxs = plan.year[c][rows], plan.idx[c][rows]
             for y in np.unique(years):
                 ni, ti = np.nonzero(years == y)
-                frames, reasons = self._read(c, int(y), idxs[ni, ti])
-                checks = frame_checks(frames)
-                cube[ni, ci, ti] = frames
+                uniq, inv = np.unique(idxs[ni, ti], return_inverse=True)
+                frames, reasons = self._read(c, int(y), uniq)
+                for k in (k for k, why in enumerate(reasons) if why):
+                    where = f"{store.url} {y}/{c} frame {uniq[k]}"
+                    if cfg.loader.on_bad_frame == "raise":
+                        raise FrameError(store.url, str(y), c, int(uniq[k]), reasons[k])
+                    for j in ni[inv == k]:
+                        bad.setdefault(int(j), (c, where, reasons[k]))
+                x = self.pre[ci](frames[None])[0]  # (len(uniq), S, S)
+                out[pos[ni], ci, ti] = x[inv]
                 if store.instrument == "aia":
-                    deg[ni, ci, ti] = store.header(str(y), c, "DEG_COR")[idxs[ni, ti]]
-                for j, why in enumerate(r or ch for r, ch in zip(reasons, checks, strict=True)):
-                    if why:
-                        where = f"{store.url} {y}/{c} frame {idxs[ni[j], ti[j]]}"
-                        if cfg.loader.on_bad_frame == "raise":
-                            raise FrameError(store.url, str(y), c, int(idxs[ni[j], ti[j]]), why)
-                        bad.setdefault(int(ni[j]), (c, where, why))
-        keep = np.array([i not in bad for i in range(n)], bool)
-        if bad and self.registry is not None:
-            self.registry.record.remote([v for v in bad.values()])
-        x = self.pre(cube[keep].transpose(1, 0, 2, 3, 4))  # (C, n, T, H, W)
-        out = {
-            "image": np.ascontiguousarray(x.transpose(1, 0, 2, 3, 4)),
-            "time": plan.time[rows[keep]],
-            "sample": samples[keep].astype(np.int64),
-            "deg_cor": deg[keep],
-        }
+                    deg[pos[ni], ci, ti] = store.header(str(y), c, "DEG_COR")[uniq][inv]
+        sample_ids = np.empty(n, np.int64)
+        sample_ids[pos] = samples
+        times = np.empty((n, T), np.int64)
+        times[pos] = plan.time[rows]
+        batch = {"image": out, "time": times, "sample": sample_ids, "deg_cor": deg}
         if plan.eve_row is not None:
-            eve = self.archive.eve.read(
-                cfg.data.eve_lines, plan.eve_row[rows[keep]].ravel()
-            )  # (n*T, L)
-            out["eve"] = eve.reshape(int(keep.sum()), T, -1).transpose(0, 2, 1).copy()
-        return out
+            eve_rows = np.empty((n, T), np.int64)
+            eve_rows[pos] = plan.eve_row[rows]
+            eve = self.archive.eve.read(cfg.data.eve_lines, eve_rows.ravel())  # (n*T, L)
+            batch["eve"] = eve.reshape(n, T, -1).transpose(0, 2, 1).copy()
+        if bad:
+            keep = np.ones(n, bool)
+            keep[pos[list(bad)]] = False
+            batch = {k: v[keep] for k, v in batch.items()}
+        return batch, list(bad.values())
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        block_id = int(batch["block"][0])
-        epoch = int(batch["epoch"][0])
-        if epoch < 0:  # an open-ended dataset: this block's own pass count is the epoch
-            epoch = (
-                self._ray_get(self.registry.next_epoch.remote(block_id))
-                if self.registry is not None
-                else 0
-            )
-        return self.read_block(block_id, epoch)
 
-    @staticmethod
-    def _ray_get(ref):
+_READERS: dict[str, BlockReader] = {}
+
+
+def _reader(key: str, cfg: Config, plan_ref, stats: dict | None) -> BlockReader:
+    """This process's reader for one pipeline split (created on first use, then reused)."""
+    if key not in _READERS:
         import ray
 
-        return ray.get(ref)
+        while len(_READERS) >= 4:  # old pipelines of a long-lived worker
+            _READERS.pop(next(iter(_READERS)))
+        _READERS[key] = BlockReader(cfg, ray.get(plan_ref), stats)
+    return _READERS[key]
 
 
 # --------------------------------------------------------------------------- Ray Data
@@ -259,7 +277,7 @@ def _registry_class():
 
     @ray.remote(num_cpus=0)
     class PipelineRegistry:
-        """Epoch bookkeeping and bad-frame counts shared by the reader actors."""
+        """Epoch bookkeeping and bad-frame counts shared by the readers of one dataset."""
 
         def __init__(self, n_blocks: int):
             self.seen = np.zeros(n_blocks, np.int64)
@@ -281,44 +299,59 @@ def _registry_class():
     return PipelineRegistry
 
 
-def _block_source(n_blocks: int, shuffle: bool, seed: int, epoch: int | None, registry: str):
+def _read_blocks(key, cfg, plan_ref, stats, registry, blocks, epoch):
+    """A read task: read ``blocks`` and yield one Ray Data block each."""
+    import ray
+    from ray.data.block import BlockAccessor
+
+    reader = _reader(key, cfg, plan_ref, stats)
+    handle = ray.get_actor(registry)
+    for b in blocks:
+        e = epoch if epoch is not None else ray.get(handle.next_epoch.remote(int(b)))
+        batch, bad = reader.read_block(int(b), e)
+        if bad:
+            handle.record.remote(bad)
+        yield BlockAccessor.batch_to_block(batch)
+
+
+def _block_source(
+    key, cfg, plan_ref, stats, plan: SplitPlan, shuffle: bool, epoch: int | None, registry: str
+):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
+    n_blocks = len(plan.blocks)
+    sizes = np.array([len(b) for b in plan.blocks])
+    row_bytes = 4 * len(cfg.data.channels) * cfg.data.num_frames * (cfg.transform.size or 512) ** 2
+
     class BlockSource(Datasource):
-        """Block ids in a new seeded order each epoch (the data are read downstream)."""
+        """The split's blocks, read in a new seeded order each epoch."""
 
         def estimate_inmemory_data_size(self) -> int:
-            return 16 * n_blocks
+            return int(sizes.sum() * row_bytes)
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
-            import pyarrow as pa
             import ray
 
             e = epoch if epoch is not None else ray.get(ray.get_actor(registry).completed.remote())
             order = (
-                np.random.default_rng([seed, e]).permutation(n_blocks)
+                np.random.default_rng([cfg.loader.seed, e]).permutation(n_blocks)
                 if shuffle
                 else np.arange(n_blocks)
             )
-            tag = -1 if epoch is None else epoch
-            # One block per read task (up to 2048 tasks) so reader actors work in parallel.
-            parts = np.array_split(order, max(1, min(2048, n_blocks)))
-
-            def make(part):
-                return lambda: [
-                    pa.table({"block": part.astype(np.int64), "epoch": np.full(len(part), tag)})
-                ]
-
+            # One block per read task (at most 4096 tasks) so readers work in parallel.
+            parts = [p for p in np.array_split(order, min(4096, n_blocks)) if len(p)]
             return [
                 ReadTask(
-                    make(p),
+                    (lambda p=p: _read_blocks(key, cfg, plan_ref, stats, registry, p, epoch)),
                     BlockMetadata(
-                        num_rows=len(p), size_bytes=16 * len(p), input_files=None, exec_stats=None
+                        num_rows=int(sizes[p].sum()),
+                        size_bytes=int(sizes[p].sum() * row_bytes),
+                        input_files=None,
+                        exec_stats=None,
                     ),
                 )
                 for p in parts
-                if len(p)
             ]
 
     return BlockSource()
@@ -360,36 +393,33 @@ class SDOMLPipeline:
         hand to ``TorchTrainer(datasets=...)``); an int fixes the order of that epoch.
         """
         import ray
-        from ray.data import ActorPoolStrategy
 
         plan = self.plan(split, subset)
         if plan.num_samples == 0:
             raise ValueError(
-                f"split {split!r} has no samples (index {len(self.table)} rows, num_frames {self.cfg.data.num_frames})"
+                f"split {split!r} has no samples (index {len(self.table)} rows, "
+                f"num_frames {self.cfg.data.num_frames})"
             )
-        name = f"sdofm-pipeline-{split}-{uuid.uuid4().hex[:8]}"
+        key = uuid.uuid4().hex[:12]
+        name = f"sdofm-pipeline-{split}-{key}"
         # The handle keeps the registry alive as long as this pipeline object.
         self._registries[split] = _registry_class().options(name=name).remote(len(plan.blocks))
         lc = self.cfg.loader
-        shuffle = lc.shuffle and split == "train"
-        source = _block_source(len(plan.blocks), shuffle, lc.seed, epoch, name)
-        ds = ray.data.read_datasource(source, num_cpus=0.01)
+        source = _block_source(
+            key,
+            self.cfg,
+            ray.put(plan),
+            stats if stats is not None else self.stats,
+            plan,
+            lc.shuffle and split == "train",
+            epoch,
+            name,
+        )
+        ds = ray.data.read_datasource(source, num_cpus=lc.cpus_per_reader, concurrency=lc.readers)
         # Blocks leave in the order planned, whichever reader finishes first: the
         # same seed and epoch give the same sample order.
         ds.context.execution_options.preserve_order = True
-        return ds.map_batches(
-            BlockReader,
-            fn_constructor_kwargs={
-                "cfg": self.cfg,
-                "plan": plan,
-                "stats": stats if stats is not None else self.stats,
-                "registry": name,
-                "epoch": epoch,
-            },
-            batch_size=1,
-            compute=ActorPoolStrategy(size=min(lc.readers, len(plan.blocks))),
-            num_cpus=lc.cpus_per_reader,
-        )
+        return ds
 
     def bad_frames(self, split: str) -> list[tuple[str, str, str]]:
         """(channel, where, reason) of every sample skipped so far in ``split``."""

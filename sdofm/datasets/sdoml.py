@@ -378,36 +378,27 @@ class ImageStore:
         """
         a = self.array(year, channel)
         idx = np.asarray(indices, dtype=np.int64)
-        out = np.empty((len(idx), *a.shape[1:]), dtype=np.float32)
         if len(idx) == 0:
-            return out
+            return np.empty((0, *a.shape[1:]), dtype=np.float32)
         if idx.min() < 0 or idx.max() >= a.shape[0]:
             bad = int(idx[(idx < 0) | (idx >= a.shape[0])][0])
             raise FrameError(
                 self.url, year, channel, bad, f"index out of range (0..{a.shape[0] - 1})"
             )
-        chunk = a.chunks[0]
-        order = np.argsort(idx, kind="stable")
-        sorted_idx = idx[order]
-        # One read per run of touched chunks: the codec decodes each chunk once.
-        chunk_id = sorted_idx // chunk
-        breaks = np.flatnonzero(np.diff(chunk_id) > 1) + 1
-        for run in np.split(np.arange(len(sorted_idx)), breaks):
-            lo = int(chunk_id[run[0]] * chunk)
-            hi = int(min((chunk_id[run[-1]] + 1) * chunk, a.shape[0]))
-            lo = max(lo, int(sorted_idx[run[0]]))
-            hi = min(hi, int(sorted_idx[run[-1]]) + 1)
-            try:
-                block = a[lo:hi]
-            except Exception as e:
-                raise FrameError(
-                    self.url,
-                    year,
-                    channel,
-                    int(sorted_idx[run[0]]),
-                    f"cannot decode chunk(s) holding frames {lo}..{hi - 1}: {type(e).__name__}: {e}",
-                ) from e
-            out[order[run]] = block[sorted_idx[run] - lo]
+        # An orthogonal selection decodes only the chunks holding these frames, each
+        # once, several at a time (zarr's async codec pipeline).
+        uniq, inv = np.unique(idx, return_inverse=True)
+        try:
+            got = a.get_orthogonal_selection((uniq, slice(None), slice(None)))
+        except Exception as e:
+            raise FrameError(
+                self.url,
+                year,
+                channel,
+                int(uniq[0]),
+                f"cannot decode chunk(s) holding frames {uniq[0]}..{uniq[-1]}: {type(e).__name__}: {e}",
+            ) from e
+        out = got if len(uniq) == len(idx) and np.array_equal(uniq, idx) else got[inv]
         if check:
             for j, i in enumerate(idx):
                 reason = frame_problem(out[j])
