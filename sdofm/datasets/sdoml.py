@@ -369,12 +369,19 @@ class ImageStore:
         return _cached((self.url, year, channel, key), make)
 
     def read_frames(
-        self, year: str, channel: str, indices: Sequence[int], check: bool = True
+        self,
+        year: str,
+        channel: str,
+        indices: Sequence[int],
+        check: bool = True,
+        out: np.ndarray | None = None,
     ) -> np.ndarray:
         """Read frames ``indices`` of ``year/channel`` decoding each chunk once.
 
         ``-> (len(indices), H, W) float32`` in the order asked for. With ``check``,
-        a frame that is not finite everywhere raises :class:`FrameError`.
+        a frame that is not finite everywhere raises :class:`FrameError`. ``out``, a
+        C-contiguous float32 array of that shape, is filled instead of a new array
+        when the indices are sorted and unique (a reused buffer: no page faults).
         """
         a = self.array(year, channel)
         idx = np.asarray(indices, dtype=np.int64)
@@ -388,8 +395,14 @@ class ImageStore:
         # An orthogonal selection decodes only the chunks holding these frames, each
         # once, several at a time (zarr's async codec pipeline).
         uniq, inv = np.unique(idx, return_inverse=True)
+        direct = len(uniq) == len(idx) and np.array_equal(uniq, idx)
+        buf = None
+        if out is not None and direct:
+            from zarr.core.buffer.cpu import NDBuffer
+
+            buf = NDBuffer.from_numpy_array(out)
         try:
-            got = a.get_orthogonal_selection((uniq, slice(None), slice(None)))
+            got = a.get_orthogonal_selection((uniq, slice(None), slice(None)), out=buf)
         except Exception as e:
             raise FrameError(
                 self.url,
@@ -398,7 +411,9 @@ class ImageStore:
                 int(uniq[0]),
                 f"cannot decode chunk(s) holding frames {uniq[0]}..{uniq[-1]}: {type(e).__name__}: {e}",
             ) from e
-        out = got if len(uniq) == len(idx) and np.array_equal(uniq, idx) else got[inv]
+        if buf is not None:
+            got = out
+        out = got if direct else got[inv]
         if check:
             for j, i in enumerate(idx):
                 reason = frame_problem(out[j])

@@ -518,19 +518,27 @@ class Preprocessor:
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         """x: (C, H, W) or (C, T, H, W) physical units -> (C, [T,] S, S) in self.dtype."""
-        n = len(self.channels)
-        _check_channels(x, n, "Preprocessor")
+        _check_channels(x, len(self.channels), "Preprocessor")
         if self.out_size is not None and self.out_size != x.shape[-1]:
             y = downsample_to(x, self.out_size)  # fresh array
         else:
             y = np.array(x, dtype=np.float32)  # the one working copy
+        return self.apply_(y).astype(self.dtype, copy=False)
+
+    def apply_(self, y: np.ndarray) -> np.ndarray:
+        """Limb, scale and z-score ``y: (C, ..., S, S) float32`` in place (no downsampling,
+        no cast); returns ``y``. For callers that own a fresh array: saves a copy."""
+        n = len(self.channels)
+        _check_channels(y, n, "Preprocessor")
+        if y.dtype != np.float32:
+            raise TypeError(f"apply_ works in place on float32, got {y.dtype}")
         _apply_limb_(y, self.limb, self.is_magnetogram, self.radius_px, 0.0)
         _scale_(y, self._plan(n))
         if self.mean is not None:
             m, s = _zscore_params(self.mean, self.std, n)
             y -= _channel_view(m, y.ndim)
             y /= _channel_view(s, y.ndim)
-        return y.astype(self.dtype, copy=False)
+        return y
 
     def inverse(self, y: np.ndarray) -> np.ndarray:
         """Undo z-score and scaling (not limb or downsampling).

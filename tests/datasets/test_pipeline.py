@@ -169,3 +169,42 @@ def test_torch_trainer_workers_get_disjoint_shards(synth_root, tmp_path):
         assert not set(a) & set(b)
         # DDP shards are equalised: at most world_size - 1 samples are left out.
         assert len(a) == len(b) and n - 1 <= len(a) + len(b) <= n and len(set(a + b)) == len(a + b)
+
+
+def test_images_equal_a_direct_read_and_transform(synth_root, tmp_path):
+    from sdofm.datasets.pipeline import make_preprocessor
+    from sdofm.datasets.sdoml import Archive
+
+    cfg = _cfg(
+        synth_root,
+        tmp_path,
+        "loader.readers=2",
+        "loader.block_size=4",
+        "data.num_frames=2",
+        "data.frame_step=24min",
+    )
+    pipe = SDOMLPipeline(cfg)
+    plan = pipe.plan("train")
+    archive = Archive.open(cfg.data)
+    pre = make_preprocessor(cfg, 32, pipe.stats)
+    checked = 0
+    for b in pipe.dataset("train").iter_batches(batch_size=5):  # crosses block boundaries
+        for j, sample in enumerate(b["sample"]):
+            rows = plan.windows[sample]
+            cube = np.stack(
+                [
+                    np.stack(
+                        [
+                            (archive.aia if c.endswith("A") else archive.hmi).read_frames(
+                                str(plan.year[c][r]), c, [plan.idx[c][r]]
+                            )[0]
+                            for r in rows
+                        ]
+                    )
+                    for c in cfg.data.channels
+                ]
+            )  # (C, T, H, W)
+            np.testing.assert_allclose(b["image"][j], pre(cube), rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(b["time"][j], plan.time[rows])
+            checked += 1
+    assert checked == plan.num_samples
