@@ -3,7 +3,8 @@
 Run from the repository root::
 
     .venv/bin/python bench/ingest.py [--days D] [--resolution R] [--cpus N] [--root DIR]
-                                     [--samples K] [--readers R --cpus-per-reader F]
+                                     [--samples K] [--readers R] [--cpus-per-reader F]
+                                     [--block-size B] [--warmup W] [--repeat P]
 
 Two synthetic SDOML v2 archives are written under ``--root`` (default
 ``/tmp/sdofm-bench``; reused while their synth settings match): 9 AIA + 3 HMI
@@ -18,20 +19,28 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
 (a) ``limit``: raw zarr read + decode, no transforms, no delivery. The chunks that
     hold the frames the index rows point to are shared among a process pool of N
     workers; each reads its chunks whole, decoding each chunk once. This is the
-    ceiling for any loader that decodes these stores on these CPUs.
+    ceiling for any loader that decodes these stores on these CPUs (the main process
+    only collects frame counts: no sample is assembled or moved between processes).
 (b) ``seed``: SDO-FM's original loader: a ``torch.utils.data.Dataset`` whose
     ``__getitem__(i)`` looks the row up with ``DataFrame.iloc[i]`` and reads one
     frame per channel (``array[idx]``, which decodes that frame's whole chunk),
     stacked to a ``(C, H, W)`` float32 tensor, through ``DataLoader(num_workers=N,
     batch_size=8, shuffle=True)``. No transforms (the sdofm pipeline does more work).
-(c) ``sdofm streaming``: ``SDOMLPipeline(cfg).dataset("train")`` (chunk-aware reader
-    actors, limb + scaling + z-score transforms), one full pass of
-    ``ds.iter_batches(batch_size=8)`` after ``--warmup`` untimed passes. Index and
-    statistics are built (or reused) before the timer starts.
-(d) ``sdofm materialised``: ``pipe.dataset("train", epoch=0).materialize()`` (timed
-    on its own row), then one timed pass of ``m.iter_batches(batch_size=8)``.
+(c) ``sdofm streaming``: ``SDOMLPipeline(cfg).dataset("train")`` (chunk-aware
+    readers, limb + scaling + z-score transforms), full passes of
+    ``ds.iter_batches(batch_size=8)``; each pass pays whatever reader start-up the
+    pipeline needs per epoch, as each epoch of a training run does.
+    ``loader.readers`` x ``loader.cpus_per_reader`` reserve the N CPUs (default N
+    readers x 1 CPU, which measured faster than 2N x 0.5), ``loader.block_size`` 32.
+    Index and statistics are built (or reused) before any timer starts.
+(d) ``sdofm materialised``: ``pipe.dataset("train", epoch=0).materialize()`` (its own
+    row), then a pass of ``m.iter_batches(batch_size=8)`` (from the object store).
 
-samples/s = samples delivered / wall time (``time.perf_counter``). Every contender
+Each contender runs ``--warmup`` untimed passes (default 1), then ``--repeat`` timed
+passes (default 2) of which the fastest is reported: the machine may be shared, and
+the fastest pass is the one least disturbed. samples/s = samples delivered / wall
+time of the pass (``time.perf_counter``), worker start-up included for (b), (c) and
+(d) (they pay it every epoch) and excluded for (a) (a ceiling). Every contender
 asserts that it delivered exactly the index rows (and, where the sample ids are
 known, exactly that set). Before timing, every store file is read once so all
 contenders run from a warm page cache: this measures decode and delivery, not disk.
@@ -40,18 +49,23 @@ one ``ray.init(num_cpus=N)``.
 
 Printed: one table row per contender per chunking, the ratios (c)/(b) and (c)/(a)
 against the performance goal (on 2 cores: (c) >= 1.5x (b) with 1-frame chunks,
->= 5x (b) with 15-frame chunks, (c) >= 0.8x (a) on both), and the machine.
+>= 5x (b) with 15-frame chunks, (c) >= 0.8x (a) on both), the machine, the sdofm
+revision measured, and how busy the CPUs were just before the run (other work on
+the machine makes every number unreliable).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import multiprocessing as mp
 import os
 import platform
+import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +74,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import sdofm
 from sdofm.config import Config, load_config
 from sdofm.datasets.index import load_or_build_index, make_windows
 from sdofm.datasets.sdoml import Archive
@@ -102,6 +117,12 @@ class Result:
     @property
     def rate(self) -> float:
         return self.samples / self.seconds
+
+    def row(self) -> str:
+        return (
+            f"{f'{self.chunking} frame/chunk':<16} {self.contender:<34} {self.samples:>8} "
+            f"{self.seconds:>9.2f} {self.rate:>10.2f}"
+        )
 
 
 # --------------------------------------------------------------------------- setup
@@ -149,11 +170,11 @@ def prepare(cfg: Config, frames_per_chunk: int, limit: int | None) -> Store:
     archive = Archive.open(cfg.data)
     urls = {c: archive.aia.url for c in cfg.data.aia_channels}
     urls.update({c: archive.hmi.url for c in cfg.data.hmi_channels})
+    written = "reused" if report.reused else f"written in {t1 - t0:.0f} s"
+    indexed = "reused" if index_report.reused else f"built in {t2 - t1:.1f} s"
     print(
-        f"store fpc={frames_per_chunk}: {cfg.data.root} "
-        f"({'reused' if report.reused else f'written in {t1 - t0:.0f} s'}), "
-        f"index {index_report.n_rows} rows ({'reused' if index_report.reused else f'built in {t2 - t1:.1f} s'}), "
-        f"{len(rows)} train samples",
+        f"store fpc={frames_per_chunk}: {cfg.data.root} ({written}), "
+        f"index {index_report.n_rows} rows ({indexed}), {len(rows)} train samples",
         flush=True,
     )
     return Store(frames_per_chunk, cfg, table.iloc[rows].reset_index(drop=True), subset, urls)
@@ -185,11 +206,15 @@ def check_delivery(store: Store, contender: str, n: int, ids: np.ndarray) -> Non
     assert np.array_equal(np.sort(ids), np.arange(store.n)), f"{contender}: wrong sample ids"
 
 
+def fastest(passes: int, run_pass: Callable[[], float]) -> float:
+    """The shortest of ``passes`` timed passes (each checks its own delivery)."""
+    return min(run_pass() for _ in range(max(passes, 1)))
+
+
 # --------------------------------------------------------------------------- (a) the limit
 
-_ARRAYS: dict[
-    tuple[str, str, str], object
-] = {}  # per worker process: (url, year, channel) -> array
+# Per worker process: (url, year, channel) -> zarr array, opened once.
+_ARRAYS: dict[tuple[str, str, str], object] = {}
 
 
 def _open_array(url: str, year: str, channel: str):
@@ -225,28 +250,33 @@ def chunk_tasks(store: Store) -> list[tuple[str, str, str, int, np.ndarray]]:
         url = store.urls[c]
         for year, group in store.samples.groupby(f"{c}_year"):
             k = _open_array(url, str(year), c).chunks[0]
-            idx = np.unique(
-                group[f"{c}_idx"].to_numpy()
-            )  # a frame shared by two rows: decoded once
+            # A frame shared by two rows is decoded once.
+            idx = np.unique(group[f"{c}_idx"].to_numpy())
             for chunk_id in np.unique(idx // k):
                 sel = idx[idx // k == chunk_id]
                 tasks.append((url, str(year), c, int(chunk_id), sel - chunk_id * k))
     return tasks
 
 
-def run_limit(store: Store, cpus: int) -> Result:
+def run_limit(store: Store, cpus: int, warmup: int, repeat: int) -> Result:
     tasks = chunk_tasks(store)
     wanted = sum(  # distinct frames the samples reference
         len(store.samples[[f"{c}_year", f"{c}_idx"]].drop_duplicates()) for c in store.channels
     )
     keys = sorted({t[:3] for t in tasks})
     chunksize = max(1, len(tasks) // (8 * cpus))  # small enough to balance the workers
-    with mp.get_context("fork").Pool(cpus, initializer=_open_all, initargs=(keys,)) as pool:
-        pool.map(int, range(cpus))  # the workers are up and have opened the arrays
+
+    def run_pass(pool) -> float:
         t0 = time.perf_counter()
         frames = sum(pool.imap_unordered(_decode_chunk, tasks, chunksize=chunksize))
         seconds = time.perf_counter() - t0
-    assert frames == wanted, f"limit: decoded {frames} frames, the samples need {wanted}"
+        assert frames == wanted, f"limit: decoded {frames} frames, the samples need {wanted}"
+        return seconds
+
+    with mp.get_context("fork").Pool(cpus, initializer=_open_all, initargs=(keys,)) as pool:
+        for _ in range(warmup):
+            run_pass(pool)
+        seconds = fastest(repeat, lambda: run_pass(pool))
     return Result(store.frames_per_chunk, "(a) limit: zarr read+decode", store.n, seconds)
 
 
@@ -282,23 +312,28 @@ class SeedDataset(Dataset):
         return i, torch.from_numpy(np.stack(frames).astype(np.float32, copy=False))
 
 
-def run_seed(store: Store, cpus: int, warmup: int) -> Result:
+def run_seed(store: Store, cpus: int, warmup: int, repeat: int) -> Result:
     loader = DataLoader(
         SeedDataset(store.samples, store.channels, store.urls),
         batch_size=BATCH_SIZE,
         shuffle=True,
         num_workers=cpus,
-        multiprocessing_context="fork",
+        multiprocessing_context="fork",  # the cheapest start for the seed's workers
         generator=torch.Generator().manual_seed(0),
     )
+
+    def run_pass() -> float:
+        # One epoch, worker start-up included (as for every epoch of the seed's training loop).
+        t0 = time.perf_counter()
+        n, ids = consume(loader, images=1, ids=0)
+        seconds = time.perf_counter() - t0
+        check_delivery(store, "seed", n, ids)
+        return seconds
+
     for _ in range(warmup):
-        consume(loader, images=1, ids=0)
-    # One epoch, worker start-up included (as for every epoch of the seed's training loop).
-    t0 = time.perf_counter()
-    n, ids = consume(loader, images=1, ids=0)
-    seconds = time.perf_counter() - t0
-    check_delivery(store, "seed", n, ids)
-    return Result(store.frames_per_chunk, "(b) seed: torch DataLoader", n, seconds)
+        run_pass()
+    seconds = fastest(repeat, run_pass)
+    return Result(store.frames_per_chunk, "(b) seed: torch DataLoader", store.n, seconds)
 
 
 # --------------------------------------------------------------------------- (c), (d) sdofm
@@ -313,48 +348,94 @@ def ray_batches(ds, store: Store) -> Iterator[dict[str, np.ndarray]]:
         yield b
 
 
-def run_sdofm(store: Store, warmup: int) -> list[Result]:
+@contextmanager
+def watchdog(seconds: float) -> Iterator[None]:
+    """Exit with every thread's traceback if the block takes longer than ``seconds``.
+
+    A Ray Data pipeline whose tasks cannot be scheduled waits forever (the actor-pool
+    design of the pipeline did, when its readers reserved every CPU and its 0.01-CPU
+    block-id tasks could not start); a benchmark should fail instead.
+    """
+    faulthandler.dump_traceback_later(seconds, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+
+
+def run_sdofm(store: Store, cpus: int, warmup: int, repeat: int, timeout: float) -> list[Result]:
     from sdofm.datasets.pipeline import SDOMLPipeline
     from sdofm.datasets.stats import load_or_compute_stats
 
     t0 = time.perf_counter()
-    # The statistics job runs its own map task (num_cpus=0.25) beside the reader actors:
-    # when readers x cpus_per_reader takes every CPU it can never be scheduled (a
-    # deadlock), so compute them with half-CPU readers; the pipeline then reuses the
-    # file (its provenance does not involve the loader settings).
-    stats_cfg = store.cfg.model_copy(
-        update={"loader": store.cfg.loader.model_copy(update={"cpus_per_reader": 0.5})}
-    )
     table = load_or_build_index(store.cfg.data)[0]
-    load_or_compute_stats(stats_cfg, table)
-    pipe = SDOMLPipeline(store.cfg, table=table)  # statistics reused; nothing here is timed
+    # The statistics job adds a map task (num_cpus=0.25) behind the readers; with the
+    # actor-pool readers it could never be scheduled while they held every CPU, so
+    # leave it room. The pipeline below then reuses the file (its provenance ignores
+    # the loader settings).
+    lc = store.cfg.loader
+    stats_cpus = min(lc.cpus_per_reader, (cpus - 0.5) / lc.readers)
+    stats_cfg = store.cfg.model_copy(
+        update={"loader": lc.model_copy(update={"cpus_per_reader": stats_cpus})}
+    )
+    with watchdog(timeout):
+        load_or_compute_stats(stats_cfg, table)  # may run a Ray Data job the first time
+    pipe = SDOMLPipeline(store.cfg, table=table)  # statistics reused: nothing here is timed
     print(
-        f"  fpc={store.frames_per_chunk}: pipeline ready in {time.perf_counter() - t0:.1f} s (index + stats)",
+        f"  fpc={store.frames_per_chunk}: pipeline ready in {time.perf_counter() - t0:.1f} s",
         flush=True,
     )
     out = []
 
     # (c) streaming: the same Dataset every epoch; each pass is the next epoch's order.
     ds = pipe.dataset("train", subset=store.subset)
-    for _ in range(warmup):
-        consume(ray_batches(ds, store), "image", "sample")
-    t0 = time.perf_counter()
-    n, ids = consume(ray_batches(ds, store), "image", "sample")
-    seconds = time.perf_counter() - t0
-    check_delivery(store, "sdofm streaming", n, ids)
-    out.append(Result(store.frames_per_chunk, "(c) sdofm streaming", n, seconds))
+
+    def stream_pass() -> float:
+        t0 = time.perf_counter()
+        n, ids = consume(ray_batches(ds, store), "image", "sample")
+        seconds = time.perf_counter() - t0
+        check_delivery(store, "sdofm streaming", n, ids)
+        return seconds
+
+    with watchdog(timeout * (warmup + repeat)):
+        for _ in range(warmup):
+            stream_pass()
+        out.append(
+            Result(
+                store.frames_per_chunk, "(c) sdofm streaming", store.n, fastest(repeat, stream_pass)
+            )
+        )
 
     # (d) materialised: read + transform everything into the object store, then iterate it.
-    t0 = time.perf_counter()
-    m = pipe.dataset("train", epoch=0, subset=store.subset).materialize()
-    seconds = time.perf_counter() - t0
-    out.append(Result(store.frames_per_chunk, "(d) sdofm materialize()", m.count(), seconds))
-    t0 = time.perf_counter()
-    n, ids = consume(ray_batches(m, store), "image", "sample")
-    seconds = time.perf_counter() - t0
-    check_delivery(store, "sdofm materialised", n, ids)
-    out.append(Result(store.frames_per_chunk, "(d) sdofm iterate materialised", n, seconds))
-    del m  # free the object store before the next store
+    def materialize_pass() -> float:
+        t0 = time.perf_counter()
+        m = pipe.dataset("train", epoch=0, subset=store.subset).materialize()
+        seconds = time.perf_counter() - t0
+        assert m.count() == store.n, f"materialised {m.count()} samples, the index has {store.n}"
+        materialised.append(m)
+        return seconds
+
+    def iterate_pass() -> float:
+        t0 = time.perf_counter()
+        n, ids = consume(ray_batches(materialised[-1], store), "image", "sample")
+        seconds = time.perf_counter() - t0
+        check_delivery(store, "sdofm materialised", n, ids)
+        return seconds
+
+    materialised: list = []
+    with watchdog(timeout * (1 + repeat)):
+        seconds = fastest(repeat, materialize_pass)
+        materialised[:-1] = []  # keep one copy in the object store
+        out.append(Result(store.frames_per_chunk, "(d) sdofm materialize()", store.n, seconds))
+        out.append(
+            Result(
+                store.frames_per_chunk,
+                "(d) sdofm iterate materialised",
+                store.n,
+                fastest(repeat, iterate_pass),
+            )
+        )
+    materialised.clear()  # free the object store before the next store
     return out
 
 
@@ -367,10 +448,7 @@ def print_report(results: list[Result], cpus: int, readers: int, cpus_per_reader
     )
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
-        print(
-            f"{f'{r.chunking} frame/chunk':<16} {r.contender:<34} {r.samples:>8} "
-            f"{r.seconds:>9.2f} {r.rate:>10.2f}"
-        )
+        print(r.row())
     print()
     for k in sorted({r.chunking for r in results}):
         rate = {r.contender[:3]: r.rate for r in results if r.chunking == k}
@@ -398,22 +476,45 @@ def quiet_ray_data() -> None:
 
 
 def load_note(cpus: int) -> str:
-    """The 1-min load average: other work on the machine makes every timing unreliable."""
+    """How busy the machine is before the run: other work makes every timing unreliable.
+
+    The share of all CPUs busy over one second (from ``/proc/stat``, Linux) and the
+    1-min load average. Taken before the run, which itself keeps ``cpus`` or more busy.
+    """
     load = os.getloadavg()[0]
-    busy = load > cpus + 0.5
-    return f"load average (1 min): {load:.2f}" + (
-        " -- the machine is busy with other work, timings are unreliable" if busy else ""
-    )
+
+    def ticks() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # all, idle + iowait
+
+    try:
+        (t0, i0), _, (t1, i1) = ticks(), time.sleep(1.0), ticks()
+        busy = 1 - (i1 - i0) / max(t1 - t0, 1)
+    except OSError:  # not Linux: the load average only
+        busy = min(load / (os.cpu_count() or 1), 1.0)
+    note = f"CPUs busy before the run: {busy:.0%} (1-min load average {load:.2f})"
+    if busy > 0.15:
+        note += " -- the machine is busy with other work, timings are unreliable"
+    return note
 
 
 def machine_note() -> str:
     import ray
     import zarr
 
+    try:  # which sdofm was measured
+        here = Path(__file__).resolve().parent
+        rev = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=here, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        rev = ""
     return (
         f"machine: os.cpu_count()={os.cpu_count()}, usable CPUs={len(os.sched_getaffinity(0))}, "
         f"{platform.system()} {platform.machine()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, ray {ray.__version__}, zarr {zarr.__version__}"
+        f"torch {torch.__version__}, ray {ray.__version__}, zarr {zarr.__version__}; "
+        f"sdofm {rev or '?'} ({Path(sdofm.__file__).parent})"
     )
 
 
@@ -424,17 +525,19 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--cpus", type=int, default=2, help="CPUs given to every contender (default 2)")
     p.add_argument("--root", default="/tmp/sdofm-bench", help="where the stores are written")
     p.add_argument("--samples", type=int, default=None, help="only the first K train samples")
-    p.add_argument(
-        "--readers", type=int, default=None, help="sdofm reader actors (default: --cpus)"
-    )
+    p.add_argument("--readers", type=int, default=None, help="sdofm readers (default: --cpus)")
     p.add_argument(
         "--cpus-per-reader",
         type=float,
         default=None,
-        help="CPUs per reader (default: cpus/readers)",
+        help="CPUs reserved per reader (default: cpus / readers)",
     )
     p.add_argument("--block-size", type=int, default=32, help="samples per sdofm read block")
-    p.add_argument("--warmup", type=int, default=1, help="untimed passes before (b) and (c)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed passes per contender")
+    p.add_argument("--repeat", type=int, default=2, help="timed passes; the fastest is reported")
+    p.add_argument(
+        "--timeout", type=float, default=600, help="seconds per Ray pass before the run aborts"
+    )
     return p.parse_args()
 
 
@@ -442,9 +545,10 @@ def main() -> None:
     args = parse_args()
     cpus = args.cpus
     readers = args.readers or cpus
-    cpus_per_reader = args.cpus_per_reader or cpus / readers
+    cpus_per_reader = args.cpus_per_reader or round(cpus / readers, 4)
+    load = load_note(cpus)  # before this run adds its own load
     print(machine_note(), flush=True)
-    print(load_note(cpus), flush=True)
+    print(load, flush=True)
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     stores = [
@@ -453,18 +557,16 @@ def main() -> None:
     ]
     assert len({s.n for s in stores}) == 1, "both stores must give the same samples"
     for s in stores:
-        print(
-            f"page cache: read {warm_page_cache(s.cfg.data.root) / 2**30:.1f} GiB of {s.cfg.data.root}",
-            flush=True,
-        )
+        gib = warm_page_cache(s.cfg.data.root) / 2**30
+        print(f"page cache: read {gib:.1f} GiB of {s.cfg.data.root}", flush=True)
 
     results: list[Result] = []
     # (a) and (b) fork worker processes: run them before Ray starts its threads.
     for s in stores:
-        results.append(run_limit(s, cpus))
-        print(f"  {results[-1]}", flush=True)
-        results.append(run_seed(s, cpus, args.warmup))
-        print(f"  {results[-1]}", flush=True)
+        results.append(run_limit(s, cpus, args.warmup, args.repeat))
+        print(results[-1].row(), flush=True)
+        results.append(run_seed(s, cpus, args.warmup, args.repeat))
+        print(results[-1].row(), flush=True)
 
     import ray
     import ray.data
@@ -473,9 +575,9 @@ def main() -> None:
     quiet_ray_data()
     try:
         for s in stores:
-            results.extend(run_sdofm(s, args.warmup))
+            results.extend(run_sdofm(s, cpus, args.warmup, args.repeat, args.timeout))
             for r in results[-3:]:
-                print(f"  {r}", flush=True)
+                print(r.row(), flush=True)
     finally:
         ray.shutdown()
 
@@ -483,7 +585,7 @@ def main() -> None:
     results.sort(key=lambda r: (order[r.chunking], r.contender[:3]))  # stable: (d) in run order
     print_report(results, cpus, readers, cpus_per_reader)
     print(machine_note())
-    print(load_note(cpus))
+    print(load)
 
 
 if __name__ == "__main__":

@@ -225,3 +225,38 @@ def test_describe_reports_counts_span_and_gaps(synth_root):
     assert not rows["171A"]["in_time_order"]  # days are stored out of order
     assert s["hmi"]["years"]["2012"]["Bz"]["cadence_s"] == 720
     assert s["eve"]["lines"] == 39 and s["eve"]["first"].startswith("2012-06-29")
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_frames_read_the_same_through_fsspec(synth_root, scheme):
+    local = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")
+    if scheme == "memory":
+        import fsspec
+
+        fsspec.filesystem("memory").put(
+            str(synth_root / "sdomlv2.zarr"), "/frames/sdomlv2.zarr", recursive=True
+        )
+        url = "memory://frames/sdomlv2.zarr"
+    else:
+        url = f"file://{synth_root}/sdomlv2.zarr"
+    remote = ImageStore(url, "aia")
+    idx = [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+        7,
+        30,
+        9,
+        63,
+    ]  # a whole chunk (0..7), scattered frames, repeats order
+    np.testing.assert_array_equal(
+        remote.read_frames("2012", "304A", idx), local.read_frames("2012", "304A", idx)
+    )
+    a = local.array("2012", "304A")
+    np.testing.assert_array_equal(
+        local.read_frames("2012", "304A", idx), a.get_orthogonal_selection((np.array(idx),))
+    )
