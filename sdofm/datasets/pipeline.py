@@ -130,14 +130,13 @@ def make_preprocessor(cfg: Config, stored_size: int, stats: dict | None) -> Prep
 
 def frame_checks(frames: np.ndarray) -> list[str | None]:
     """Why each frame is unusable: ``(N, H, W) -> N`` reasons or None."""
-    # A float64 sum is non-finite iff some pixel is: one pass instead of an isfinite mask.
-    sums = frames.sum(axis=(1, 2), dtype=np.float64)
+    # min and max propagate NaN and show inf; an all-zero frame has min == max == 0.
+    lo, hi = frames.min(axis=(1, 2)), frames.max(axis=(1, 2))
     out: list[str | None] = [None] * len(frames)
-    for i in np.flatnonzero(~np.isfinite(sums)):
+    for i in np.flatnonzero(~(np.isfinite(lo) & np.isfinite(hi))):
         out[i] = "non-finite pixels"
-    for i in np.flatnonzero(np.isfinite(sums) & (sums == 0)):
-        if not frames[i].any():
-            out[i] = "all zero"
+    for i in np.flatnonzero((lo == 0) & (hi == 0)):
+        out[i] = "all zero"
     return out
 
 

@@ -44,14 +44,19 @@ def partial_stats(batch: dict[str, np.ndarray], ranges: np.ndarray) -> dict[str,
     """Reduce images ``(n, C, T, H, W)`` to per-channel count, sums, extremes and a histogram (one row)."""
     x = batch["image"]
     c = x.shape[1]
-    v = np.moveaxis(x, 1, 0).reshape(c, -1).astype(np.float64)
-    hist = np.stack([np.histogram(v[i], bins=N_BINS, range=tuple(ranges[i]))[0] for i in range(c)])
+    rows = {k: np.zeros(c) for k in ("count", "sum", "sumsq", "min", "max")}
+    hist = np.zeros((c, N_BINS), np.int64)
+    for i in range(c):  # one channel at a time: a float64 copy of a whole block is GBs
+        v = np.ascontiguousarray(x[:, i]).ravel().astype(np.float64)
+        rows["count"][i], rows["sum"][i], rows["sumsq"][i] = v.size, v.sum(), np.dot(v, v)
+        rows["min"][i], rows["max"][i] = v.min(), v.max()
+        hist[i] = np.histogram(v, bins=N_BINS, range=tuple(ranges[i]))[0]
     row = {
-        "count": np.full(c, v.shape[1]),
-        "sum": v.sum(axis=1),
-        "sumsq": (v * v).sum(axis=1),
-        "min": v.min(axis=1),
-        "max": v.max(axis=1),
+        "count": rows["count"].astype(np.int64),
+        "sum": rows["sum"],
+        "sumsq": rows["sumsq"],
+        "min": rows["min"],
+        "max": rows["max"],
         "hist": hist,
     }
     return {k: a[None] for k, a in row.items()}
