@@ -157,22 +157,7 @@ class BlockReader:
         self.size = pre.out_size or self.stored_size
         # One single-channel transform per channel: each channel is read and
         # transformed on its own, straight into the output array.
-        self.pre = [
-            Preprocessor(
-                channels=(c,),
-                methods=(pre.methods[i],),
-                clip_min=(pre.clip_min[i],),
-                clip_max=(pre.clip_max[i],),
-                is_magnetogram=(pre.is_magnetogram[i],),
-                mean=None if pre.mean is None else (pre.mean[i],),
-                std=None if pre.std is None else (pre.std[i],),
-                limb=pre.limb,
-                radius_px=pre.radius_px,
-                out_size=pre.out_size,
-                dtype="float32",
-            )
-            for i, c in enumerate(cfg.data.channels)
-        ]
+        self.pre = [pre.channel(i) for i in range(len(cfg.data.channels))]
 
     def _buffer(self, name: str, shape: tuple, dtype) -> np.ndarray:
         """A scratch array kept between blocks: fresh memory costs a page fault per 4 KiB,

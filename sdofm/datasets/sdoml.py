@@ -241,6 +241,8 @@ class ImageStore:
         self.storage_options = storage_options or {}
         self.group = open_group(url, self.storage_options)
         self._arrays: dict[tuple[str, str], Any] = {}
+        self._scratch_buf: np.ndarray | None = None  # one decoded chunk, reused
+        self._fs_root: tuple | None = None  # (fsspec filesystem, root path)
         self._check_is_sdoml()
 
     def __repr__(self) -> str:
@@ -474,12 +476,12 @@ class ImageStore:
 
     def _scratch(self, a) -> np.ndarray:
         shape = (a.chunks[0], *a.shape[1:])
-        if getattr(self, "_scratch_buf", None) is None or self._scratch_buf.shape != shape:
+        if self._scratch_buf is None or self._scratch_buf.shape != shape:
             self._scratch_buf = np.empty(shape, np.float32)
         return self._scratch_buf
 
     def _filesystem(self):
-        if getattr(self, "_fs_root", None) is None:
+        if self._fs_root is None:
             fs, root = _fs(self.url, self.storage_options)
             self._fs_root = (fs, root.rstrip("/"))
         return self._fs_root

@@ -44,21 +44,14 @@ def partial_stats(batch: dict[str, np.ndarray], ranges: np.ndarray) -> dict[str,
     """Reduce images ``(n, C, T, H, W)`` to per-channel count, sums, extremes and a histogram (one row)."""
     x = batch["image"]
     c = x.shape[1]
-    rows = {k: np.zeros(c) for k in ("count", "sum", "sumsq", "min", "max")}
-    hist = np.zeros((c, N_BINS), np.int64)
+    row = {k: np.zeros(c) for k in ("sum", "sumsq", "min", "max")}
+    row["count"] = np.zeros(c, np.int64)
+    row["hist"] = np.zeros((c, N_BINS), np.int64)
     for i in range(c):  # one channel at a time: a float64 copy of a whole block is GBs
         v = np.ascontiguousarray(x[:, i]).ravel().astype(np.float64)
-        rows["count"][i], rows["sum"][i], rows["sumsq"][i] = v.size, v.sum(), np.dot(v, v)
-        rows["min"][i], rows["max"][i] = v.min(), v.max()
-        hist[i] = np.histogram(v, bins=N_BINS, range=tuple(ranges[i]))[0]
-    row = {
-        "count": rows["count"].astype(np.int64),
-        "sum": rows["sum"],
-        "sumsq": rows["sumsq"],
-        "min": rows["min"],
-        "max": rows["max"],
-        "hist": hist,
-    }
+        row["count"][i], row["sum"][i], row["sumsq"][i] = v.size, v.sum(), np.dot(v, v)
+        row["min"][i], row["max"][i] = v.min(), v.max()
+        row["hist"][i] = np.histogram(v, bins=N_BINS, range=tuple(ranges[i]))[0]
     return {k: a[None] for k, a in row.items()}
 
 

@@ -497,9 +497,8 @@ class _ChunkWriter:
         if self.buf:
             n, block = len(self.buf), np.stack(self.buf)
             lo = self.written
-            self.pending = [f for f in self.pending if not f.done() or f.result()]
-            if len(self.pending) > 2:  # bound the memory held by queued chunks
-                self.pending.pop(0).result()
+            while len(self.pending) >= 2:  # bound the memory held by queued chunks
+                self.pending.pop(0).result()  # .result() also raises a failed write
             self.pending.append(self.pool.submit(self.array.__setitem__, slice(lo, lo + n), block))
             self.written += n
             self.buf = []

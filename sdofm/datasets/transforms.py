@@ -12,7 +12,7 @@ downsampling, limb), then the non-linear scaling, then the z-score.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -511,6 +511,22 @@ class Preprocessor:
             radius_px=default_disk_radius(out_size or size),
             out_size=out_size,
             dtype=dtype,
+        )
+
+    def channel(self, i: int) -> Preprocessor:
+        """The same chain for channel ``i`` alone (float32 out), to transform channel by channel."""
+        pick = lambda v: None if v is None else (v[i],)  # noqa: E731
+        return replace(
+            self,
+            channels=(self.channels[i],),
+            methods=(self.methods[i],),
+            clip_min=(self.clip_min[i],),
+            clip_max=(self.clip_max[i],),
+            is_magnetogram=(self.is_magnetogram[i],),
+            softening=pick(self.softening),
+            mean=pick(self.mean),
+            std=pick(self.std),
+            dtype="float32",
         )
 
     def _plan(self, n: int) -> list[tuple[str, float | None, float | None, float]]:

@@ -365,3 +365,14 @@ def test_preprocessor_validation():
     pre = T.Preprocessor.from_channels(["171A", "Bz"], size=8)
     with pytest.raises(ValueError, match="channels"):
         pre(np.ones((3, 8, 8), np.float32))
+
+
+def test_preprocessor_channel_equals_the_full_chain_on_that_channel():
+    chans = ["171A", "304A", "Bz"]
+    stats = {c: {"mean": 0.5 * i, "std": 1.0 + i} for i, c in enumerate(chans)}
+    pre = T.Preprocessor.from_channels(chans, 16, stats=stats)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(1, 1000, size=(3, 2, 16, 16)).astype(np.float32)
+    full = pre(x)
+    for i in range(3):
+        np.testing.assert_allclose(pre.channel(i)(x[i : i + 1]), full[i : i + 1], rtol=1e-6)
