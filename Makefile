@@ -10,14 +10,14 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,ingest]'
 	$(BIN)/python -c "import sdofm, torch, ray, mlflow, zarr"
 	touch $(STAMP)
 
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/sdofm demo
+	$(BIN)/sdofm demo configs/pretrain/mae_tiny.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -26,6 +26,14 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
+finetune_app = typer.Typer(
+    help="Train a science head on a pretrained backbone.", no_args_is_help=True
+)
+app.add_typer(finetune_app, name="finetune")
+tune_app = typer.Typer(
+    help="Sweep a science head's hyperparameters with Ray Tune.", no_args_is_help=True
+)
+app.add_typer(tune_app, name="tune")
 console = Console(width=None if Console().is_terminal else 140)
 
 Args = Annotated[
@@ -198,6 +206,61 @@ def run_info(cfg, as_json: bool = False) -> None:
         )
 
 
+def run_ingest(
+    source: str,
+    out: str,
+    instrument: str,
+    size: int | None = None,
+    frames_per_chunk: int | None = None,
+    channel: str | None = None,
+    deg_cor: list[str] | None = None,
+) -> None:
+    from sdofm.datasets.ingest import ingest
+    from sdofm.runtime import init_ray
+
+    factors = {}
+    for item in deg_cor or []:
+        name, _, value = item.partition("=")
+        try:
+            factors[name.strip()] = float(value)
+        except ValueError:
+            raise typer.BadParameter(
+                f"--deg-cor {item!r}: write CHANNEL=FACTOR, e.g. 171A=0.85"
+            ) from None
+    init_ray()
+    with _progress(f"ingest {instrument.upper()} FITS -> {out}") as update:
+        report = ingest(
+            source,
+            out,
+            instrument,
+            size=size,
+            frames_per_chunk=frames_per_chunk,
+            channel=channel,
+            deg_cor=factors,
+            progress=update,
+        )
+    per_channel = ", ".join(f"{c}: {n:,}" for c, n in sorted(report.ingested.items()))
+    console.print(
+        f"ingested {report.n_ingested:,} frames{f' ({per_channel})' if per_channel else ''} of "
+        f"{report.files:,} files into {report.store} in {report.seconds:.1f} s "
+        f"({report.frames_per_s:.1f} frames/s); {len(report.already):,} already there, "
+        f"{len(report.skipped):,} skipped",
+        highlight=False,
+    )
+    if report.dropped_uncommitted:
+        console.print(
+            f"[yellow]removed {report.dropped_uncommitted:,} uncommitted frame(s) "
+            "of an interrupted run first[/]"
+        )
+    if report.skipped:
+        table = Table("skipped file", "reason")
+        for path, reason in report.skipped[:50]:
+            table.add_row(path, reason)
+        console.print(table)
+        if len(report.skipped) > 50:
+            console.print(f"  ... and {len(report.skipped) - 50:,} more")
+
+
 def run_stats(cfg, recompute: bool = False) -> None:
     from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.stats import load_or_compute_stats
@@ -262,15 +325,251 @@ def data_info(
         run_info(_load(args), as_json)
 
 
+@data_app.command("ingest")
+def data_ingest(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A folder of level-1 FITS files (searched recursively) or a glob such as "
+            "'fits/**/*.fits'.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        str,
+        typer.Argument(
+            help="The data root (the store goes to OUT/sdomlv2.zarr or OUT/sdomlv2_hmi.zarr) "
+            "or a store path ending in .zarr; created, or appended to.",
+            show_default=False,
+        ),
+    ],
+    instrument: Annotated[
+        str, typer.Option(help="aia or hmi: which files to take (others are skipped).")
+    ],
+    size: Annotated[
+        int | None,
+        typer.Option(help="Frame size in pixels (default: the store's, else 512)."),
+    ] = None,
+    frames_per_chunk: Annotated[
+        int | None,
+        typer.Option(help="Frames per chunk of new arrays (default: the store's, else 15)."),
+    ] = None,
+    channel: Annotated[
+        str | None,
+        typer.Option(
+            help="HMI: the component the files hold (Bx, By, Bz; magnetograms default to Bz). "
+            "AIA: keep only this channel."
+        ),
+    ] = None,
+    deg_cor: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--deg-cor",
+            help="AIA degradation factor divided out, CHANNEL=FACTOR (repeatable; default 1).",
+        ),
+    ] = None,
+) -> None:
+    """Append AIA or HMI level-1 FITS files to an SDOML v2 store (the SDOML v2 recipe, Ray Data)."""
+    if instrument.lower() not in ("aia", "hmi"):
+        raise typer.BadParameter(f"--instrument must be aia or hmi, not {instrument!r}")
+    with _friendly_errors():
+        run_ingest(source, out, instrument.lower(), size, frames_per_chunk, channel, deg_cor)
+
+
+# --------------------------------------------------------------------------- training
+
+
+def run_pretrain(cfg):
+    """Pretrain (writing the synthetic Sun first when data.root is empty); print where results are."""
+    from sdofm.datasets.synthetic import ensure_data
+    from sdofm.pretraining import pretrain
+
+    with _progress(f"no stores under {cfg.data.root}: writing the synthetic Sun") as update:
+        ensure_data(cfg, progress=update)
+    t0 = time.perf_counter()
+    result = pretrain(cfg)
+    m = result.metrics
+    table = Table(show_header=False, title=f"pretraining {cfg.model.name}: run {result.run_name!r}")
+    rows = [
+        ("steps", f"{m.get('step', '?')} in {time.perf_counter() - t0:.0f} s"),
+        ("train loss (last interval)", f"{m['train/loss']:.4f}" if "train/loss" in m else "-"),
+        ("val loss (masked patches)", f"{m['val/loss']:.4f}" if "val/loss" in m else "-"),
+        ("checkpoint", result.checkpoint),
+        ("MLflow run id", result.run_id or "(tracking store unreachable: metrics kept locally)"),
+        ("encoder model", result.model_uri or "-"),
+        ("MLflow UI", f"mlflow ui --backend-store-uri {result.tracking_uri}"),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    return result
+
+
+@app.command("pretrain")
+def pretrain_cmd(args: Args = None) -> None:
+    """Pretrain a backbone with Ray Train (DDP), checkpointed and logged to MLflow.
+
+    Re-running with the same train.run_name continues from its last checkpoint.
+    Uses RAY_ADDRESS when set, else starts a local Ray instance.
+    """
+    with _friendly_errors():
+        run_pretrain(_load(args))
+
+
+Backbone = Annotated[
+    str | None,
+    typer.Option(
+        help="Pretrained encoder: an MLflow run id, a models:/ URI or a checkpoint folder "
+        "(default: the newest finished run of the pretraining experiment).",
+        show_default=False,
+    ),
+]
+
+
+def _with_backbone(args: list[str] | None, backbone: str | None) -> list[str]:
+    return [*(args or []), f"finetune.backbone={backbone}"] if backbone else list(args or [])
+
+
+def _metrics_table(title: str, metrics: dict, channels: list[str]) -> Table:
+    table = Table("channel", "val MAE", "val success", "test MAE", "test success", title=title)
+    for c in ["", *channels]:
+        suffix = f"_{c}" if c else ""
+        table.add_row(
+            c or "mean",
+            *(
+                f"{metrics[k]:.4f}" if k in metrics else "-"
+                for k in (
+                    f"val/mae{suffix}",
+                    f"val/success{suffix}",
+                    f"test/mae{suffix}",
+                    f"test/success{suffix}",
+                )
+            ),
+        )
+    return table
+
+
+def run_finetune_dimming(cfg):
+    from sdofm.finetuning.dimming import dimmed_channels, finetune
+
+    result = finetune(cfg)
+    names = [cfg.data.channels[i] for i in dimmed_channels(cfg)]
+    console.print(
+        _metrics_table(
+            f"dimming head {cfg.finetune.head!r}: |alpha_hat - alpha|", result.metrics, names
+        )
+    )
+    console.print(
+        f"MLflow run id: {result.run_id}   model: {result.model_uri}   checkpoint: {result.checkpoint}"
+    )
+    return result
+
+
+@finetune_app.command("dimming")
+def finetune_dimming(args: Args = None, backbone: Backbone = None) -> None:
+    """AIA autocalibration: predict each AIA channel's dimming factor alpha (one Ray Train run).
+
+    finetune.head=baseline_cnn trains the from-scratch baseline instead.
+    """
+    with _friendly_errors():
+        run_finetune_dimming(_load(_with_backbone(args, backbone)))
+
+
+def run_tune_dimming(cfg, num_samples=None, max_concurrent=None, resume=False):
+    from sdofm.finetuning.tune import format_table, sweep
+    from sdofm.tracking import tracking_uri
+
+    result = sweep(cfg, num_samples, max_concurrent, resume)
+    console.print(format_table(result.table, cfg.tune.metric), highlight=False)
+    if result.best:
+        console.print(
+            f"best trial {result.best['trial']}: {cfg.tune.metric} {result.best[cfg.tune.metric]:.4f}, "
+            f"test MAE {result.best['test/mae']:.4f}, MLflow run {result.best['run_id']}"
+        )
+    console.print(
+        f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"
+        f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
+    )
+    return result
+
+
+@tune_app.command("dimming")
+def tune_dimming(
+    args: Args = None,
+    backbone: Backbone = None,
+    num_samples: Annotated[
+        int | None, typer.Option(help="Trials to run (default: tune.num_samples).")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(help="Trials at once (default: tune.max_concurrent).")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(help="Continue the interrupted sweep tune.name; finished trials are kept."),
+    ] = False,
+) -> None:
+    """Sweep the dimming head (lr, weight decay, head, unfrozen blocks, batch) with Ray Tune + ASHA.
+
+    One MLflow parent run for the sweep, a child run per trial; the best head is logged as a model.
+    """
+    with _friendly_errors():
+        run_tune_dimming(_load(_with_backbone(args, backbone)), num_samples, max_concurrent, resume)
+
+
+@app.command("mlflow")
+def mlflow_cmd(
+    host: Annotated[
+        str, typer.Option(help="Address to bind; 0.0.0.0 only behind a firewall.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the UI and REST API.")] = 5000,
+    backend_store_uri: Annotated[
+        str, typer.Option(help="Where runs are kept (sqlite file or a database URL).")
+    ] = "sqlite:///mlflow.db",
+    artifacts_destination: Annotated[
+        str | None,
+        typer.Option(help="Artifact root (a folder, s3://, gs://); default: ./mlartifacts."),
+    ] = None,
+) -> None:
+    """Start an MLflow tracking server that Ray workers on other nodes can log to.
+
+    Point jobs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.
+    """
+    import os
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--backend-store-uri",
+        backend_store_uri,
+    ]
+    if artifacts_destination:
+        cmd += ["--artifacts-destination", artifacts_destination]
+    console.print(
+        f"MLflow server on http://{host}:{port} (export MLFLOW_TRACKING_URI=http://{host}:{port})"
+    )
+    os.execv(sys.executable, cmd)
+
+
 @app.command("demo")
 def demo(args: Args = None) -> None:
-    """The main job on the embedded default: synthetic Sun -> alignment index -> statistics -> summary."""
+    """The main job on the embedded default: synthetic Sun -> index -> statistics -> pretraining.
+
+    `make demo` passes configs/pretrain/mae_tiny.yaml (a few minutes on a laptop CPU).
+    """
     with _friendly_errors():
         cfg = _load(args)
         run_synth(cfg)
         run_index(cfg)
         run_info(cfg)
         run_stats(cfg)
+        run_pretrain(cfg)
 
 
 if __name__ == "__main__":

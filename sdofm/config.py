@@ -23,10 +23,11 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
-from sdofm.constants import AIA_CHANNELS, EVE_LINES_USED, HMI_CHANNELS
+from sdofm.constants import AIA_CHANNELS, EVE_LINES_USED, HMI_CHANNELS, MODEL_NAMES
 
 
 class ConfigError(ValueError):
@@ -293,6 +294,226 @@ class LoaderConfig(_Section):
     """Retries of a read that failed with a transient I/O error."""
 
 
+# --------------------------------------------------------------------------- training
+
+
+class ModelConfig(_Section):
+    """The backbone: a registered model and the constructor arguments that replace its own."""
+
+    name: str = "mae_tiny"
+    """Registered model (``sdofm.models.list_models()``)."""
+    overrides: dict[str, Any] = {}
+    """Constructor arguments replacing the named configuration's (``{mask_ratio: 0.5}``);
+    ``img_size``, ``in_chans`` and ``num_frames`` follow the data unless set here."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in MODEL_NAMES:
+            close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown model{hint}; known: {', '.join(MODEL_NAMES)}")
+        return name
+
+
+class TrainConfig(_Section):
+    """The optimisation: AdamW, warm-up + cosine schedule, checkpoints and validation."""
+
+    run_name: str = "pretrain"
+    """Name of the run; re-running with the same name continues from its last checkpoint."""
+    storage_path: str = "ray_results"
+    """Where checkpoints go: a local folder (made absolute) or a URI Ray accepts (``gs://...``)."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the train split (ignored once ``max_steps`` is reached)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimiser steps; None = ``epochs`` full passes."""
+    lr: float = Field(1.5e-4, gt=0)
+    """Peak learning rate (per effective batch of ``lr_batch`` samples, scaled linearly)."""
+    lr_batch: int = Field(256, ge=1)
+    """Reference batch of the learning-rate rule: lr = lr * effective_batch / lr_batch (MAE)."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate of the cosine decay, as a share of the peak."""
+    warmup_steps: int = Field(0, ge=0)
+    """Linear warm-up steps from 0 to the peak learning rate."""
+    weight_decay: float = Field(0.05, ge=0)
+    """AdamW weight decay (not applied to biases, norms, tokens)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Clip the global gradient norm to this; None disables clipping."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimiser step."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
+    compile: bool = False
+    """Wrap the model in ``torch.compile``."""
+    seed: int = 0
+    """Seed of the weights and the masks."""
+    log_every: int = Field(10, ge=1)
+    """Report loss, lr, grad norm and throughput every this many steps."""
+    checkpoint_every: int = Field(200, ge=1)
+    """Save a checkpoint every this many steps (and at the end)."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Checkpoints kept on storage (the newest)."""
+    val_every: int = Field(200, ge=1)
+    """Validate (loss per channel, reconstruction figure) every this many steps and at the end."""
+    val_samples: int = Field(64, ge=1)
+    """Validation samples (a fixed seeded subset of the val split)."""
+    max_failures: int = Field(0, ge=-1)
+    """Worker-group restarts from the last checkpoint after a failure (-1: unlimited)."""
+    fail_at_step: int | None = Field(None, ge=1)
+    """Fault injection (tests, drills): rank 0 raises at this step, once per run."""
+
+
+class ScalingConfig(_Section):
+    """How many training workers and what each reserves."""
+
+    num_workers: int = Field(1, ge=1)
+    """Data-parallel workers (one per GPU on a GPU cluster)."""
+    use_gpu: bool | Literal["auto"] = "auto"
+    """Train on GPUs; ``auto``: when the Ray cluster has any."""
+    cpus_per_worker: float = Field(0.5, gt=0)
+    """CPUs a worker reserves (fractional on small machines: readers need CPUs too)."""
+    torch_threads: int | None = Field(None, ge=1)
+    """Intra-op threads of each worker; None = Ray's default for the reserved CPUs."""
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    """How workers are placed on nodes (``SPREAD``: one per node where possible)."""
+
+
+class TrackingConfig(_Section):
+    """MLflow: where runs are recorded and what is logged."""
+
+    uri: str | None = None
+    """Tracking URI; None = ``MLFLOW_TRACKING_URI``, else ``sqlite:///mlflow.db``."""
+    experiment: str = "sdofm-pretrain"
+    """MLflow experiment of the runs."""
+    system_metrics: bool = True
+    """Log CPU / memory / GPU utilisation of the rank-0 worker."""
+    figures: int = Field(1, ge=0)
+    """Validation samples drawn as reconstruction figures at each validation."""
+    log_model: bool = True
+    """Log the final encoder as an MLflow model."""
+
+
+# --------------------------------------------------------------------------- finetuning
+
+
+class FinetuneConfig(_Section):
+    """A science head on a pretrained backbone (first task: AIA autocalibration, "dimming")."""
+
+    backbone: str | None = None
+    """Pretrained encoder: an MLflow run id, a ``models:/`` URI or a checkpoint folder;
+    None = the newest finished run of the ``tracking.experiment`` pretraining experiment."""
+    head: Literal["pool", "conv", "baseline_cnn"] = "pool"
+    """``pool``: token mean + MLP; ``conv``: convolutions on the patch grid;
+    ``baseline_cnn``: the from-scratch CNN of Dos Santos et al. (no backbone)."""
+    hidden: int = Field(256, ge=1)
+    """Width of the head (MLP hidden units, convolution channels)."""
+    freeze: Literal["frozen", "partial", "full"] = "frozen"
+    """Encoder training: ``frozen``, ``partial`` (the last ``unfreeze_blocks`` blocks), ``full``."""
+    unfreeze_blocks: int = Field(0, ge=0)
+    """Blocks trained with ``freeze: partial``."""
+    alpha_min: float = Field(0.01, gt=0, lt=1)
+    """Dimming factors are drawn uniformly from [alpha_min, 1], per sample, channel and epoch."""
+    dim_seed: int = 0
+    """Seed of the dimming factors (val and test factors are fixed, train ones change per epoch)."""
+    success_tolerance: float = Field(0.05, gt=0)
+    """A prediction succeeds when |alpha_hat - alpha| is below this."""
+    epochs: int = Field(10, ge=1)
+    """Passes over the train split."""
+    lr: float = Field(1e-3, gt=0)
+    """Peak learning rate (warm-up of one epoch's 10 %, then cosine)."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(16, ge=1)
+    """Samples per batch and worker."""
+    max_train_samples: int | None = Field(None, ge=1)
+    """Use a seeded subset of the train split of at most this many samples."""
+    run_name: str = "dimming"
+    """Name of the run (checkpoints, MLflow)."""
+    experiment: str = "sdofm-dimming"
+    """MLflow experiment of finetuning runs and sweeps."""
+
+
+def _number(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _check_finetune_value(key: str, value: Any) -> None:
+    try:
+        FinetuneConfig.model_validate({key: value})
+    except ValidationError as e:
+        msg = e.errors()[0]["msg"]
+        raise ValueError(f"space.{key}: {value!r} is not a valid finetune.{key} ({msg})") from None
+
+
+class TuneConfig(_Section):
+    """The Ray Tune sweep over the head's hyperparameters."""
+
+    num_samples: int = Field(4, ge=1)
+    """Trials."""
+    max_concurrent: int = Field(2, ge=1)
+    """Trials running at once."""
+    search: Literal["random", "optuna"] = "random"
+    """Random search, or Optuna's TPE (the ``optuna`` extra)."""
+    metric: str = "val/mae"
+    """What the sweep minimises (mean absolute error of alpha on the val split)."""
+    grace_period: int = Field(2, ge=1)
+    """ASHA: epochs every trial runs before it may be stopped."""
+    reduction_factor: int = Field(2, ge=2)
+    """ASHA: share of trials kept at each rung (1 / reduction_factor)."""
+    trial_cpus: float = Field(0.25, gt=0)
+    """CPUs the trial driver reserves (its Ray Train workers reserve their own)."""
+    space: dict[str, dict[str, list[Any]]] = {
+        "lr": {"loguniform": [1e-4, 3e-3]},
+        "weight_decay": {"loguniform": [1e-6, 1e-2]},
+        "head": {"choice": ["pool", "conv"]},
+        "unfreeze_blocks": {"choice": [0, 1, 2]},
+        "batch_size": {"choice": [8, 16]},
+    }
+    """finetune.<key> -> {uniform | loguniform: [low, high]} or {choice: [values]}."""
+    name: str = "dimming_sweep"
+    """Name of the sweep (``--resume`` continues the sweep of this name)."""
+
+    @model_validator(mode="after")
+    def _check(self) -> TuneConfig:
+        known = set(FinetuneConfig.model_fields)
+        for key, spec in self.space.items():
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"space: {key!r} is not a finetune setting{hint}")
+            if len(spec) != 1:
+                raise ValueError(f"space.{key}: give exactly one of uniform, loguniform, choice")
+            ((kind, values),) = spec.items()
+            if kind == "choice":
+                if not values:
+                    raise ValueError(f"space.{key}: choice needs at least one value")
+                for v in values:  # each value must be valid for the finetune setting
+                    _check_finetune_value(key, v)
+            elif kind in ("uniform", "loguniform"):
+                values[:] = [_number(v) for v in values]  # YAML reads 1e-3 as a string
+                if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
+                    raise ValueError(f"space.{key}: {kind} needs [low, high], got {values}")
+                lo, hi = values
+                if not lo < hi:
+                    raise ValueError(f"space.{key}: {kind} range [{lo}, {hi}] is empty")
+                if kind == "loguniform" and lo <= 0:
+                    raise ValueError(f"space.{key}: loguniform needs low > 0, got {lo}")
+                _check_finetune_value(key, lo)
+                _check_finetune_value(key, hi)
+            else:
+                raise ValueError(
+                    f"space.{key}: unknown kind {kind!r} (uniform, loguniform, choice)"
+                )
+        return self
+
+
 class Config(_Section):
     """A whole sdofm experiment."""
 
@@ -304,6 +525,18 @@ class Config(_Section):
     """Ray Data resources, batch size, shuffling, bad-frame policy."""
     synth: SynthConfig = SynthConfig()
     """The synthetic Sun written when ``data.root`` holds no stores."""
+    model: ModelConfig = ModelConfig()
+    """The backbone to pretrain."""
+    train: TrainConfig = TrainConfig()
+    """Optimiser, schedule, checkpoints, validation and resume."""
+    scaling: ScalingConfig = ScalingConfig()
+    """Ray Train workers and their resources."""
+    tracking: TrackingConfig = TrackingConfig()
+    """MLflow."""
+    finetune: FinetuneConfig = FinetuneConfig()
+    """The science head and how it is trained."""
+    tune: TuneConfig = TuneConfig()
+    """The hyperparameter sweep of the head."""
 
 
 # --------------------------------------------------------------------------- loading

@@ -288,8 +288,8 @@ def _registry_class():
     class PipelineRegistry:
         """Epoch bookkeeping and bad-frame counts shared by the readers of one dataset."""
 
-        def __init__(self, n_blocks: int):
-            self.seen = np.zeros(n_blocks, np.int64)
+        def __init__(self, n_blocks: int, first_epoch: int = 0):
+            self.seen = np.full(n_blocks, first_epoch, np.int64)
             self.bad: list[tuple[str, str, str]] = []
 
         def next_epoch(self, block: int) -> int:
@@ -389,17 +389,32 @@ class SDOMLPipeline:
     def num_samples(self, split: str) -> int:
         return self.plan(split).num_samples
 
+    def sample_shape(self) -> tuple[int, int, int, int]:
+        """(C, T, H, W) of the ``image`` of one sample."""
+        d = self.cfg.data
+        first = d.channels[0]
+        archive = Archive.open(d)
+        store = archive.aia if first in d.aia_channels else archive.hmi
+        years = self.table[f"{first}_year"]
+        if not len(years):
+            raise ValueError(f"the alignment index of {d.root} has no steps")
+        stored = store.array(str(years.iloc[0]), first).shape[-1]
+        size = self.cfg.transform.size or stored
+        return len(d.channels), d.num_frames, size, size
+
     def dataset(
         self,
         split: str,
         epoch: int | None = None,
         subset: np.ndarray | None = None,
         stats: dict | None = None,
+        first_epoch: int = 0,
     ):
         """A Ray Dataset of ``split``.
 
-        ``epoch=None``: every pass over the dataset is the next epoch (the form to
-        hand to ``TorchTrainer(datasets=...)``); an int fixes the order of that epoch.
+        ``epoch=None``: every pass over the dataset is the next epoch, counting from
+        ``first_epoch`` (the form to hand to ``TorchTrainer(datasets=...)``; a resumed
+        run starts at its checkpoint's epoch); an int fixes the order of that epoch.
         """
         import ray
 
@@ -412,7 +427,9 @@ class SDOMLPipeline:
         key = uuid.uuid4().hex[:12]
         name = f"sdofm-pipeline-{split}-{key}"
         # The handle keeps the registry alive as long as this pipeline object.
-        self._registries[split] = _registry_class().options(name=name).remote(len(plan.blocks))
+        self._registries[split] = (
+            _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
+        )
         lc = self.cfg.loader
         source = _block_source(
             key,

@@ -15,6 +15,16 @@ The physics is simple but causal, so that science heads have something true to l
 * per-channel degradation curves: as in SDOML v2 the stored pixels are DN/s,
   already divided by exposure and by the degradation factor, recorded as ``DEG_COR``.
 
+Image orientation follows the SDOML v2 archive (sunpy ``Map.data`` of level-1 FITS,
+solar north up) and ``sdofm data ingest``: pixels in FITS order, so row 0 is the
+SOUTH edge and solar north is at the last row (display with ``origin="lower"``);
+column 0 is the east edge, solar west at high column index. Pixel ``(row, col)``
+is at ``x = (col - c) / R`` (west), ``y = (row - c) / R`` (north) solar radii, with
+``c = (size - 1) / 2`` and ``R`` the disk radius; every AIA channel and the HMI
+``Bx`` (positive to the west), ``By`` (positive to the north) and ``Bz`` (positive
+outwards) share it. B0 = 0, so latitude maps to rows only through
+``y = sin(lat)``: a northern active region lies at row indices above ``c``.
+
 Layout quirks reproduced: year groups, per-channel frame counts and gaps, days
 stored out of order inside a year (frames within a day in time order), per-frame
 header lists in ``.zattrs``, AIA ``T_OBS`` in UTC with ``Z``, HMI ``T_OBS`` in TAI,
@@ -45,6 +55,8 @@ from sdofm.constants import (
     SOLAR_RADIUS_ARCSEC,
 )
 from sdofm.datasets.sdoml import STORE_NAMES, SDOMLError, clear_header_cache, join_url, open_group
+
+IMAGE_ORIENTATION = "FITS order: row 0 south, north at the last row; column 0 east"
 
 TRUTH_FILE = "synthetic_truth.json"
 TRUTH_FRAMES_FILE = "synthetic_truth_frames.parquet"
@@ -230,8 +242,11 @@ class SyntheticSun:
         n = self.res
         c = (n - 1) / 2
         ax = (np.arange(n, dtype=np.float32) - c) / self.radius
-        self.ax = ax  # image-plane coordinate in solar radii, x to the west, y to the north
-        x, y = np.meshgrid(ax, ax[::-1])
+        # Image-plane coordinate in solar radii along either axis. FITS order, as the
+        # SDOML v2 archive: x (west) grows with the column, y (north) with the row,
+        # so row 0 is the south edge.
+        self.ax = ax
+        x, y = np.meshgrid(ax, ax)
         rho = np.sqrt(x * x + y * y)
         self.on_disk = rho <= 1.0
         mu = np.sqrt(np.clip(1 - rho * rho, 0, 1))
@@ -257,11 +272,14 @@ class SyntheticSun:
     def _add_gaussian(
         self, img: np.ndarray, amp: float, xc: float, yc: float, sigma: float
     ) -> None:
-        """``img: (H, W)`` += amp * exp(-r^2 / 2 sigma^2) around (xc, yc) in solar radii, windowed."""
+        """``img: (H, W)`` += amp * exp(-r^2 / 2 sigma^2) around (xc, yc) in solar radii, windowed.
+
+        ``xc`` is west (column ``c + xc * R``), ``yc`` north (row ``c + yc * R``: row 0 south).
+        """
         if amp == 0:
             return
         c = (self.res - 1) / 2
-        px, py = c + xc * self.radius, c - yc * self.radius
+        px, py = c + xc * self.radius, c + yc * self.radius
         w = 4 * sigma * self.radius + 1
         x0, x1 = max(int(px - w), 0), min(int(px + w) + 2, self.res)
         y0, y1 = max(int(py - w), 0), min(int(py + w) + 2, self.res)
@@ -476,42 +494,125 @@ def create_frame_array(group, name: str, n_frames: int, size: int, frames_per_ch
     )
 
 
-class _ChunkWriter:
-    """Buffers frames of one array and writes whole chunks (no read-modify-write).
+class FrameWriter:
+    """Appends frames and their per-frame headers to one SDOML channel array.
 
-    Compression runs on a background thread (``pool``) while the next frames render.
+    The one writer of image arrays: the synthetic Sun and ``sdofm data ingest``
+    both write through it. Frames ``(H, W) float32`` are buffered and written a
+    whole chunk at a time (no read-modify-write), compressed on ``pool`` when one
+    is given. Headers become per-frame lists in the array's ``.zattrs`` under
+    upper-case keys (None where a frame lacks a key), written by :meth:`commit`
+    after the pixels: the length of ``T_OBS`` is the number of committed frames,
+    so an interrupted append leaves at most uncommitted frames past its end.
+
+    An existing array is appended to; one with more frames than its ``T_OBS``
+    list, or of another frame size or dtype, is a :class:`SDOMLError`.
+    ``reserve`` frames are allocated at once (one metadata write instead of one
+    per chunk); :meth:`close` trims what was not used.
     """
 
-    def __init__(self, array, frames_per_chunk: int, pool):
-        self.array, self.k, self.pool = array, frames_per_chunk, pool
+    def __init__(
+        self, group, name: str, size: int, frames_per_chunk: int, pool=None, reserve: int = 0
+    ):
+        self.pool, self.size = pool, size
+        where = f"{group.store_path}/{name}"
+        if name in group:
+            self.array = group[name]
+            a = self.array
+            if a.ndim != 3 or tuple(a.shape[1:]) != (size, size) or a.dtype != np.float32:
+                raise SDOMLError(
+                    f"{where}: cannot append {size}x{size} float32 frames to an array of shape "
+                    f"{a.shape}, dtype {a.dtype}"
+                )
+            attrs = dict(a.attrs)
+            committed = len(attrs["T_OBS"]) if isinstance(attrs.get("T_OBS"), list) else 0
+            if a.shape[0] != committed:
+                raise SDOMLError(
+                    f"{where}: holds {a.shape[0]} frames but its T_OBS list has {committed} "
+                    "entries; cannot tell which frames are real"
+                )
+            # Lists of the wrong length exist in the archive: align them to T_OBS.
+            self.attrs = {
+                k: (v + [None] * committed)[:committed]
+                for k, v in attrs.items()
+                if isinstance(v, list)
+            }
+        else:
+            self.array = create_frame_array(group, name, reserve, size, frames_per_chunk)
+            committed = 0
+            self.attrs = {}
+        self.k = self.array.chunks[0]
+        self.capacity = committed + reserve
+        self.written = committed  # frames whose pixels are stored (or queued)
+        self.committed = committed  # frames whose headers are stored
         self.buf: list[np.ndarray] = []
-        self.written = 0
         self.pending: list = []
 
-    def add(self, frame: np.ndarray) -> None:
-        self.buf.append(frame)
-        if len(self.buf) == self.k:
+    @property
+    def n_frames(self) -> int:
+        """Frames added so far, including those not yet written: the index of the next one."""
+        return self.written + len(self.buf)
+
+    def add(self, frame: np.ndarray, header: dict) -> None:
+        """Append one frame ``(H, W)`` and its header (JSON-able values)."""
+        if frame.shape != (self.size, self.size):
+            raise ValueError(f"frame of shape {frame.shape}, expected ({self.size}, {self.size})")
+        n = self.n_frames
+        for key, value in header.items():
+            lst = self.attrs.setdefault(key.upper(), [None] * n)
+            lst.append(value)
+        for lst in self.attrs.values():
+            if len(lst) == n:  # a key this frame lacks
+                lst.append(None)
+        self.buf.append(np.asarray(frame, dtype=np.float32))
+        if self.n_frames % self.k == 0:  # whole chunks, also after a partial one
             self.flush()
 
     def flush(self) -> None:
-        if self.buf:
-            n, block = len(self.buf), np.stack(self.buf)
-            lo = self.written
+        if not self.buf:
+            return
+        n, block = len(self.buf), np.stack(self.buf)
+        lo = self.written
+        if lo + n > self.array.shape[0]:
+            self._wait()  # no write may be in flight while the metadata changes
+            self.array.resize((max(lo + n, self.capacity), self.size, self.size))
+        if self.pool is None:
+            self.array[lo : lo + n] = block
+        else:
             while len(self.pending) >= 2:  # bound the memory held by queued chunks
                 self.pending.pop(0).result()  # .result() also raises a failed write
             self.pending.append(self.pool.submit(self.array.__setitem__, slice(lo, lo + n), block))
-            self.written += n
-            self.buf = []
+        self.written += n
+        self.buf = []
 
-    def close(self) -> None:
-        self.flush()
+    def _wait(self) -> None:
         for f in self.pending:
             f.result()
+        self.pending = []
+
+    def commit(self) -> None:
+        """Write buffered pixels, then the header lists: the frames so far become part of the store."""
+        self.flush()
+        self._wait()
+        # One metadata write (attrs.update writes once per key). An array is never
+        # without its T_OBS list, even before its first frame.
+        self.array.update_attributes(self.attrs or {"T_OBS": []})
+        self.committed = self.written
+
+    def close(self) -> None:
+        """Commit and trim allocated frames that were never written."""
+        self.flush()
+        self._wait()
+        if self.array.shape[0] != self.written:
+            self.array.resize((self.written, self.size, self.size))
+        self.commit()
 
 
 def _frame_header(sun: SyntheticSun, instrument: str) -> dict:
     scale = SOLAR_RADIUS_ARCSEC / sun.radius
     c = (sun.res + 1) / 2  # FITS pixels are 1-based
+    # Positive CDELT1/CDELT2, no rotation: west grows with the column and north with
+    # the row (FITS order, row 0 south), as the pixels are rendered.
     return {
         "CRPIX1": c,
         "CRPIX2": c,
@@ -558,14 +659,9 @@ def _write_images(
         ygroup = group.require_group(year)
         present = {c: [i for i in idx if not (gap[i] or missing[c][i])] for c in channels}
         writers = {
-            c: _ChunkWriter(
-                create_frame_array(ygroup, c, len(present[c]), sun.res, cfg.frames_per_chunk),
-                cfg.frames_per_chunk,
-                pool,
-            )
+            c: FrameWriter(ygroup, c, sun.res, cfg.frames_per_chunk, pool, reserve=len(present[c]))
             for c in channels
         }
-        attrs: dict[str, dict[str, list]] = {c: {} for c in channels}
         for i in idx:
             if gap[i]:
                 if progress:
@@ -610,23 +706,20 @@ def _write_images(
                         "PIXLUNIT": "Gauss",
                     }
                     utc = hmi_utc
-                for k, v in {**header, **head}.items():
-                    attrs[c].setdefault(k, []).append(v)
                 truth_rows.append(
                     (
                         instrument,
                         c,
                         year,
-                        writers[c].written + len(writers[c].buf),
+                        writers[c].n_frames,
                         np.datetime64(utc, "ns").astype(np.int64),
                     )
                 )
-                writers[c].add(frame)
+                writers[c].add(frame, {**header, **head})
             if progress:
                 progress(1)
         for c in channels:
             writers[c].close()
-            writers[c].array.attrs.update(attrs[c])
             counts[c] = counts.get(c, 0) + writers[c].written
     pool.shutdown()
     return counts
@@ -679,6 +772,7 @@ def _truth(sun: SyntheticSun, cfg: Config) -> dict:
         "epoch": sun.epoch.isoformat(),
         "hale_north_leading_sign": _HALE_NORTH_LEADING,
         "disk_radius_px": sun.radius,
+        "image_orientation": IMAGE_ORIENTATION,
         "active_regions": [asdict(r) for r in sun.regions],
         "flares": [
             {**asdict(f), "t_peak_utc": (sun.epoch + dt.timedelta(seconds=f.t_peak)).isoformat()}
@@ -734,10 +828,12 @@ def write_synthetic(cfg: Config, progress: Callable[[int, int], None] | None = N
     root, opts = cfg.data.root, cfg.data.storage_options
     existing = read_truth(root, opts)
     wanted = dump_config(cfg.synth)
-    same = existing is not None and {**existing["synth"], "overwrite": None} == {
-        **wanted,
-        "overwrite": None,
-    }
+    # Stores written before the orientation was fixed (row 0 south) are not reused.
+    same = (
+        existing is not None
+        and existing.get("image_orientation") == IMAGE_ORIENTATION
+        and {**existing["synth"], "overwrite": None} == {**wanted, "overwrite": None}
+    )
     if same and not cfg.synth.overwrite:
         return SynthReport(root=root, reused=True)
     fs, base = fsspec.core.url_to_fs(root, **opts)
@@ -784,3 +880,18 @@ def write_synthetic(cfg: Config, progress: Callable[[int, int], None] | None = N
     with fs.open(truth_path, "w") as f:
         json.dump(_truth(sun, cfg), f, indent=1)
     return report
+
+
+def ensure_data(cfg: Config, progress: Callable[[int, int], None] | None = None) -> bool:
+    """Write the synthetic Sun on first use: when ``data.root`` is a local folder holding no
+    SDOML store at all. -> True if it was written. A URL is never written to."""
+    from sdofm.datasets.sdoml import find_store
+
+    d = cfg.data
+    if "://" in d.root or any(
+        find_store(d.root, inst, name, d.storage_options)
+        for inst, name in (("aia", d.aia_store), ("hmi", d.hmi_store))
+    ):
+        return False
+    write_synthetic(cfg, progress)
+    return True

@@ -50,7 +50,7 @@ ACTIVE_LATITUDE_DEG = (15.7, 6.1)
 
 
 def patch_centres(img_size: int | tuple[int, int], patch_size: int) -> tuple[Tensor, Tensor]:
-    """-> (y, x), each (h * w,): patch centres in pixels from the image centre, y down."""
+    """-> (y, x), each (h * w,): patch centres in pixels from the image centre (y grows with the row)."""
     H, W = to_2tuple(img_size)
     y = (torch.arange(H // patch_size, dtype=torch.float64) + 0.5) * patch_size - H / 2
     x = (torch.arange(W // patch_size, dtype=torch.float64) + 0.5) * patch_size - W / 2
@@ -72,10 +72,11 @@ def on_disk_patches(img_size: int | tuple[int, int], patch_size: int) -> Tensor:
 def patch_latitudes(img_size: int | tuple[int, int], patch_size: int) -> Tensor:
     """-> (h * w,) float64: heliographic latitude of each patch centre, deg, arcsin(y / R).
 
-    Off-disk patches are clamped to +-90 deg.
+    Images are in FITS order as SDOML (row 0 south), so y grows with the row. Off-disk
+    patches are clamped to +-90 deg.
     """
     y, _ = patch_centres(img_size, patch_size)
-    return torch.rad2deg(torch.asin((-y / disk_radius(img_size)).clamp(-1.0, 1.0)))
+    return torch.rad2deg(torch.asin((y / disk_radius(img_size)).clamp(-1.0, 1.0)))
 
 
 def active_latitude_weights(lat_deg: Tensor) -> Tensor:
@@ -137,6 +138,19 @@ class MAEEncoder(nn.Module):
         masking: Masking = "random",
     ) -> None:
         super().__init__()
+        # The constructor arguments, so that a standalone encoder can be rebuilt (encoder()).
+        self.encoder_config = dict(
+            img_size=img_size,
+            patch_size=patch_size,
+            num_frames=num_frames,
+            tubelet_size=tubelet_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            masking=masking,
+        )
         if masking not in MASKING_STRATEGIES:
             raise ValueError(f"unknown masking {masking!r}, expected one of {MASKING_STRATEGIES}")
         self.masking = masking
@@ -353,14 +367,53 @@ class MaskedAutoencoder(MAEEncoder):
             return mask
         return mask * self.on_disk.to(mask.dtype)
 
-    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
-        """imgs: (B, C, T, H, W), pred: (B, L, P), mask: (B, L) -> scalar MSE on masked patches."""
+    def loss_target(self, imgs: Tensor) -> Tensor:
+        """imgs: (B, C, T, H, W) -> (B, L, P): the patches, normalised per patch with norm_pix_loss."""
         target = self.patchify(imgs)
         if self.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
             var = target.var(dim=-1, keepdim=True)
             target = (target - mean) / (var + 1.0e-6) ** 0.5
-        return masked_loss(pred, target, self.loss_weights(mask))
+        return target
+
+    def forward_loss(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> Tensor:
+        """imgs: (B, C, T, H, W), pred: (B, L, P), mask: (B, L) -> scalar MSE on masked patches."""
+        return masked_loss(pred, self.loss_target(imgs), self.loss_weights(mask))
+
+    def channel_errors(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """imgs: (B, C, T, H, W), pred: (B, L, P), mask: (B, L) -> (C,) sums, () weight.
+
+        Squared error per channel summed over the masked patches (each patch's mean over its
+        pixels), and the summed patch weight: ``sums / weight`` is the loss of each channel,
+        and their mean is ``forward_loss``. Sums let shards and batches be added up exactly.
+        """
+        C = self.in_chans
+        err = (pred - self.loss_target(imgs)).pow(2)
+        err = err.reshape(*err.shape[:2], -1, C).mean(dim=2)  # (B, L, C): channel is last in P
+        w = self.loss_weights(mask)
+        return (err * w.unsqueeze(-1)).sum(dim=(0, 1)), w.sum()
+
+    def reconstruct(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (masked input, reconstruction), both (B, C, T, H, W) in the units of ``imgs``.
+
+        The reconstruction shows the predicted pixels of masked patches and the input elsewhere.
+        """
+        patches = self.patchify(imgs)
+        if self.norm_pix_loss:  # undo the per-patch normalisation of the targets
+            mean = patches.mean(dim=-1, keepdim=True)
+            std = (patches.var(dim=-1, keepdim=True) + 1.0e-6) ** 0.5
+            pred = pred * std + mean
+        m = mask.unsqueeze(-1).to(patches.dtype)
+        masked = self.unpatchify(patches * (1 - m))
+        recon = self.unpatchify(patches * (1 - m) + pred.to(patches.dtype) * m)
+        return masked, recon
+
+    def encoder(self) -> MAEEncoder:
+        """A standalone :class:`MAEEncoder` holding a copy of this model's encoder weights."""
+        enc = MAEEncoder(**self.encoder_config)
+        missing, _ = enc.load_state_dict(self.state_dict(), strict=False)
+        assert not missing, f"encoder weights missing from the autoencoder: {missing}"
+        return enc.to(self.cls_token.device)
 
     def forward(self, imgs: Tensor, mask_ratio: float | None = None) -> dict[str, Tensor]:
         """imgs: (B, C, T, H, W) -> {"loss": (), "pred": (B, L, P), "mask": (B, L)}."""

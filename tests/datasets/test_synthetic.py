@@ -136,13 +136,23 @@ def _one_region(sun, lat: float) -> ActiveRegion:
     )
 
 
+def _pixel(sun, lat: float, lon: float) -> tuple[float, float]:
+    """(row, col) of a point on the disk: FITS order, row 0 south, column 0 east."""
+    x, y, _ = sun._vector(lat, lon)
+    c = (sun.res - 1) / 2
+    return c + y * sun.radius, c + x * sun.radius
+
+
 def test_hmi_is_zero_off_disk_and_obeys_hale(sun, monkeypatch):
+    monkeypatch.setattr(sun, "_noise", lambda img: 0.0)
+    c = (sun.res - 1) / 2
     for lat in (20.0, -20.0):
         monkeypatch.setattr(sun, "regions", [_one_region(sun, lat)])
         bz = sun.render_hmi(0.0)["Bz"]
         assert np.all(bz[~sun.on_disk] == 0) and np.abs(bz[sun.on_disk]).max() > 300
-        x = (np.arange(sun.res) - (sun.res - 1) / 2) / sun.radius
-        y = -x  # image rows run from north to south
+        # Image-plane coordinates in solar radii: x west with the column, y north with
+        # the row (row 0 is the south edge, as in the SDOML v2 archive).
+        x = y = (np.arange(sun.res) - c) / sun.radius
         (ny, nx), (py, px) = (
             np.unravel_index(bz.argmin(), bz.shape),
             np.unravel_index(bz.argmax(), bz.shape),
@@ -152,7 +162,91 @@ def test_hmi_is_zero_off_disk_and_obeys_hale(sun, monkeypatch):
         # cycle 24: negative leading (western) polarity in the north, positive in the south
         assert (lead is neg) == (lat > 0)
         assert abs(lead[1]) < abs(trail[1])  # Joy's law: the leading spot is closer to the equator
-        assert np.sign(lead[1]) == np.sign(lat)
+        assert np.sign(lead[1]) == np.sign(trail[1]) == np.sign(lat)
+        # ... so in pixels: both polarities of a northern region at rows above the centre
+        assert ((ny > c) and (py > c)) == (lat > 0) and ((ny < c) and (py < c)) == (lat < 0)
+
+
+def test_generated_regions_follow_hale_by_hemisphere(sun, monkeypatch):
+    monkeypatch.setattr(sun, "_noise", lambda img: 0.0)
+    regions = sun._make_regions()
+    north = [r for r in regions if r.lat > 0]
+    south = [r for r in regions if r.lat < 0]
+    assert north and south
+    assert {r.leading_sign for r in north} == {-1.0} and {r.leading_sign for r in south} == {1.0}
+    # Rendered: the leading (western, high-column) polarity is negative in the upper half
+    # of the image (high rows, north) and positive in the lower half (low rows, south).
+    c = (sun.res - 1) / 2
+    for r in (north[0], south[0]):
+        r = ActiveRegion(**{**r.__dict__, "lon": 0.0, "t_emerge": -5 * 86400, "decay": 1e7})
+        monkeypatch.setattr(sun, "regions", [r])
+        bz = sun.render_hmi(0.0)["Bz"]
+        strong = np.abs(bz) > 0.3 * np.abs(bz).max()
+        rows, cols = np.indices(bz.shape)
+        assert np.all((rows[strong] > c) == (r.lat > 0))
+        # the mean column of each polarity: the leading one is to the west (high columns)
+        neg, pos = strong & (bz < 0), strong & (bz > 0)
+        lead_sign = -1 if cols[neg].mean() > cols[pos].mean() else 1
+        assert lead_sign == (-1 if r.lat > 0 else 1)
+
+
+@pytest.mark.parametrize("lat", [25.0, -25.0])
+def test_every_channel_puts_a_region_at_its_heliographic_position(sun, monkeypatch, lat):
+    """The convention: row 0 south (north at high rows), column 0 east, in AIA and HMI alike."""
+    monkeypatch.setattr(sun, "_noise", lambda img: 0.0)
+    monkeypatch.setattr(sun, "flares", [])
+    region = _one_region(sun, lat)
+    region.lon = 30.0 - region.longitude(0.0) + region.lon  # 30 deg west at t = 0
+    row, col = _pixel(sun, lat, 30.0)
+    c = (sun.res - 1) / 2
+    assert (row > c) == (lat > 0) and col > c  # north up, west at high columns
+    monkeypatch.setattr(sun, "regions", [])
+    quiet = {ch: sun.render_aia(ch, 0.0)[0] for ch in AIA_CHANNELS}
+    monkeypatch.setattr(sun, "regions", [region])
+    for ch in AIA_CHANNELS:
+        excess = sun.render_aia(ch, 0.0)[0] - quiet[ch]
+        peak = np.unravel_index(excess.argmax(), excess.shape)
+        assert abs(peak[0] - row) <= 1 and abs(peak[1] - col) <= 1, ch
+    hmi = sun.render_hmi(0.0)
+    rows, cols = np.indices((sun.res, sun.res))
+    for ch in HMI_CHANNELS:
+        w = np.abs(hmi[ch]) * (np.abs(hmi[ch]) > 50)  # the region, not the network
+        assert abs((w * rows).sum() / w.sum() - row) < 3, ch
+        assert abs((w * cols).sum() / w.sum() - col) < 3, ch
+    # Bx is positive to the west and By to the north of a positive polarity
+    bz = hmi["Bz"]
+    pr, pc = np.unravel_index(bz.argmax(), bz.shape)
+    assert hmi["Bx"][pr, pc + 3] > 0 > hmi["Bx"][pr, pc - 3]
+    assert hmi["By"][pr + 3, pc] > 0 > hmi["By"][pr - 3, pc]
+
+
+def test_stored_frames_have_row_0_south(synth_root):
+    """End to end, in the written store: where the truth file's active regions are at
+    positive latitude, the magnetic flux is in the upper half (rows > H/2) of Bz."""
+    truth = read_truth(str(synth_root))
+    frames = read_truth_frames(str(synth_root))
+    store = ImageStore(str(synth_root / "sdomlv2_hmi.zarr"), "hmi")
+    regions = [ActiveRegion(**r) for r in truth["active_regions"]]
+    epoch = np.datetime64(truth["epoch"])
+    bz = frames[frames.channel == "Bz"].iloc[::6]
+    agree = total = 0
+    for year, group in bz.groupby("year"):
+        imgs = store.read_frames(year, "Bz", group["index"].to_numpy())
+        for img, t in zip(imgs, group.time.dt.tz_localize(None).to_numpy(), strict=True):
+            s = (t - epoch) / np.timedelta64(1, "s")
+            north = south = 0.0
+            for r in regions:
+                z = SyntheticSun._vector(r.lat, r.longitude(s))[2]
+                if z > 0:
+                    w = r.envelope(s) * r.flux * z
+                    north, south = north + w * (r.lat > 0), south + w * (r.lat < 0)
+            if north + south < 500 or abs(north - south) < 0.6 * (north + south):
+                continue  # no clear hemisphere
+            half = img.shape[0] // 2
+            up, low = np.abs(img[half:]).sum(), np.abs(img[:half]).sum()
+            total += 1
+            agree += (up > low) == (north > south)
+    assert total >= 10 and agree >= 0.9 * total, (agree, total)
 
 
 def test_region_rotates_west_with_differential_rotation():

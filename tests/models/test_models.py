@@ -65,6 +65,12 @@ def check_permutations(ids_keep, mask, ids_restore, len_keep: int) -> None:
 # registry
 
 
+def test_registry_matches_the_names_configs_accept() -> None:
+    from sdofm.constants import MODEL_NAMES
+
+    assert tuple(MODELS) == MODEL_NAMES
+
+
 def test_registry_lists_builders() -> None:
     assert list_models() == list(MODELS)
     assert {"mae_debug", "mae_tiny", "mae_32m", "mae_104m", "prithvi_temporal"} <= set(MODELS)
@@ -308,6 +314,51 @@ def test_encoder_loads_from_mae_state_dict() -> None:
     imgs = batch_for(encoder)
     assert "pos_embed" not in encoder.state_dict()  # fixed: rebuilt from the config
     torch.testing.assert_close(encoder.forward_features(imgs), mae.forward_features(imgs))
+
+
+def test_encoder_copy_holds_the_encoder_weights() -> None:
+    mae = mae_debug(masking="disk", num_frames=2)
+    encoder = mae.encoder()
+    assert type(encoder) is MAEEncoder and encoder.masking == "disk"
+    imgs = batch_for(encoder)
+    torch.testing.assert_close(encoder.forward_features(imgs), mae.forward_features(imgs))
+    with torch.no_grad():
+        encoder.cls_token.add_(1.0)  # a copy: training it leaves the autoencoder alone
+    assert not torch.equal(encoder.cls_token, mae.cls_token)
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_channel_errors_add_up_to_the_loss(norm_pix_loss: bool) -> None:
+    model = mae_debug(norm_pix_loss=norm_pix_loss, masking="disk")
+    imgs = batch_for(model, 3)
+    out = model(imgs)
+    sums, weight = model.channel_errors(imgs, out["pred"], out["mask"])
+    assert sums.shape == (model.in_chans,)
+    torch.testing.assert_close((sums / weight).mean(), out["loss"])
+    # Channel c's error only depends on channel c: corrupt the prediction of channel 3 only.
+    pred = out["pred"].clone().reshape(*out["pred"].shape[:2], -1, model.in_chans)
+    pred[..., 3] += 5.0
+    sums2, _ = model.channel_errors(imgs, pred.reshape(out["pred"].shape), out["mask"])
+    changed = torch.nonzero(~torch.isclose(sums, sums2)).flatten().tolist()
+    assert changed == [3]
+
+
+@pytest.mark.parametrize("norm_pix_loss", [False, True])
+def test_reconstruction_keeps_visible_patches_and_fills_masked_ones(norm_pix_loss: bool) -> None:
+    model = mae_debug(norm_pix_loss=norm_pix_loss)
+    imgs = batch_for(model)
+    out = model(imgs)
+    masked, recon = model.reconstruct(imgs, out["pred"], out["mask"])
+    assert masked.shape == recon.shape == imgs.shape
+    keep = model.unpatchify(
+        (1 - out["mask"]).unsqueeze(-1).expand(-1, -1, model.patch_dim).contiguous()
+    ).bool()
+    torch.testing.assert_close(recon[keep], imgs[keep])
+    torch.testing.assert_close(masked[keep], imgs[keep])
+    assert (masked[~keep] == 0).all()
+    # A perfect prediction of the targets reconstructs the input exactly.
+    _, perfect = model.reconstruct(imgs, model.loss_target(imgs), out["mask"])
+    torch.testing.assert_close(perfect, imgs, atol=1e-4, rtol=1e-4)
 
 
 def test_encoder_without_masking_returns_every_token() -> None:

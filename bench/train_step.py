@@ -1,0 +1,205 @@
+"""Training step time: a plain PyTorch loop vs the same step inside Ray Train (one worker).
+
+Same model, same in-memory batch, same step (forward, backward, clip, AdamW), so the ratio
+isolates what Ray Train adds (the worker process, report calls, DDP wrapper). Prints ms per
+step, samples/s, tokens/s, achieved FLOP/s and, on a GPU with a known peak, model FLOPs
+utilisation (MFU).
+
+    .venv/bin/python bench/train_step.py      # mae_tiny at 64 px, patch 8, as the demo (CPU)
+    python bench/train_step.py --model mae_104m --img-size 0 --patch-size 0 --batch 32   # GPU, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import time
+
+import torch
+
+from sdofm.models import get_model
+
+# Dense bf16 peak FLOP/s by device name (no sparsity).
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 70e12}
+
+
+def mae_flops_per_sample(model) -> float:
+    """Forward FLOPs of one sample through the MAE (2 per multiply-add), analytic.
+
+    The encoder sees 1 + kept tokens, the decoder 1 + L; per block 24 D^2 per token for the
+    projections and MLP (mlp_ratio 4) and 4 n D per token for attention scores and values.
+    """
+    L = model.num_patches
+    n_enc = 1 + model.num_keep(model.mask_ratio)
+    n_dec = 1 + L
+    D = model.embed_dim
+    Dd = model.decoder_embed.out_features
+    depth, ddepth = len(model.blocks), len(model.decoder_blocks)
+    patch_in = model.patch_dim
+
+    def blocks(n: int, dim: int, k: int) -> float:
+        return k * n * (24 * dim * dim + 4 * n * dim)
+
+    return (
+        2 * L * patch_in * D  # patch embedding of every token, before masking
+        + blocks(n_enc, D, depth)
+        + 2 * n_enc * D * Dd  # decoder embedding
+        + blocks(n_dec, Dd, ddepth)
+        + 2 * L * Dd * patch_in  # pixel prediction
+    )
+
+
+def make_step(model, precision: str, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    use_bf16 = device.type == "cuda" and precision == "bf16"
+
+    def step(x):
+        ctx = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+        with ctx:
+            loss = model(x)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+def timed_steps(step, x, steps: int, warmup: int, device, report=None) -> list[float]:
+    """Seconds per step after ``warmup`` steps; ``report(i)`` is called after each step."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss = step(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        value = loss.item()  # waits for the step on CPU too
+        if report is not None:
+            report(i, value)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def build(args, device):
+    torch.manual_seed(0)
+    overrides = {"img_size": args.img_size} if args.img_size else {}
+    if args.patch_size:
+        overrides["patch_size"] = args.patch_size
+    model = get_model(args.model, **overrides).to(device)
+    if args.compile:
+        model = torch.compile(model)
+    core = getattr(model, "_orig_mod", model)
+    x = torch.randn(args.batch, core.in_chans, core.num_frames, *core.img_size, device=device)
+    return model, core, x
+
+
+def plain(args) -> list[float]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _, x = build(args, device)
+    return timed_steps(make_step(model, args.precision, device), x, args.steps, args.warmup, device)
+
+
+def in_ray_train(args) -> list[float]:
+    import ray.train
+    import ray.train.torch
+    from ray.train.torch import TorchTrainer
+
+    from sdofm.runtime import init_ray
+
+    init_ray()
+    threads = torch.get_num_threads()
+
+    def loop(config):
+        torch.set_num_threads(threads)  # the same intra-op threads as the plain loop
+        device = ray.train.torch.get_device()
+        model, _, x = build(args, device)
+        model = ray.train.torch.prepare_model(model)
+        every = args.report_every
+
+        def report(i, loss):  # as the sdofm loop: a metrics report every log interval
+            if (i + 1) % every == 0:
+                ray.train.report({"loss": loss, "step": i + 1})
+
+        times = timed_steps(
+            make_step(model, args.precision, device), x, args.steps, args.warmup, device, report
+        )
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(config["out"], "w") as f:
+                json.dump(times, f)
+
+    out = os.path.abspath(f".bench_train_step_{os.getpid()}.json")
+    use_gpu = torch.cuda.is_available()
+    TorchTrainer(
+        loop,
+        train_loop_config={"out": out},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=1,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bench_train_step_{os.getpid()}", storage_path=os.path.abspath("ray_results")
+        ),
+    ).fit()
+    with open(out) as f:
+        times = json.load(f)
+    os.remove(out)
+    return times
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mae_tiny")
+    p.add_argument("--img-size", type=int, default=64, help="0 keeps the model's own size")
+    p.add_argument("--patch-size", type=int, default=8, help="0 keeps the model's own")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--report-every", type=int, default=10)
+    p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-ray", action="store_true", help="only the plain loop (MFU runs)")
+    args = p.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, core, _ = build(args, torch.device("cpu"))
+    flops = 3 * mae_flops_per_sample(core) * args.batch  # forward + backward = 3 forwards
+    name = (
+        torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else f"CPU x{torch.get_num_threads()} threads"
+    )
+    precision = args.precision if device.type == "cuda" else "fp32"
+    print(
+        f"{args.model} at {core.img_size[0]} px, batch {args.batch}, {core.num_patches} tokens/sample, "
+        f"{sum(p.numel() for p in core.parameters()) / 1e6:.1f} M params, {precision}, {name}"
+    )
+    print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP (analytic, 3 x forward)")
+
+    rows = [("plain PyTorch", plain(args))]
+    if not args.no_ray:
+        rows.append(("Ray Train, 1 worker", in_ray_train(args)))
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    for label, times in rows:
+        med = statistics.median(times)
+        line = (
+            f"{label:<22} {med * 1e3:8.1f} ms/step (median of {len(times)}, "
+            f"p90 {sorted(times)[int(0.9 * (len(times) - 1))] * 1e3:.1f})  "
+            f"{args.batch / med:8.1f} samples/s  {args.batch * core.num_patches / med:10.0f} tokens/s  "
+            f"{flops / med / 1e12:6.2f} TFLOP/s"
+        )
+        if peak and precision == "bf16":
+            line += f"  MFU {flops / med / peak:.1%}"
+        print(line)
+    if len(rows) == 2:
+        a, b = (statistics.median(t) for _, t in rows)
+        print(f"Ray Train overhead: {b / a - 1:+.1%} of the plain step time (goal <= 5%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Science heads on pretrained backbones, trained with Ray Train and swept with Ray Tune."""

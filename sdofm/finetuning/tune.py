@@ -1,0 +1,246 @@
+"""Ray Tune sweep of the dimming head: ASHA, random search (or Optuna), MLflow parent/child runs.
+
+Ray 2.60 runs Ray Train V2, so a trial is a Tune *function* that drives its own
+``TorchTrainer(...).fit()``; ``TuneReportCallback`` hands each epoch's report to Tune
+(ASHA stops weak trials early). The splits are materialised once by the driver and
+shared by every trial through the object store.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sdofm.config import Config, dump_config
+from sdofm.finetuning.dimming import (
+    Prepared,
+    load_regressor,
+    prepare,
+    run_params,
+    train_head,
+)
+
+TRIAL_RUN_ID = "mlflow_run_id"
+
+
+def search_space(cfg: Config) -> dict:
+    """``tune.space`` as Ray Tune sampling objects."""
+    from ray import tune
+
+    make = {"uniform": tune.uniform, "loguniform": tune.loguniform}
+    space = {}
+    for key, spec in cfg.tune.space.items():
+        ((kind, values),) = spec.items()
+        space[key] = tune.choice(values) if kind == "choice" else make[kind](*values)
+    return space
+
+
+def dimming_trial(
+    params: dict, base: dict, prepared: Prepared, parent: str | None, storage: str
+) -> None:
+    """One trial: the base config with ``params`` in ``finetune``, trained by Ray Train,
+    recorded as a child MLflow run of the sweep."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from sdofm import tracking
+
+    cfg = Config.model_validate({**base, "finetune": {**base["finetune"], **params}})
+    name = f"{cfg.tune.name}_{ray.tune.get_context().get_trial_id()}"
+    uri = prepared.tracking_uri
+    run_id = tracking.start_run(
+        uri,
+        cfg.finetune.experiment,
+        name,
+        storage,
+        run_params(cfg, prepared),
+        tags={
+            "mlflow.parentRunId": parent or "",
+            "sdofm.task": "tune-dimming-trial",
+            "sdofm.head": cfg.finetune.head,
+            **{f"sdofm.hp.{k}": str(v) for k, v in params.items()},
+        },
+    )
+    try:
+        train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
+    except BaseException:
+        tracking.end_run(uri, run_id, "FAILED")
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+@dataclass
+class SweepResult:
+    parent_run_id: str | None
+    table: list[dict]
+    """One row per trial, best first: hyperparameters, val/test metrics, status, run id."""
+    best: dict | None
+    model_uri: str | None
+    path: str
+
+
+def sweep(
+    cfg: Config,
+    num_samples: int | None = None,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+) -> SweepResult:
+    """Sweep the head's hyperparameters; ``resume`` continues an interrupted sweep of the
+    same ``tune.name`` (finished trials are kept, not rerun)."""
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from sdofm import tracking
+    from sdofm.pretraining.loop import say
+    from sdofm.pretraining.run import storage_path
+
+    tc = cfg.tune
+    if num_samples is not None or max_concurrent is not None:
+        cfg = cfg.model_copy(
+            update={
+                "tune": tc.model_copy(
+                    update={
+                        "num_samples": num_samples or tc.num_samples,
+                        "max_concurrent": max_concurrent or tc.max_concurrent,
+                    }
+                )
+            }
+        )
+        tc = cfg.tune
+    space = search_space(cfg)  # invalid ranges were refused when the config was loaded
+    storage = storage_path(cfg)
+    path = f"{storage.rstrip('/')}/{tc.name}"
+    if resume and not ray.tune.Tuner.can_restore(path):
+        raise FileNotFoundError(f"no sweep {tc.name!r} to resume under {storage}")
+
+    prepared = prepare(cfg)
+    uri = prepared.tracking_uri
+    parent = tracking.start_run(
+        uri,
+        cfg.finetune.experiment,
+        tc.name,
+        storage,
+        {**run_params(cfg, prepared), "tune.search_space": str(tc.space)},
+        tags={"sdofm.task": "tune-dimming"},
+    )
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(
+            dimming_trial, base=dump_config(cfg), prepared=prepared, parent=parent, storage=storage
+        ),
+        {"cpu": tc.trial_cpus},
+    )
+    if resume:
+        say(f"resuming sweep {tc.name!r} from {path}: finished trials are kept")
+        tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
+    else:
+        search_alg = None
+        if tc.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            search_alg = OptunaSearch(metric=tc.metric, mode="min")
+        tuner = ray.tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=ray.tune.TuneConfig(
+                num_samples=tc.num_samples,
+                max_concurrent_trials=tc.max_concurrent,
+                search_alg=search_alg,
+                scheduler=ASHAScheduler(
+                    metric=tc.metric,
+                    mode="min",
+                    time_attr="epoch",
+                    max_t=cfg.finetune.epochs,
+                    grace_period=min(tc.grace_period, cfg.finetune.epochs),
+                    reduction_factor=tc.reduction_factor,
+                ),
+            ),
+            run_config=ray.tune.RunConfig(
+                name=tc.name,
+                storage_path=storage,
+                failure_config=ray.tune.FailureConfig(max_failures=0),
+                verbose=1,  # trial status lines; the per-result tables would drown them
+            ),
+        )
+    try:
+        grid = tuner.fit()
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+
+    table = trial_table(grid, tc.metric, list(tc.space))
+    best = next((r for r in table if r["status"] == "finished"), None)
+    model_uri = None
+    if best is not None and parent is not None and best.get("checkpoint"):
+        best_cfg = Config.model_validate(
+            {**dump_config(cfg), "finetune": {**dump_config(cfg.finetune), **best["params"]}}
+        )
+        model = load_regressor(best_cfg, prepared, best["checkpoint"])
+        example = np.zeros((1, *prepared.sample_shape), np.float32)
+        model_uri = tracking.log_model(uri, parent, model, example, "best_head")
+        tracking.set_tags(uri, parent, {"sdofm.best_run_id": best["run_id"]})
+    text = format_table(table, tc.metric)
+    tracking.log_text(uri, parent, text, "trials.txt")
+    tracking.end_run(uri, parent, "FINISHED")
+    return SweepResult(parent, table, best, model_uri, path)
+
+
+def trial_table(grid, metric: str, keys: list[str]) -> list[dict]:
+    """Rows of a Tune result grid, the best finished trial first."""
+    rows = []
+    for r in grid:
+        m = r.metrics or {}
+        finished = r.error is None and m.get("epoch") is not None
+        status = "error" if r.error is not None else "finished"
+        if finished and m.get("test/mae") is None:
+            status = "stopped early"  # ASHA ended it before its last epoch
+        ckpt = m.get("checkpoint_path")
+        rows.append(
+            {
+                "trial": m.get("trial_id") or (Path(r.path).name if r.path else "?"),
+                "params": {k: r.config.get(k) for k in keys},
+                "epochs": m.get("epoch"),
+                metric: m.get(metric),
+                "test/mae": m.get("test/mae"),
+                "test/success": m.get("test/success"),
+                "status": status,
+                "run_id": m.get(TRIAL_RUN_ID) or "",
+                "checkpoint": ckpt if status == "finished" else None,
+                "error": str(r.error).splitlines()[0][:120] if r.error is not None else "",
+            }
+        )
+
+    def key(row):
+        v = row[metric]
+        return (row["status"] != "finished", math.inf if v is None else v)
+
+    return sorted(rows, key=key)
+
+
+def format_table(rows: list[dict], metric: str) -> str:
+    """A plain-text table of the trials (printed and logged to the parent run)."""
+
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "-" if v is None else str(v)
+
+    keys = list(rows[0]["params"]) if rows else []
+    head = ["trial", *keys, "epochs", metric, "test/mae", "test/success", "status"]
+    body = [
+        [
+            r["trial"][:28],
+            *(fmt(r["params"][k]) for k in keys),
+            fmt(r["epochs"]),
+            fmt(r[metric]),
+            fmt(r["test/mae"]),
+            fmt(r["test/success"]),
+            r["status"],
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])

@@ -1,0 +1,188 @@
+"""The dimming task: the transform, heads and freezing, backbones, and a training run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sdofm.config import ConfigError, load_config
+from sdofm.datasets.pipeline import make_preprocessor
+from sdofm.finetuning.dimming import (
+    Dimming,
+    alpha_metrics,
+    build_regressor,
+    dimmed_channels,
+    prepare,
+    resolve_backbone,
+    train_head,
+)
+from sdofm.models import get_model
+from sdofm.models.heads import BaselineCNN, EncoderRegressor
+from sdofm.pretraining.loop import TrainState, save_checkpoint
+from tests.conftest import small_config
+
+STATS = {
+    "channels": {
+        c: {"mean": 0.1 * i, "std": 1.0 + 0.1 * i}
+        for i, c in enumerate(load_config().data.channels)
+    }
+}
+
+
+def _physical(n=3, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(50, 500, size=(n, 12, 1, size, size)).astype(np.float32)
+    x[:, 9:] = rng.normal(0, 300, size=(n, 3, 1, size, size))  # HMI in Gauss
+    return x
+
+
+def test_dimming_is_applied_in_physical_units_before_scaling():
+    cfg = load_config(None, ["finetune.alpha_min=0.2"])
+    dim = Dimming(cfg, STATS, 16)
+    images, ids = _physical(), np.array([5, 9, 11])
+    x, alpha = dim(images, ids, "train", epoch=3)
+    assert alpha.shape == (3, 9) and (alpha >= 0.2).all() and (alpha <= 1).all()
+    pre = make_preprocessor(cfg, 16, STATS)
+    for j in range(3):
+        by_hand = images[j].copy()
+        by_hand[:9] *= alpha[j][:, None, None, None]  # AIA only; HMI is never dimmed
+        np.testing.assert_allclose(x[j], pre(by_hand), rtol=1e-5, atol=1e-5)
+    # Changing alpha changes only the AIA channels of the model input.
+    x1, _ = dim(images, ids, "train", epoch=4)
+    assert not np.allclose(x1[:, :9], x[:, :9]) and np.array_equal(x1[:, 9:], x[:, 9:])
+    assert np.array_equal(images, _physical())  # the input is left alone
+
+
+def test_dimming_factors_are_reproducible_fresh_per_epoch_and_fixed_for_evaluation():
+    dim = Dimming(load_config(), STATS, 16)
+    ids = np.arange(50)
+    a = dim.alphas(ids, "train", 0)
+    assert np.array_equal(a, Dimming(load_config(), STATS, 16).alphas(ids, "train", 0))
+    assert np.array_equal(a[10:20], dim.alphas(ids[10:20], "train", 0))  # per sample
+    assert not np.allclose(a, dim.alphas(ids, "train", 1))
+    assert not np.allclose(dim.alphas(ids, "val", 0), dim.alphas(ids, "test", 0))
+    other_seed = Dimming(load_config(None, ["finetune.dim_seed=1"]), STATS, 16)
+    assert not np.allclose(a, other_seed.alphas(ids, "train", 0))
+    assert abs(a.mean() - (0.01 + 1) / 2) < 0.05  # uniform on [alpha_min, 1]
+
+
+def test_dimming_needs_aia_channels():
+    with pytest.raises(ConfigError, match="needs AIA channels"):
+        dimmed_channels(load_config(None, ["data.aia_channels=[]"]))
+    cfg = load_config(None, ["data.aia_channels=[171A, 193A]"])
+    assert dimmed_channels(cfg) == [0, 1]
+
+
+def test_metrics_per_channel():
+    true = np.array([[0.5, 0.2], [0.9, 0.4]])
+    pred = np.array([[0.52, 0.5], [0.8, 0.41]])
+    m = alpha_metrics(pred, true, ["171A", "193A"], 0.05, "val")
+    assert m["val/mae_171A"] == pytest.approx(0.06) and m["val/mae_193A"] == pytest.approx(0.155)
+    assert m["val/success_171A"] == 0.5 and m["val/success_193A"] == 0.5
+    assert m["val/mae"] == pytest.approx(np.abs(pred - true).mean())
+
+
+@pytest.mark.parametrize(
+    ("freeze", "blocks", "trainable_blocks"),
+    [("frozen", 0, 0), ("partial", 1, 1), ("partial", 2, 2), ("full", 0, 2)],
+)
+def test_freezing(freeze, blocks, trainable_blocks):
+    encoder = get_model("mae_debug").encoder()
+    model = EncoderRegressor(encoder, 9, "conv", 16, freeze, blocks)
+    n_blocks = len(encoder.blocks)
+    trainable = [
+        i for i, b in enumerate(encoder.blocks) if all(p.requires_grad for p in b.parameters())
+    ]
+    assert trainable == list(range(n_blocks - trainable_blocks, n_blocks))
+    assert all(p.requires_grad for p in model.head.parameters())
+    assert encoder.patch_embed.proj.weight.requires_grad == (freeze == "full")
+    out = model(torch.randn(2, 12, 1, 32, 32))
+    assert out.shape == (2, 9) and ((out > 0) & (out < 1)).all()
+    out.sum().backward()
+    grads = [p.grad is not None for p in encoder.parameters()]
+    assert any(grads) == (trainable_blocks > 0)
+
+
+def test_baseline_cnn_stacks_frames_as_channels():
+    out = BaselineCNN(12, 2, 9)(torch.randn(3, 12, 2, 32, 32))
+    assert out.shape == (3, 9) and ((out > 0) & (out < 1)).all()
+
+
+def _checkpoint(path, channels=None, **model_overrides):
+    model = get_model("mae_debug", **model_overrides)
+    opt = torch.optim.AdamW(model.parameters())
+    path.mkdir(parents=True)
+    extra = {"encoder_config": model.encoder_config, "channels": channels}
+    save_checkpoint(path, model, opt, TrainState(1, 0, 0), extra)
+    return model
+
+
+def test_backbone_from_a_checkpoint_loads_only_encoder_weights(tmp_path):
+    model = _checkpoint(tmp_path / "ckpt", channels=load_config().data.channels)
+    b = resolve_backbone(str(tmp_path / "ckpt"), f"sqlite:///{tmp_path}/m.db", "x")
+    enc = b.encoder()
+    x = torch.randn(1, 12, 1, 32, 32)
+    torch.testing.assert_close(enc.forward_features(x), model.forward_features(x))
+    cfg = load_config(None, ["finetune.head=pool"])
+    b.check(cfg, (12, 1, 32, 32))
+    reg = build_regressor(cfg, (12, 1, 32, 32), b)
+    assert reg(x).shape == (1, 9)
+    # A state dict without some encoder weights is refused, naming them.
+    del b.state_dict["norm.weight"]
+    with pytest.raises(AssertionError, match="norm.weight"):
+        b.encoder()
+
+
+def test_backbone_that_does_not_fit_the_data_is_refused_naming_both(tmp_path):
+    _checkpoint(tmp_path / "c", channels=["171A", "193A"], in_chans=2, img_size=64)
+    b = resolve_backbone(str(tmp_path / "c"), f"sqlite:///{tmp_path}/m.db", "x")
+    with pytest.raises(ConfigError) as e:
+        b.check(load_config(), (12, 1, 32, 32))
+    msg = str(e.value)
+    assert "['171A', '193A']" in msg and "'Bz'" in msg and "64 px" in msg and "32 px" in msg
+
+
+def test_no_pretraining_run_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="no finished pretraining run in MLflow experiment"):
+        resolve_backbone(None, f"sqlite:///{tmp_path}/m.db", "sdofm-pretrain")
+    with pytest.raises(ConfigError, match="no such MLflow run"):
+        resolve_backbone("0123456789abcdef", f"sqlite:///{tmp_path}/m.db", "sdofm-pretrain")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_head_learns_alpha_better_than_untrained(synth_root, tmp_path):
+    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
+    cfg = small_config(
+        synth_root,
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"finetune.backbone={tmp_path / 'backbone'}",
+        "finetune.head=conv",
+        "finetune.freeze=full",
+        "finetune.epochs=4",
+        "finetune.batch_size=16",
+        "loader.readers=1",
+        "scaling.cpus_per_worker=0.25",
+    )
+    prepared = prepare(cfg)
+    assert prepared.counts["train"] > 100 and prepared.counts["val"] > 10
+
+    # The untrained head on the same val samples and factors.
+    torch.manual_seed(cfg.train.seed)
+    untrained = build_regressor(cfg, prepared.sample_shape, prepared.backbone).eval()
+    dim = Dimming(cfg, prepared.stats, prepared.sample_shape[2])
+    errs = []
+    for batch in prepared.datasets["val"].iter_batches(batch_size=64, batch_format="numpy"):
+        x, alpha = dim(batch["image"], batch["sample"], "val", 0)
+        with torch.no_grad():
+            errs.append(np.abs(untrained(torch.from_numpy(x)).numpy() - alpha))
+    untrained_mae = float(np.concatenate(errs).mean())
+
+    result = train_head(cfg, prepared, None, "head", str(tmp_path / "runs"))
+    m = result.metrics
+    assert m["epoch"] == 4 and set(m) >= {"val/mae_171A", "test/mae_1700A", "test/success"}
+    assert m["val/mae"] < 0.75 * untrained_mae, (m["val/mae"], untrained_mae)
+    scatter = tmp_path / "runs" / "head" / "tracking" / "figures"  # no MLflow run: kept locally
+    assert (scatter / "scatter_test.png").exists() and (scatter / "scatter_val.png").exists()

@@ -1,0 +1,149 @@
+"""The dimming sweep: trials, MLflow parent/child runs, the best head, resume, bad spaces."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from sdofm.cli import app
+from sdofm.config import ConfigError, load_config
+from sdofm.finetuning.tune import sweep
+from tests.conftest import SMALL
+from tests.finetuning.test_dimming import _checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _overrides(root, tmp_path):
+    return [
+        *SMALL,
+        f"data.root={root}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"finetune.backbone={tmp_path / 'backbone'}",
+        "finetune.freeze=partial",
+        "finetune.epochs=2",
+        "finetune.max_train_samples=96",
+        "loader.readers=1",
+        "scaling.cpus_per_worker=0.25",
+        "tune.grace_period=1",
+        "tune.space={lr: {loguniform: [1e-4, 3e-3]}, head: {choice: [pool, conv]}, "
+        "unfreeze_blocks: {choice: [0, 1]}}",
+    ]
+
+
+def test_help_documents_every_option():
+    out = CliRunner().invoke(app, ["tune", "dimming", "--help"], terminal_width=200).output
+    for option in ("--backbone", "--num-samples", "--max-concurrent", "--resume"):
+        assert option in out
+    assert "ASHA" in out
+
+
+def test_an_invalid_search_space_stops_before_any_trial():
+    with pytest.raises(ConfigError, match="loguniform needs low > 0"):
+        load_config(None, ["tune.space={lr: {loguniform: [0, 1e-3]}}"])
+    with pytest.raises(ConfigError, match="'learning_rate' is not a finetune setting"):
+        load_config(None, ["tune.space={learning_rate: {uniform: [1e-4, 1e-3]}}"])
+    with pytest.raises(ConfigError, match="'mlp' is not a valid finetune.head"):
+        load_config(None, ["tune.space={head: {choice: [pool, mlp]}}"])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path):
+    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
+    cfg = load_config(None, _overrides(synth_root, tmp_path))
+    result = sweep(cfg, num_samples=3, max_concurrent=2)
+
+    assert len(result.table) == 3 and result.best is not None
+    assert result.best["status"] == "finished" and result.best["test/mae"] is not None
+    finished = [r for r in result.table if r["status"] == "finished"]
+    assert [r["val/mae"] for r in finished] == sorted(r["val/mae"] for r in finished)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(result.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
+    assert len(children) == 3
+    assert {c.info.run_id for c in children} == {r["run_id"] for r in result.table}
+    best = client.get_run(result.best["run_id"])
+    assert "val/mae" in best.data.metrics and best.data.params["finetune.head"] in ("pool", "conv")
+    assert [a.path for a in client.list_artifacts(best.info.run_id) if a.path.endswith(".png")] == [
+        "scatter_test.png",
+        "scatter_val.png",
+    ]
+    assert parent.data.tags["sdofm.best_run_id"] == result.best["run_id"]
+    trials = client.download_artifacts(result.parent_run_id, "trials.txt", str(tmp_path))
+    assert result.best["trial"][:20] in Path(trials).read_text()
+    assert result.model_uri and result.model_uri.startswith("models:/")
+
+
+def _finished_trials(sweep_dir: Path) -> set[str]:
+    done = set()
+    for result in sweep_dir.glob("*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and "test/mae" in json.loads(lines[-1]):
+            done.add(result.parent.name)
+    return done
+
+
+def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path):
+    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
+    overrides = _overrides(synth_root, tmp_path)
+    code = (
+        "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import sweep; "
+        "sweep(load_config(None, sys.argv[1:]), num_samples=3, max_concurrent=1)"
+    )
+    env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, as a user's run
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *overrides],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    sweep_dir = tmp_path / "runs" / "dimming_sweep"
+    try:
+        deadline = time.time() + 300
+        while not _finished_trials(sweep_dir) and time.time() < deadline:
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(1)
+        before = _finished_trials(sweep_dir)
+        assert before, "no trial finished within 5 minutes"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    results_before = {t: (sweep_dir / t / "result.json").read_text() for t in before}
+
+    import ray
+
+    from sdofm.runtime import init_ray
+
+    if not ray.is_initialized():
+        init_ray(num_cpus=2)
+    result = sweep(load_config(None, overrides), resume=True)
+    assert len(result.table) == 3
+    assert {r["status"] for r in result.table} <= {"finished", "stopped early"}
+    for t in before:  # finished trials were not run again
+        assert (sweep_dir / t / "result.json").read_text() == results_before[t]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    children = client.search_runs(
+        [client.get_experiment_by_name("sdofm-dimming").experiment_id],
+        f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
+    )
+    assert len(children) == 3  # one child run per trial, reopened rather than duplicated

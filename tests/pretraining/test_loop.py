@@ -1,0 +1,85 @@
+"""Pieces of the training loop that need no Ray: schedule, parameter groups, model set-up,
+checkpoint round trip."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sdofm.config import ConfigError, load_config
+from sdofm.pretraining.loop import (
+    TrainState,
+    build_model,
+    load_checkpoint,
+    lr_at,
+    param_groups,
+    save_checkpoint,
+)
+from sdofm.pretraining.run import plan_steps
+
+
+def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
+    peak, warmup, total = 1e-3, 10, 110
+    lrs = [lr_at(s, peak, warmup, total, min_ratio=0.1) for s in range(total + 5)]
+    assert lrs[0] == pytest.approx(peak / warmup) and lrs[9] == pytest.approx(peak)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
+    assert lrs[60] == pytest.approx(peak * (0.1 + 0.9 * 0.5))  # half way: cos = 0
+    assert lrs[110] == pytest.approx(peak * 0.1) and lrs[-1] == pytest.approx(peak * 0.1)
+    assert lr_at(0, peak, 0, total) == pytest.approx(peak)
+
+
+def test_no_weight_decay_on_biases_norms_and_tokens():
+    model = build_model(load_config(None, ["model.name=mae_debug"]), (12, 1, 32, 32))
+    decay, no_decay = param_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} >= {"cls_token", "mask_token", "norm.weight"}
+    assert all(p.ndim == 2 or p.ndim == 5 for p in decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_model_follows_the_data_and_refuses_a_contradiction():
+    cfg = load_config(None, ["model.name=mae_debug", "data.hmi_channels=[]"])
+    model = build_model(cfg, (9, 2, 64, 64))
+    assert (model.in_chans, model.num_frames, model.img_size) == (9, 2, (64, 64))
+    bad = load_config(None, ["model.name=mae_debug", "model.overrides={in_chans: 12}"])
+    with pytest.raises(ConfigError, match=r"in_chans = 12 but the data give 9"):
+        build_model(bad, (9, 1, 32, 32))
+
+
+def test_unknown_model_name_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"model.name = 'mae_tny'.*did you mean 'mae_tiny'"):
+        load_config(None, ["model.name=mae_tny"])
+
+
+def test_steps_follow_workers_batch_and_accumulation():
+    cfg = load_config(
+        None,
+        ["scaling.num_workers=2", "loader.batch_size=8", "train.grad_accum=2", "train.epochs=3"],
+    )
+    per_epoch, total = plan_steps(cfg, 100)  # 50 per worker -> 7 batches -> 3 steps
+    assert (per_epoch, total) == (3, 9)
+    cfg.train.max_steps = 4
+    assert plan_steps(cfg, 100) == (3, 4)
+    with pytest.raises(ValueError, match="no optimiser step"):
+        plan_steps(cfg, 3)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    cfg = load_config(None, ["model.name=mae_debug"])
+    model = build_model(cfg, (12, 1, 32, 32))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 12, 1, 32, 32))["loss"].backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, TrainState(7, 1, 3), {"run_id": "abc"})
+    fresh = build_model(cfg, (12, 1, 32, 32))
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    state = load_checkpoint(tmp_path, fresh, fresh_opt)
+    assert state == TrainState(7, 1, 3)
+    for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), n
+    assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
+    assert not math.isnan(float(fresh_opt.state_dict()["state"][0]["exp_avg"].sum()))

@@ -1,0 +1,159 @@
+"""Pretraining end to end on the synthetic store: DDP, resume, fault tolerance, MLflow."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import ray.train
+from mlflow import MlflowClient
+
+from sdofm.pretraining import pretrain
+from tests.conftest import small_config
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """Index and statistics shared by the runs of this module (they depend on the data only)."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def _cfg(root, cache, tmp_path, *extra):
+    return small_config(
+        root,
+        f"data.cache_dir={cache}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "model.name=mae_debug",
+        "loader.readers=1",
+        "loader.block_size=8",
+        "loader.batch_size=8",
+        "loader.shuffle_buffer=0",
+        "train.lr=2e-3",
+        "train.lr_batch=8",
+        "train.epochs=5",
+        "train.warmup_steps=3",
+        "train.val_samples=16",
+        "scaling.cpus_per_worker=0.25",
+        "tracking.system_metrics=false",
+        *extra,
+    )
+
+
+def _history(uri, run_id, key):
+    return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
+
+
+def test_ddp_run_learns_and_is_tracked(synth_root, cache_dir, tmp_path):
+    cfg = _cfg(
+        synth_root,
+        cache_dir,
+        tmp_path,
+        "scaling.num_workers=2",
+        "train.max_steps=36",
+        "train.log_every=4",
+        "train.checkpoint_every=12",
+        "train.val_every=18",
+    )
+    result = pretrain(cfg)
+    assert result.metrics["step"] == 36
+
+    loss = _history(result.tracking_uri, result.run_id, "train/loss")
+    # Every log_every steps, and at validations.
+    assert [s for s, _ in loss] == sorted({*range(4, 37, 4), 18})
+    first, last = loss[0][1], min(v for _, v in loss[-3:])
+    assert last < 0.8 * first, loss  # the masked reconstruction loss falls
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    p = run.data.params
+    assert p["model.name"] == "mae_debug" and p["train.max_steps"] == "36"
+    assert p["derived.world_size"] == "2" and p["derived.effective_batch"] == "16"
+    assert int(p["derived.parameters"]) > 50_000
+    val = _history(result.tracking_uri, result.run_id, "val/loss_171A")
+    assert [s for s, _ in val] == [18, 36]
+    figures = [a.path for a in client.list_artifacts(result.run_id, "reconstructions")]
+    assert figures == [
+        "reconstructions/step_00000018_0.png",
+        "reconstructions/step_00000036_0.png",
+    ]
+    # The final encoder is an MLflow model that loads as a plain module.
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    encoder = mlflow.pytorch.load_model(result.model_uri)
+    tokens = encoder.forward_features(torch.zeros(1, 12, 1, 32, 32))
+    assert tokens.shape == (1, 1 + 16, 32)
+
+
+def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
+    synth_root, cache_dir, tmp_path
+):
+    base = ["train.log_every=2", "train.checkpoint_every=4", "train.val_every=100"]
+    crashing = _cfg(
+        synth_root, cache_dir, tmp_path, *base, "train.max_steps=10", "train.fail_at_step=6"
+    )
+    with pytest.raises(ray.train.TrainingFailedError, match="injected failure at step 6"):
+        pretrain(crashing)
+    run_dir = tmp_path / "runs" / crashing.train.run_name
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000004"]
+
+    again = _cfg(synth_root, cache_dir, tmp_path, *base, "train.max_steps=10")
+    result = pretrain(again)
+    assert result.metrics["step"] == 10
+    state = json.loads((run_dir / "checkpoint_00000010" / "state.json").read_text())
+    assert state["step"] == 10
+
+    client = MlflowClient(result.tracking_uri)
+    run = client.get_run(result.run_id)  # the same MLflow run, reopened
+    assert run.data.tags["sdofm.resumed_at_step"] == "4"
+    steps = [s for s, _ in _history(result.tracking_uri, result.run_id, "train/loss")]
+    # Steps 2 and 4 from the first attempt; then 6..10 once, after resuming from step 4.
+    assert steps == [2, 4, 6, 8, 10]
+    assert len(client.search_runs([run.info.experiment_id])) == 1
+
+
+def test_injected_worker_crash_is_survived_with_max_failures(synth_root, cache_dir, tmp_path):
+    cfg = _cfg(
+        synth_root,
+        cache_dir,
+        tmp_path,
+        "scaling.num_workers=2",
+        "train.max_steps=8",
+        "train.log_every=2",
+        "train.checkpoint_every=3",
+        "train.val_every=100",
+        "train.fail_at_step=5",
+        "train.max_failures=1",
+    )
+    result = pretrain(cfg)
+    assert result.metrics["step"] == 8
+    assert (tmp_path / "runs" / "pretrain" / "tracking" / "injected_failure").exists()
+    run = MlflowClient(result.tracking_uri).get_run(result.run_id)
+    assert run.data.tags["sdofm.resumed_at_step"] == "3"
+    assert run.info.status == "FINISHED"
+
+
+def test_unreachable_tracking_server_does_not_stop_training(synth_root, cache_dir, tmp_path):
+    cfg = _cfg(
+        synth_root,
+        cache_dir,
+        tmp_path,
+        "tracking.uri=http://127.0.0.1:9",  # nothing listens on the discard port
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.checkpoint_every=4",
+        "train.val_every=4",
+    )
+    with pytest.warns(UserWarning, match="cannot be reached"):
+        result = pretrain(cfg)
+    assert result.run_id is None and result.metrics["step"] == 4
+    local = tmp_path / "runs" / "pretrain" / "tracking"
+    lines = [json.loads(x) for x in (local / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4] and "train/loss" in lines[0]
+    assert "val/loss" in lines[1]
+    assert list((local / "figures" / "reconstructions").glob("step_00000004_0.png"))

@@ -1,0 +1,66 @@
+"""MLflow helpers: the URI, run creation and reopening, logging that survives a dead store."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+
+from sdofm import tracking
+
+
+def test_uri_from_config_then_environment_then_sqlite(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path}/mlflow.db"  # absolute for workers
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri() == "http://mlflow.example:5000"
+    assert tracking.tracking_uri("sqlite:///runs/x.db") == f"sqlite:///{tmp_path}/runs/x.db"
+    assert tracking.tracking_uri("sqlite:////abs/x.db") == "sqlite:////abs/x.db"
+
+
+def test_flatten_gives_dotted_string_params():
+    flat = tracking.flatten({"train": {"lr": 0.001, "betas": [0.9, 0.95]}, "model": {"name": "m"}})
+    assert flat == {"train.lr": "0.001", "train.betas": "[0.9, 0.95]", "model.name": "m"}
+
+
+def test_a_run_is_reopened_by_name_and_storage(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    params = {f"p{i}": i for i in range(150)}  # more than one MLflow batch
+    first = tracking.start_run(uri, "exp", "run-a", "/store", params)
+    again = tracking.start_run(uri, "exp", "run-a", "/store", params)
+    other = tracking.start_run(uri, "exp", "run-a", "/elsewhere", params)
+    assert first == again != other
+    run = MlflowClient(uri).get_run(first)
+    assert run.data.params["p149"] == "149" and run.data.tags["sdofm.resumed"] == "true"
+    tracking.end_run(uri, first, "FINISHED")
+    assert MlflowClient(uri).get_run(first).info.status == "FINISHED"
+
+
+def test_tracker_logs_to_mlflow_and_falls_back_to_files_when_the_store_dies(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, "exp", "r", "/s", {})
+    t = tracking.Tracker(uri, run_id, tmp_path / "local")
+    t.log_metrics({"loss": 1.5}, step=1)
+    img = np.random.default_rng(0).normal(size=(2, 8, 8))
+    t.log_figure(tracking.reconstruction_figure(img, img * 0, img, ["171A", "Bz"]), "f/one.png")
+    client = MlflowClient(uri)
+    assert [m.value for m in client.get_metric_history(run_id, "loss")] == [1.5]
+    assert [a.path for a in client.list_artifacts(run_id, "f")] == ["f/one.png"]
+
+    (tmp_path / "mlflow.db").unlink()  # the store goes away mid-run
+    (tmp_path / "mlflow.db").mkdir()  # ... and cannot come back as a file
+    with pytest.warns(UserWarning, match="from now on metrics are kept in"):
+        t.log_metrics({"loss": 1.0}, step=2)
+    t.log_metrics({"loss": 0.5}, step=3)
+    t.log_figure(tracking.reconstruction_figure(img, img, img, ["171A", "Bz"]), "f/two.png")
+    lines = [json.loads(x) for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
+    assert [(x["step"], x["loss"]) for x in lines] == [(2, 1.0), (3, 0.5)]
+    assert (tmp_path / "local" / "figures" / "f" / "two.png").stat().st_size > 1000
+
+
+def test_unreachable_server_is_a_warning_not_an_error():
+    with pytest.warns(UserWarning, match="cannot be reached"):
+        assert tracking.start_run("http://127.0.0.1:9", "exp", "r", "/s", {}) is None
