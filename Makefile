@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/sdofm demo configs/pretrain/mae_tiny.yaml
+	$(BIN)/sdofm demo configs/tune/dimming.yaml
 
 test: setup
 	$(BIN)/python -m pytest -q

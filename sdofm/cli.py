@@ -559,17 +559,32 @@ def mlflow_cmd(
 
 @app.command("demo")
 def demo(args: Args = None) -> None:
-    """The main job on the embedded default: synthetic Sun -> index -> statistics -> pretraining.
+    """The main job on the embedded default: synthetic Sun -> index -> statistics ->
+    MAE pretraining -> a small Ray Tune sweep of the dimming head on that backbone.
 
-    `make demo` passes configs/pretrain/mae_tiny.yaml (a few minutes on a laptop CPU).
+    `make demo` passes configs/tune/dimming.yaml (minutes on a laptop CPU).
     """
+    from sdofm.tracking import tracking_uri
+
     with _friendly_errors():
         cfg = _load(args)
         run_synth(cfg)
         run_index(cfg)
         run_info(cfg)
         run_stats(cfg)
-        run_pretrain(cfg)
+        pretrained = run_pretrain(cfg)
+        backbone = pretrained.run_id or pretrained.checkpoint
+        cfg.finetune.backbone = backbone
+        swept = run_tune_dimming(cfg)
+        console.rule("where to look")
+        console.print(
+            f"MLflow UI:        mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}\n"
+            f"pretraining run:  {pretrained.run_id} (experiment {cfg.tracking.experiment!r})\n"
+            f"dimming sweep:    {swept.parent_run_id} (experiment {cfg.finetune.experiment!r}), "
+            f"best trial run {swept.best['run_id'] if swept.best else '-'}\n"
+            f"checkpoints:      {pretrained.checkpoint}, {swept.path}",
+            highlight=False,
+        )
 
 
 if __name__ == "__main__":
