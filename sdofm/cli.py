@@ -564,10 +564,13 @@ def demo(args: Args = None) -> None:
 
     `make demo` passes configs/tune/dimming.yaml (minutes on a laptop CPU).
     """
+    from sdofm.runtime import init_ray
     from sdofm.tracking import tracking_uri
 
     with _friendly_errors():
         cfg = _load(args)
+        # One Ray instance for every step, showing the training progress of the workers.
+        init_ray(log_to_driver=True, dashboard=True)
         run_synth(cfg)
         run_index(cfg)
         run_info(cfg)

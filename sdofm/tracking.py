@@ -38,6 +38,14 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
+def fallback_dir(storage: str, run_name: str) -> Path:
+    """Where a run keeps its metrics when MLflow cannot be reached: beside its checkpoints
+    for local storage, else under ``~/.sdofm/tracking``."""
+    if "://" in storage:
+        return Path.home() / ".sdofm" / "tracking" / run_name
+    return Path(storage) / run_name / "tracking"
+
+
 @contextmanager
 def _quick_http():
     """Fail fast against an unreachable server instead of MLflow's minutes of retries."""

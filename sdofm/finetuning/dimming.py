@@ -484,19 +484,17 @@ def train_head(
     callbacks: list | None = None,
 ) -> FinetuneResult:
     """One Ray Train run of the configured head on the prepared splits."""
-    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from sdofm.runtime import resolve_use_gpu
+    from sdofm.tracking import fallback_dir
 
     sc, fc = cfg.scaling, cfg.finetune
     per_worker = prepared.counts["train"] // sc.num_workers
     steps = -(-per_worker // fc.batch_size)
-    use_gpu = sc.use_gpu if sc.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
-    fallback = (
-        Path(storage) / name / "tracking"
-        if "://" not in storage
-        else Path.home() / ".sdofm" / "tracking" / name
-    )
+    use_gpu = resolve_use_gpu(cfg)
+    fallback = fallback_dir(storage, name)
     trainer = TorchTrainer(
         finetune_loop,
         train_loop_config={

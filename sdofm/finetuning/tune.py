@@ -152,7 +152,9 @@ def sweep(
                     metric=tc.metric,
                     mode="min",
                     time_attr="epoch",
-                    max_t=cfg.finetune.epochs,
+                    # Past the last epoch: Tune would otherwise stop a trial on its final
+                    # report, before its Ray Train run has shut down and released its CPUs.
+                    max_t=cfg.finetune.epochs + 1,
                     grace_period=min(tc.grace_period, cfg.finetune.epochs),
                     reduction_factor=tc.reduction_factor,
                 ),
@@ -171,6 +173,9 @@ def sweep(
         raise
 
     table = trial_table(grid, tc.metric, list(tc.space))
+    for row in table:  # ASHA ended these trials: their child runs did not end themselves
+        if row["status"] == "stopped early":
+            tracking.end_run(uri, row["run_id"] or None, "KILLED")
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
     if best is not None and parent is not None and best.get("checkpoint"):

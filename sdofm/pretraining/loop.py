@@ -72,6 +72,17 @@ def build_model(cfg: Config, sample_shape: tuple[int, int, int, int]) -> nn.Modu
     return get_model(cfg.model.name, **{**from_data, **cfg.model.overrides})
 
 
+def effective_batch(cfg: Config, world: int | None = None) -> int:
+    """Samples per optimiser step: batch per worker x workers x accumulation."""
+    world = cfg.scaling.num_workers if world is None else world
+    return cfg.loader.batch_size * world * cfg.train.grad_accum
+
+
+def peak_lr(cfg: Config, world: int | None = None) -> float:
+    """MAE's rule: ``train.lr x effective batch / train.lr_batch``."""
+    return cfg.train.lr * effective_batch(cfg, world) / cfg.train.lr_batch
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no weight decay on biases, norms and tokens (1-D parameters)."""
     decay, no_decay = [], []
@@ -188,9 +199,8 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(tc.seed)
 
     model = build_model(cfg, tuple(config["sample_shape"])).to(device)
-    effective_batch = lc.batch_size * world * tc.grad_accum
-    peak_lr = tc.lr * effective_batch / tc.lr_batch
-    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=peak_lr, betas=tc.betas)
+    top_lr = peak_lr(cfg, world)
+    optimizer = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=top_lr, betas=tc.betas)
     state = TrainState()
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
@@ -305,7 +315,7 @@ def train_loop_per_worker(config: dict) -> None:
             if not last_micro:
                 continue
 
-            lr = lr_at(state.step, peak_lr, tc.warmup_steps, total, tc.min_lr_ratio)
+            lr = lr_at(state.step, top_lr, tc.warmup_steps, total, tc.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             grad_norm = nn.utils.clip_grad_norm_(

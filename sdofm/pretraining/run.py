@@ -13,7 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from sdofm.config import Config, dump_config
-from sdofm.pretraining.loop import CHECKPOINT_STATE, build_model, say, train_loop_per_worker
+from sdofm.pretraining.loop import (
+    CHECKPOINT_STATE,
+    build_model,
+    effective_batch,
+    peak_lr,
+    say,
+    train_loop_per_worker,
+)
 
 
 @dataclass
@@ -77,7 +84,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     from sdofm import tracking
     from sdofm.datasets.pipeline import SDOMLPipeline
     from sdofm.models.mae import count_parameters
-    from sdofm.runtime import init_ray
+    from sdofm.runtime import init_ray, resolve_use_gpu
     from sdofm.tracking import CHECKPOINT_TAG, MODEL_URI_TAG
 
     init_ray(log_to_driver=True, dashboard=True)
@@ -88,17 +95,13 @@ def pretrain(cfg: Config) -> PretrainResult:
     per_epoch, total = plan_steps(cfg, n_train)
 
     sc, tc = cfg.scaling, cfg.train
-    use_gpu = sc.use_gpu if sc.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = resolve_use_gpu(cfg)
     storage = storage_path(cfg)
     resume = latest_checkpoint_state(storage, tc.run_name)
     derived = {
         "derived.world_size": sc.num_workers,
-        "derived.effective_batch": cfg.loader.batch_size * sc.num_workers * tc.grad_accum,
-        "derived.peak_lr": tc.lr
-        * cfg.loader.batch_size
-        * sc.num_workers
-        * tc.grad_accum
-        / tc.lr_batch,
+        "derived.effective_batch": effective_batch(cfg),
+        "derived.peak_lr": peak_lr(cfg),
         "derived.parameters": count_parameters(model),
         "derived.tokens_per_sample": model.num_patches,
         "derived.sample_shape": list(shape),
@@ -128,11 +131,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             np.random.default_rng(tc.seed).permutation(n_val)[: min(n_val, tc.val_samples)]
         )
         datasets["val"] = pipe.dataset("val", epoch=0, subset=subset)
-    fallback = (
-        Path(storage) / tc.run_name / "tracking"
-        if "://" not in storage
-        else Path.home() / ".sdofm" / "tracking" / tc.run_name
-    )
+    fallback = tracking.fallback_dir(storage, tc.run_name)
     resources = {"CPU": sc.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -76,6 +76,11 @@ def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 3
     assert {c.info.run_id for c in children} == {r["run_id"] for r in result.table}
+    status = {c.info.run_id: c.info.status for c in children}
+    for r in result.table:  # ASHA's early stops are KILLED, the others FINISHED
+        assert (
+            status[r["run_id"]] == {"finished": "FINISHED", "stopped early": "KILLED"}[r["status"]]
+        )
     best = client.get_run(result.best["run_id"])
     assert "val/mae" in best.data.metrics and best.data.params["finetune.head"] in ("pool", "conv")
     assert [a.path for a in client.list_artifacts(best.info.run_id) if a.path.endswith(".png")] == [
