@@ -121,7 +121,7 @@ def in_ray_train(args) -> list[float]:
         model = ray.train.torch.prepare_model(model)
         every = args.report_every
 
-        def report(i, loss):  # as the sdofm loop: a metrics report every log interval
+        def report(i, loss):  # as the sdofm loop: a Ray Train report at checkpoints
             if (i + 1) % every == 0:
                 ray.train.report({"loss": loss, "step": i + 1})
 
@@ -158,9 +158,11 @@ def main() -> None:
     p.add_argument("--img-size", type=int, default=64, help="0 keeps the model's own size")
     p.add_argument("--patch-size", type=int, default=8, help="0 keeps the model's own")
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--report-every", type=int, default=10)
+    p.add_argument(
+        "--report-every", type=int, default=50, help="steps between ray.train.report calls"
+    )
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-ray", action="store_true", help="only the plain loop (MFU runs)")
@@ -188,8 +190,8 @@ def main() -> None:
     for label, times in rows:
         med = statistics.median(times)
         line = (
-            f"{label:<22} {med * 1e3:8.1f} ms/step (median of {len(times)}, "
-            f"p90 {sorted(times)[int(0.9 * (len(times) - 1))] * 1e3:.1f})  "
+            f"{label:<22} {med * 1e3:8.1f} ms/step (median of {len(times)}; "
+            f"mean {statistics.mean(times) * 1e3:.1f}, max {max(times) * 1e3:.1f})  "
             f"{args.batch / med:8.1f} samples/s  {args.batch * core.num_patches / med:10.0f} tokens/s  "
             f"{flops / med / 1e12:6.2f} TFLOP/s"
         )
@@ -197,8 +199,12 @@ def main() -> None:
             line += f"  MFU {flops / med / peak:.1%}"
         print(line)
     if len(rows) == 2:
-        a, b = (statistics.median(t) for _, t in rows)
-        print(f"Ray Train overhead: {b / a - 1:+.1%} of the plain step time (goal <= 5%)")
+        (_, a), (_, b) = rows
+        print(
+            f"Ray Train overhead: {statistics.median(b) / statistics.median(a) - 1:+.1%} of the "
+            f"median step time, {statistics.mean(b) / statistics.mean(a) - 1:+.1%} of the mean "
+            f"(report stalls included; goal <= 5%)"
+        )
 
 
 if __name__ == "__main__":

@@ -350,7 +350,8 @@ class TrainConfig(_Section):
     seed: int = 0
     """Seed of the weights and the masks."""
     log_every: int = Field(10, ge=1)
-    """Report loss, lr, grad norm and throughput every this many steps."""
+    """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
+    a report at checkpoints and validations only: each report can wait for its 2 s poll)."""
     checkpoint_every: int = Field(200, ge=1)
     """Save a checkpoint every this many steps (and at the end)."""
     keep_checkpoints: int = Field(2, ge=1)

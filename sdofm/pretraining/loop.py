@@ -229,10 +229,14 @@ def train_loop_per_worker(config: dict) -> None:
     val_shard = ray.train.get_dataset_shard("val") if config.get("has_val") else None
 
     def report(metrics: dict, save: bool) -> None:
+        """Metrics to MLflow (rank 0) at every call; to Ray Train only with a checkpoint or a
+        validation. Ray Train's controller takes one report per poll (2 s): reporting every
+        few steps would stall fast steps, so the per-step metrics go straight to MLflow."""
         if rank == 0:
             tracker.log_metrics(metrics, step=state.step)
         if not save:
-            ray.train.report(metrics)
+            if "val/loss" in metrics:
+                ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
