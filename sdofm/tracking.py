@@ -62,6 +62,26 @@ def _quick_http():
                 os.environ[k] = v
 
 
+@contextmanager
+def use_tracking_uri(uri: str):
+    """MLflow's fluent API (log_model, load_model) pointed at ``uri`` for a while; the
+    process's tracking URI and ``MLFLOW_TRACKING_URI`` are left as they were."""
+    import mlflow
+    from mlflow.tracking._tracking_service import utils
+
+    old_env = os.environ.get("MLFLOW_TRACKING_URI")
+    old_uri = utils._tracking_uri
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(old_uri)
+        if old_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old_env
+
+
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     """Nested config -> {"train.lr": "0.00015", ...} (MLflow params are flat strings)."""
     out: dict[str, str] = {}
@@ -72,6 +92,29 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = json.dumps(v) if not isinstance(v, str) else v
     return out
+
+
+def _search(client, exp_id: str, run_name: str, storage: str):
+    return client.search_runs(
+        [exp_id],
+        filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' and tags.`{STORAGE_TAG}` = '{storage}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+
+
+def find_run(uri: str, experiment: str, run_name: str, storage: str) -> str | None:
+    """The id of the run ``start_run`` made for (run_name, storage), or None."""
+    from mlflow import MlflowClient
+
+    try:
+        with _quick_http():
+            client = MlflowClient(uri)
+            exp = client.get_experiment_by_name(experiment)
+            found = _search(client, exp.experiment_id, run_name, storage) if exp else []
+            return found[0].info.run_id if found else None
+    except Exception:  # noqa: BLE001 - unreachable: nothing to find
+        return None
 
 
 def start_run(
@@ -94,13 +137,7 @@ def start_run(
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
-            found = client.search_runs(
-                [exp_id],
-                filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}' "
-                f"and tags.`{STORAGE_TAG}` = '{storage}'",
-                order_by=["attributes.start_time DESC"],
-                max_results=1,
-            )
+            found = _search(client, exp_id, run_name, storage)
             if found:
                 run_id = found[0].info.run_id
                 client.update_run(run_id, status="RUNNING")
@@ -310,10 +347,9 @@ def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "en
     with torch.no_grad():
         fn = getattr(model, "forward_features", model)
         out = fn(torch.from_numpy(example)).numpy()
-    mlflow.set_tracking_uri(uri)
     # Pickle is chosen knowingly (see below); MLflow's warning about it is noise here.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with _quick_http(), mlflow.start_run(run_id=run_id):
+    with use_tracking_uri(uri), _quick_http(), mlflow.start_run(run_id=run_id):
         info = mlflow.pytorch.log_model(
             model,
             name=name,

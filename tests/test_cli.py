@@ -76,15 +76,41 @@ def test_stats_on_an_empty_train_split_is_a_clear_error(tmp_path, ray_session):
     assert r.exit_code == 2 and "the train split is empty" in r.output, r.output
 
 
-def test_demo_runs_end_to_end(tmp_path, ray_session):
+def test_demo_runs_end_to_end(synth_root, tmp_path, ray_session):
+    """The main job, scaled down: data, index, statistics, pretraining, a 1-trial sweep."""
+    from tests.conftest import SMALL as SESSION_STORE
+
     r = runner.invoke(
         app,
-        ["demo", f"data.root={tmp_path / 'sdoml'}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL],
+        [
+            "demo",
+            *SESSION_STORE,
+            f"data.root={synth_root}",  # the same synth settings: reused, not rewritten
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.system_metrics=false",
+            "model.name=mae_debug",
+            "loader.readers=1",
+            "scaling.cpus_per_worker=0.25",
+            "train.max_steps=4",
+            "train.checkpoint_every=4",
+            "train.val_every=4",
+            "finetune.epochs=1",
+            "finetune.max_train_samples=64",
+            "tune.num_samples=1",
+            "tune.grace_period=1",
+        ],
+        terminal_width=200,
     )
     assert r.exit_code == 0, r.output
-    assert (
-        "wrote" in r.output
-        and "built index" in r.output
-        and "HMI" in r.output
-        and "EVE" in r.output
-    )
+    out = r.output
+    assert "already match" in out and "built index" in out and "HMI" in out and "EVE" in out
+    assert "statistics of" in out and "pretraining mae_debug" in out
+    assert "where to look" in out and "mlflow ui --backend-store-uri sqlite:///" in out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {e.name: client.search_runs([e.experiment_id]) for e in client.search_experiments()}
+    assert [x.info.status for x in runs["sdofm-pretrain"]] == ["FINISHED"]
+    assert len(runs["sdofm-dimming"]) == 2  # the sweep's parent and its one trial

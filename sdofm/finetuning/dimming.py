@@ -160,13 +160,13 @@ def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Ba
     the newest finished pretraining run of ``experiment``."""
     from mlflow import MlflowClient
 
-    from sdofm.tracking import CHECKPOINT_TAG
+    from sdofm.tracking import CHECKPOINT_TAG, use_tracking_uri
 
     if spec and spec.startswith(("models:/", "runs:/")):
         import mlflow.pytorch
 
-        mlflow.set_tracking_uri(tracking_uri)
-        enc = mlflow.pytorch.load_model(spec)
+        with use_tracking_uri(tracking_uri):
+            enc = mlflow.pytorch.load_model(spec)
         if not isinstance(enc, MAEEncoder):
             raise ConfigError(f"{spec} is a {type(enc).__name__}, not an MAEEncoder")
         return Backbone(enc.encoder_config, enc.state_dict(), spec)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sdofm.config import Config, dump_config
+from sdofm.config import Config, ConfigError, dump_config
 from sdofm.finetuning.dimming import (
     Prepared,
     load_regressor,
@@ -64,11 +64,9 @@ def dimming_trial(
             **{f"sdofm.hp.{k}": str(v) for k, v in params.items()},
         },
     )
-    try:
-        train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
-    except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
-        raise
+    # Only a normal end is recorded here: a trial that ASHA stops is killed with its Ray Train
+    # run, so the sweep's driver records FAILED and KILLED afterwards, from Tune's results.
+    train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
     tracking.end_run(uri, run_id, "FINISHED")
 
 
@@ -114,7 +112,9 @@ def sweep(
     storage = storage_path(cfg)
     path = f"{storage.rstrip('/')}/{tc.name}"
     if resume and not ray.tune.Tuner.can_restore(path):
-        raise FileNotFoundError(f"no sweep {tc.name!r} to resume under {storage}")
+        raise ConfigError(
+            f"--resume: no sweep {tc.name!r} under {storage} (tune.name, train.storage_path)"
+        )
 
     prepared = prepare(cfg)
     uri = prepared.tracking_uri
@@ -173,9 +173,14 @@ def sweep(
         raise
 
     table = trial_table(grid, tc.metric, list(tc.space))
-    for row in table:  # ASHA ended these trials: their child runs did not end themselves
-        if row["status"] == "stopped early":
-            tracking.end_run(uri, row["run_id"] or None, "KILLED")
+    for row in table:  # trials that did not end normally did not end their own runs
+        status = {"stopped early": "KILLED", "error": "FAILED"}.get(row["status"])
+        if status and not row["run_id"]:  # failed before its first report: find it by name
+            row["run_id"] = tracking.find_run(
+                uri, cfg.finetune.experiment, f"{tc.name}_{row['trial']}", storage
+            )
+        if status:
+            tracking.end_run(uri, row["run_id"] or None, status)
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
     if best is not None and parent is not None and best.get("checkpoint"):
@@ -192,6 +197,12 @@ def sweep(
     return SweepResult(parent, table, best, model_uri, path)
 
 
+def _trial_id(path: str | None) -> str:
+    """``.../dimming_trial_ab123_00002_2_batch_size=8,...`` -> ``ab123_00002``."""
+    parts = Path(path).name.split("_") if path else []
+    return "_".join(parts[2:4]) if len(parts) >= 4 else "?"
+
+
 def trial_table(grid, metric: str, keys: list[str]) -> list[dict]:
     """Rows of a Tune result grid, the best finished trial first."""
     rows = []
@@ -204,7 +215,7 @@ def trial_table(grid, metric: str, keys: list[str]) -> list[dict]:
         ckpt = m.get("checkpoint_path")
         rows.append(
             {
-                "trial": m.get("trial_id") or (Path(r.path).name if r.path else "?"),
+                "trial": m.get("trial_id") or _trial_id(r.path),
                 "params": {k: r.config.get(k) for k in keys},
                 "epochs": m.get("epoch"),
                 metric: m.get(metric),
