@@ -186,3 +186,16 @@ def test_the_head_learns_alpha_better_than_untrained(synth_root, tmp_path):
     assert m["val/mae"] < 0.75 * untrained_mae, (m["val/mae"], untrained_mae)
     scatter = tmp_path / "runs" / "head" / "tracking" / "figures"  # no MLflow run: kept locally
     assert (scatter / "scatter_test.png").exists() and (scatter / "scatter_val.png").exists()
+
+
+def test_backbone_from_an_mlflow_model_uri(tmp_path):
+    from sdofm import tracking
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    run_id = tracking.start_run(uri, "sdofm-pretrain", "p", "/s", {})
+    encoder = get_model("mae_debug").encoder().eval()
+    model_uri = tracking.log_model(uri, run_id, encoder, np.zeros((1, 12, 1, 32, 32), np.float32))
+    b = resolve_backbone(model_uri, uri, "sdofm-pretrain")
+    x = torch.randn(1, 12, 1, 32, 32)
+    torch.testing.assert_close(b.encoder().forward_features(x), encoder.forward_features(x))
+    b.check(load_config(), (12, 1, 32, 32))
