@@ -297,9 +297,10 @@ def finetune_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from sdofm.pretraining.loop import lr_at, say, unwrap
+    from sdofm.pretraining.loop import lr_at, quiet_reports, say, unwrap
     from sdofm.tracking import Tracker
 
+    quiet_reports()
     cfg = Config.model_validate(config["cfg"])
     fc = cfg.finetune
     ctx = ray.train.get_context()
@@ -356,7 +357,7 @@ def finetune_loop(config: dict) -> None:
             loss.backward()
             nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            losses.append(float(loss))
+            losses.append(loss.detach().item())
             seen += len(x)
             step += 1
         metrics: dict[str, Any] = {

@@ -136,11 +136,20 @@ def sweep(
         say(f"resuming sweep {tc.name!r} from {path}: finished trials are kept")
         tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
     else:
-        search_alg = None
         if tc.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
 
-            search_alg = OptunaSearch(metric=tc.metric, mode="min")
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                raise ConfigError(
+                    "tune.search=optuna needs Optuna: pip install -e '.[optuna]'"
+                ) from None
+            search_alg = OptunaSearch(metric=tc.metric, mode="min", seed=cfg.train.seed)
+        else:  # seeded: the same config samples the same trials
+            from ray.tune.search import BasicVariantGenerator
+
+            search_alg = BasicVariantGenerator(random_state=cfg.train.seed)
         tuner = ray.tune.Tuner(
             trainable,
             param_space=space,

@@ -53,6 +53,12 @@ class _QuietReports(logging.Filter):
         return not str(record.msg).startswith("Reporting training result")
 
 
+def quiet_reports() -> None:
+    """Install :class:`_QuietReports` on this worker's log handlers."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_QuietReports())
+
+
 def build_model(cfg: Config, sample_shape: tuple[int, int, int, int]) -> nn.Module:
     """The configured backbone for images of ``sample_shape`` = (C, T, H, W).
 
@@ -189,8 +195,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Config.model_validate(config["cfg"])
     tc, lc = cfg.train, cfg.loader
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_QuietReports())
+    quiet_reports()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if cfg.scaling.torch_threads:
