@@ -65,7 +65,7 @@ def dimming_trial(
         },
     )
     # Only a normal end is recorded here: a trial that ASHA stops is killed with its Ray Train
-    # run, so the sweep's driver records FAILED and KILLED afterwards, from Tune's results.
+    # run, so the sweep's driver records every trial's end afterwards, from Tune's results.
     train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
     tracking.end_run(uri, run_id, "FINISHED")
 
@@ -149,7 +149,9 @@ def sweep(
         else:  # seeded: the same config samples the same trials
             from ray.tune.search import BasicVariantGenerator
 
-            search_alg = BasicVariantGenerator(random_state=cfg.train.seed)
+            search_alg = BasicVariantGenerator(
+                random_state=cfg.train.seed, max_concurrent=tc.max_concurrent
+            )
         tuner = ray.tune.Tuner(
             trainable,
             param_space=space,
@@ -182,14 +184,20 @@ def sweep(
         raise
 
     table = trial_table(grid, tc.metric, list(tc.space))
-    for row in table:  # trials that did not end normally did not end their own runs
-        status = {"stopped early": "KILLED", "error": "FAILED"}.get(row["status"])
-        if status and not row["run_id"]:  # failed before its first report: find it by name
-            row["run_id"] = tracking.find_run(
-                uri, cfg.finetune.experiment, f"{tc.name}_{row['trial']}", storage
+    # A trial that ASHA stops, even at its last epoch, is killed before it can end its run:
+    # the driver records every trial's end from Tune's results.
+    for row in table:
+        status = {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}[
+            row["status"]
+        ]
+        if not row["run_id"]:  # failed before its first report: find its run by name
+            row["run_id"] = (
+                tracking.find_run(
+                    uri, cfg.finetune.experiment, f"{tc.name}_{row['trial']}", storage
+                )
+                or ""
             )
-        if status:
-            tracking.end_run(uri, row["run_id"] or None, status)
+        tracking.end_run(uri, row["run_id"] or None, status)
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
     if best is not None and parent is not None and best.get("checkpoint"):
