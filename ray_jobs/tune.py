@@ -5,6 +5,7 @@
 """
 
 import argparse
+import sys
 
 from sdofm.config import load_config
 from sdofm.finetuning.tune import format_table, sweep
@@ -25,3 +26,5 @@ cfg = load_config(args.config, [*args.overrides, *extra])
 result = sweep(cfg, args.num_samples, args.max_concurrent, args.resume)
 print(format_table(result.table, cfg.tune.metric))
 print(f"MLflow parent run id: {result.parent_run_id}; best head: {result.model_uri}")
+if result.interrupted:
+    sys.exit("interrupted: submit the same command with --resume to continue the sweep")

@@ -490,6 +490,9 @@ def run_tune_dimming(cfg, num_samples=None, max_concurrent=None, resume=False):
         f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"
         f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
     )
+    if result.interrupted:
+        console.print("interrupted: run the same command with --resume to continue the sweep")
+        raise typer.Exit(130)
     return result
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import ray.tune
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.finetuning.dimming import (
@@ -43,7 +44,6 @@ def dimming_trial(
 ) -> None:
     """One trial: the base config with ``params`` in ``finetune``, trained by Ray Train,
     recorded as a child MLflow run of the sweep."""
-    import ray.tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from sdofm import tracking
@@ -64,10 +64,46 @@ def dimming_trial(
             **{f"sdofm.hp.{k}": str(v) for k, v in params.items()},
         },
     )
-    # Only a normal end is recorded here: a trial that ASHA stops is killed with its Ray Train
-    # run, so the sweep's driver records every trial's end afterwards, from Tune's results.
+    # The run is ended by the driver (RecordTrialEnds) once Tune has ended the trial: a trial
+    # that ASHA stops is killed with its Ray Train run before it could end the run itself.
     train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
-    tracking.end_run(uri, run_id, "FINISHED")
+
+
+ENDED = ("TERMINATED", "ERROR")
+_last_status: dict[str, dict[str, str]] = {}
+"""Sweep path -> {trial id: Tune status} as of the sweep's last step (see TrialEnds)."""
+
+
+class TrialEnds(ray.tune.Callback):
+    """In the sweep's driver: ends a trial's MLflow child run when Tune ends the trial
+    (FINISHED after its test evaluation, KILLED when ASHA stopped it, FAILED on an error),
+    and keeps every trial's status as of the last step.
+
+    That status is the one Tune saves for ``--resume``: on Ctrl-C Tune saves its state,
+    then marks the trials it stops TERMINATED, so the result grid cannot tell an
+    interrupted trial from a finished one.
+    """
+
+    def __init__(self, uri: str, experiment: str, sweep_name: str, storage: str, path: str):
+        self.uri, self.experiment = uri, experiment
+        self.sweep_name, self.storage, self.path = sweep_name, storage, path
+
+    def on_step_end(self, iteration, trials, **info):
+        _last_status[self.path] = {t.trial_id: t.status for t in trials}
+
+    def _end(self, trial, status: str) -> None:
+        from sdofm import tracking
+
+        run_id = (trial.last_result or {}).get(TRIAL_RUN_ID) or tracking.find_run(
+            self.uri, self.experiment, f"{self.sweep_name}_{trial.trial_id}", self.storage
+        )
+        tracking.end_run(self.uri, run_id, status)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial, "FINISHED" if "test/mae" in (trial.last_result or {}) else "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial, "FAILED")
 
 
 @dataclass
@@ -78,6 +114,8 @@ class SweepResult:
     best: dict | None
     model_uri: str | None
     path: str
+    interrupted: bool = False
+    """Stopped (Ctrl-C) before every trial ended: continue it with ``resume=True``."""
 
 
 def sweep(
@@ -88,7 +126,6 @@ def sweep(
 ) -> SweepResult:
     """Sweep the head's hyperparameters; ``resume`` continues an interrupted sweep of the
     same ``tune.name`` (finished trials are kept, not rerun)."""
-    import ray.tune
     from ray.tune.schedulers import ASHAScheduler
 
     from sdofm import tracking
@@ -174,6 +211,7 @@ def sweep(
                 name=tc.name,
                 storage_path=storage,
                 failure_config=ray.tune.FailureConfig(max_failures=0),
+                callbacks=[TrialEnds(uri, cfg.finetune.experiment, tc.name, storage, path)],
                 verbose=1,  # trial status lines; the per-result tables would drown them
             ),
         )
@@ -183,21 +221,19 @@ def sweep(
         tracking.end_run(uri, parent, "FAILED")
         raise
 
-    table = trial_table(grid, tc.metric, list(tc.space))
-    # A trial that ASHA stops, even at its last epoch, is killed before it can end its run:
-    # the driver records every trial's end from Tune's results.
-    for row in table:
-        status = {"finished": "FINISHED", "stopped early": "KILLED", "error": "FAILED"}[
-            row["status"]
-        ]
-        if not row["run_id"]:  # failed before its first report: find its run by name
-            row["run_id"] = (
-                tracking.find_run(
-                    uri, cfg.finetune.experiment, f"{tc.name}_{row['trial']}", storage
-                )
-                or ""
-            )
-        tracking.end_run(uri, row["run_id"] or None, status)
+    # Ctrl-C: Tune saved its state and returned with trials that have not ended.
+    status = _last_status.pop(path, {})
+    unended = {t for t, s in status.items() if s not in ENDED}
+    interrupted = bool(unended)
+    table = trial_table(grid, tc.metric, list(tc.space), unended)
+    text = format_table(table, tc.metric)
+    tracking.log_text(uri, parent, text, "trials.txt")
+    if interrupted:
+        for row in table:  # the trials Tune had not ended; --resume reopens their runs
+            tracking.end_run(uri, row["run_id"] or None, "KILLED", only_if_running=True)
+        tracking.end_run(uri, parent, "KILLED")
+        say(f"sweep {tc.name!r} interrupted; continue it with --resume (finished trials are kept)")
+        return SweepResult(parent, table, None, None, path, interrupted=True)
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
     if best is not None and parent is not None and best.get("checkpoint"):
@@ -208,8 +244,6 @@ def sweep(
         example = np.zeros((1, *prepared.sample_shape), np.float32)
         model_uri = tracking.log_model(uri, parent, model, example, "best_head")
         tracking.set_tags(uri, parent, {"sdofm.best_run_id": best["run_id"]})
-    text = format_table(table, tc.metric)
-    tracking.log_text(uri, parent, text, "trials.txt")
     tracking.end_run(uri, parent, "FINISHED")
     return SweepResult(parent, table, best, model_uri, path)
 
@@ -220,20 +254,26 @@ def _trial_id(path: str | None) -> str:
     return "_".join(parts[2:4]) if len(parts) >= 4 else "?"
 
 
-def trial_table(grid, metric: str, keys: list[str]) -> list[dict]:
-    """Rows of a Tune result grid, the best finished trial first."""
+def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozenset()) -> list[dict]:
+    """Rows of a Tune result grid, the best finished trial first; ``unended``: ids of the
+    trials that an interruption left running or pending."""
     rows = []
     for r in grid:
         m = r.metrics or {}
-        finished = r.error is None and m.get("epoch") is not None
-        status = "error" if r.error is not None else "finished"
-        if finished and m.get("test/mae") is None:
+        trial = m.get("trial_id") or _trial_id(r.path)
+        if r.error is not None:
+            status = "error"
+        elif trial in unended:
+            status = "unfinished"
+        elif m.get("test/mae") is not None:
+            status = "finished"
+        else:
             status = "stopped early"  # ASHA ended it before its last epoch
         ckpt = m.get("checkpoint_path")
         rows.append(
             {
-                "trial": m.get("trial_id") or _trial_id(r.path),
-                "params": {k: r.config.get(k) for k in keys},
+                "trial": trial,
+                "params": {k: (r.config or {}).get(k) for k in keys},
                 "epochs": m.get("epoch"),
                 metric: m.get(metric),
                 "test/mae": m.get("test/mae"),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -93,13 +92,17 @@ def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path
     assert result.model_uri and result.model_uri.startswith("models:/")
 
 
-def _finished_trials(sweep_dir: Path) -> set[str]:
-    done = set()
-    for result in sweep_dir.glob("*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and "test/mae" in json.loads(lines[-1]):
-            done.add(result.parent.name)
-    return done
+def _ended_trials(client: MlflowClient, sweep_dir: Path) -> set[str]:
+    """Trial folders whose child run the sweep's driver has ended FINISHED, i.e. trials that
+    Tune itself has ended (a trial's last result alone does not make it finished to Tune)."""
+    exp = client.get_experiment_by_name("sdofm-dimming")
+    if exp is None:
+        return set()
+    runs = client.search_runs(
+        [exp.experiment_id], "tags.`sdofm.task` = 'tune-dimming-trial' and status = 'FINISHED'"
+    )
+    ids = [r.info.run_name.removeprefix("dimming_sweep_") for r in runs]
+    return {d.name for i in ids for d in sweep_dir.glob(f"*_{i}_*")}
 
 
 def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path):
@@ -110,21 +113,23 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
         "sweep(load_config(None, sys.argv[1:]), num_samples=3, max_concurrent=1)"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, as a user's run
+    log = tmp_path / "sweep.log"
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *overrides],
         cwd=REPO,
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     sweep_dir = tmp_path / "runs" / "dimming_sweep"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
         deadline = time.time() + 300
-        while not _finished_trials(sweep_dir) and time.time() < deadline:
+        while not _ended_trials(client, sweep_dir) and time.time() < deadline:
             assert proc.poll() is None, "the sweep ended before it could be interrupted"
             time.sleep(1)
-        before = _finished_trials(sweep_dir)
+        before = _ended_trials(client, sweep_dir)
         assert before, "no trial finished within 5 minutes"
     finally:
         os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: Tune saves its state and stops
@@ -133,7 +138,13 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    assert proc.returncode == 0, log.read_text()[-3000:]  # an interruption is not a crash
     results_before = {t: (sweep_dir / t / "result.json").read_text() for t in before}
+    (parent,) = client.search_runs(
+        [client.get_experiment_by_name("sdofm-dimming").experiment_id],
+        "tags.`sdofm.task` = 'tune-dimming'",
+    )
+    assert parent.info.status == "KILLED"  # the interrupted sweep is not recorded as finished
 
     import ray
 
@@ -146,9 +157,11 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
     assert {r["status"] for r in result.table} <= {"finished", "stopped early"}
     for t in before:  # finished trials were not run again
         assert (sweep_dir / t / "result.json").read_text() == results_before[t]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert result.parent_run_id == parent.info.run_id  # the sweep's run is reopened
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
     children = client.search_runs(
         [client.get_experiment_by_name("sdofm-dimming").experiment_id],
         f"tags.mlflow.parentRunId = '{result.parent_run_id}'",
     )
     assert len(children) == 3  # one child run per trial, reopened rather than duplicated
+    assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
