@@ -445,9 +445,10 @@ def _number(v: Any) -> Any:
     return v
 
 
-def _check_finetune_value(key: str, value: Any) -> None:
+def _finetune_value(key: str, value: Any) -> Any:
+    """``value`` as ``finetune.<key>`` takes it (YAML reads ``1e-3`` as a string)."""
     try:
-        FinetuneConfig.model_validate({key: value})
+        return getattr(FinetuneConfig.model_validate({key: value}), key)
     except ValidationError as e:
         msg = e.errors()[0]["msg"]
         raise ValueError(f"space.{key}: {value!r} is not a valid finetune.{key} ({msg})") from None
@@ -495,8 +496,8 @@ class TuneConfig(_Section):
             if kind == "choice":
                 if not values:
                     raise ValueError(f"space.{key}: choice needs at least one value")
-                for v in values:  # each value must be valid for the finetune setting
-                    _check_finetune_value(key, v)
+                # each value must be valid for the finetune setting, and is typed as it
+                values[:] = [_finetune_value(key, v) for v in values]
             elif kind in ("uniform", "loguniform"):
                 values[:] = [_number(v) for v in values]  # YAML reads 1e-3 as a string
                 if len(values) != 2 or not all(isinstance(v, (int, float)) for v in values):
@@ -506,8 +507,8 @@ class TuneConfig(_Section):
                     raise ValueError(f"space.{key}: {kind} range [{lo}, {hi}] is empty")
                 if kind == "loguniform" and lo <= 0:
                     raise ValueError(f"space.{key}: loguniform needs low > 0, got {lo}")
-                _check_finetune_value(key, lo)
-                _check_finetune_value(key, hi)
+                _finetune_value(key, lo)
+                _finetune_value(key, hi)
             else:
                 raise ValueError(
                     f"space.{key}: unknown kind {kind!r} (uniform, loguniform, choice)"

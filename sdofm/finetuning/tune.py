@@ -9,6 +9,7 @@ shared by every trial through the object store.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -226,6 +227,10 @@ def sweep(
     unended = {t for t, s in status.items() if s not in ENDED}
     interrupted = bool(unended)
     table = trial_table(grid, tc.metric, list(tc.space), unended)
+    for row in table:  # a trial that failed before its first report: find its run by name
+        if not row["run_id"]:
+            name = f"{tc.name}_{row['trial']}"
+            row["run_id"] = tracking.find_run(uri, cfg.finetune.experiment, name, storage) or ""
     text = format_table(table, tc.metric)
     tracking.log_text(uri, parent, text, "trials.txt")
     if interrupted:
@@ -252,6 +257,13 @@ def _trial_id(path: str | None) -> str:
     """``.../dimming_trial_ab123_00002_2_batch_size=8,...`` -> ``ab123_00002``."""
     parts = Path(path).name.split("_") if path else []
     return "_".join(parts[2:4]) if len(parts) >= 4 else "?"
+
+
+def root_cause(error: BaseException) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) trial error."""
+    lines = str(error).splitlines()
+    causes = [ln for ln in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", ln)]
+    return (causes[-1] if causes else lines[0] if lines else repr(error))[:200]
 
 
 def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozenset()) -> list[dict]:
@@ -281,7 +293,7 @@ def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozense
                 "status": status,
                 "run_id": m.get(TRIAL_RUN_ID) or "",
                 "checkpoint": ckpt if status == "finished" else None,
-                "error": str(r.error).splitlines()[0][:120] if r.error is not None else "",
+                "error": root_cause(r.error) if r.error is not None else "",
             }
         )
 
@@ -316,4 +328,5 @@ def format_table(rows: list[dict], metric: str) -> str:
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=True)]
     line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True))  # noqa: E731
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+    failed = [f"trial {r['trial']} failed: {r['error']}" for r in rows if r["status"] == "error"]
+    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body), *failed])

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from sdofm.cli import app
 from sdofm.config import ConfigError, load_config
-from sdofm.finetuning.tune import sweep
+from sdofm.finetuning.tune import format_table, sweep
 from tests.conftest import SMALL
 from tests.finetuning.test_dimming import _checkpoint
 
@@ -55,6 +55,13 @@ def test_an_invalid_search_space_stops_before_any_trial():
         load_config(None, ["tune.space={learning_rate: {uniform: [1e-4, 1e-3]}}"])
     with pytest.raises(ConfigError, match="'mlp' is not a valid finetune.head"):
         load_config(None, ["tune.space={head: {choice: [pool, mlp]}}"])
+
+
+def test_search_space_values_are_typed_as_the_settings_they_sweep():
+    space = load_config(
+        None, ["tune.space={lr: {choice: [1e-3, 3e-4]}, batch_size: {choice: ['8', 16]}}"]
+    ).tune.space
+    assert space == {"lr": {"choice": [1e-3, 3e-4]}, "batch_size": {"choice": [8, 16]}}
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -109,7 +116,7 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
     _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     overrides = _overrides(synth_root, tmp_path)
     code = (
-        "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import sweep; "
+        "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import format_table, sweep; "
         "sweep(load_config(None, sys.argv[1:]), num_samples=3, max_concurrent=1)"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, as a user's run
@@ -165,3 +172,30 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
     )
     assert len(children) == 3  # one child run per trial, reopened rather than duplicated
     assert {c.info.status for c in children} <= {"FINISHED", "KILLED"}
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(synth_root, tmp_path):
+    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
+    overrides = [
+        *_overrides(synth_root, tmp_path),
+        "finetune.epochs=1",
+        "finetune.freeze=frozen",
+        # lr 1e38 overflows AdamW's first step: that trial fails
+        "tune.space={lr: {choice: [1e38, 1e-3]}}",
+    ]
+    result = sweep(load_config(None, overrides), num_samples=4, max_concurrent=2)
+    by_lr = {}
+    for r in result.table:
+        by_lr.setdefault(r["params"]["lr"], set()).add(r["status"])
+    assert by_lr == {1e38: {"error"}, 1e-3: {"finished"}}, result.table
+    error = next(r["error"] for r in result.table if r["status"] == "error")
+    assert error.startswith("RuntimeError:") and "overflow" in error  # the cause, not Ray's wrapper
+    assert f"failed: {error}" in format_table(result.table, "val/mae")
+    assert result.best["params"]["lr"] == 1e-3 and result.model_uri
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(result.parent_run_id).info.status == "FINISHED"
+    for r in result.table:
+        expected = {"error": "FAILED", "finished": "FINISHED"}[r["status"]]
+        assert client.get_run(r["run_id"]).info.status == expected
