@@ -65,7 +65,7 @@ def dimming_trial(
             **{f"sdofm.hp.{k}": str(v) for k, v in params.items()},
         },
     )
-    # The run is ended by the driver (RecordTrialEnds) once Tune has ended the trial: a trial
+    # The run is ended by the driver (TrialEnds) once Tune has ended the trial: a trial
     # that ASHA stops is killed with its Ray Train run before it could end the run itself.
     train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
 
