@@ -104,7 +104,7 @@ def plain(args) -> list[float]:
     return timed_steps(make_step(model, args.precision, device), x, args.steps, args.warmup, device)
 
 
-def in_ray_train(args) -> list[float]:
+def in_ray_train(args, round_: int = 0) -> list[float]:
     import ray.train
     import ray.train.torch
     from ray.train.torch import TorchTrainer
@@ -143,7 +143,8 @@ def in_ray_train(args) -> list[float]:
             resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=ray.train.RunConfig(
-            name=f"bench_train_step_{os.getpid()}", storage_path=os.path.abspath("ray_results")
+            name=f"bench_train_step_{os.getpid()}_{round_}",
+            storage_path=os.path.abspath("ray_results"),
         ),
     ).fit()
     with open(out) as f:
@@ -166,6 +167,12 @@ def main() -> None:
     p.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-ray", action="store_true", help="only the plain loop (MFU runs)")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="alternating plain / Ray Train rounds; the overhead is the median of their ratios",
+    )
     args = p.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -183,11 +190,17 @@ def main() -> None:
     )
     print(f"model FLOPs per step: {flops / 1e9:.2f} GFLOP (analytic, 3 x forward)")
 
-    rows = [("plain PyTorch", plain(args))]
-    if not args.no_ray:
-        rows.append(("Ray Train, 1 worker", in_ray_train(args)))
+    rounds = 1 if args.no_ray else max(1, args.rounds)
+    runs: dict[str, list[list[float]]] = {"plain PyTorch": [], "Ray Train, 1 worker": []}
+    for i in range(rounds):  # alternated, so that drifts in machine load hit both alike
+        runs["plain PyTorch"].append(plain(args))
+        if not args.no_ray:
+            runs["Ray Train, 1 worker"].append(in_ray_train(args, i))
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
-    for label, times in rows:
+    for label, per_round in runs.items():
+        if not per_round:
+            continue
+        times = [t for r in per_round for t in r]
         med = statistics.median(times)
         line = (
             f"{label:<22} {med * 1e3:8.1f} ms/step (median of {len(times)}; "
@@ -198,12 +211,19 @@ def main() -> None:
         if peak and precision == "bf16":
             line += f"  MFU {flops / med / peak:.1%}"
         print(line)
-    if len(rows) == 2:
-        (_, a), (_, b) = rows
+    if not args.no_ray:
+        ratios = sorted(
+            statistics.median(b) / statistics.median(a) - 1
+            for a, b in zip(runs["plain PyTorch"], runs["Ray Train, 1 worker"], strict=True)
+        )
+        means = [
+            statistics.mean(b) / statistics.mean(a) - 1
+            for a, b in zip(runs["plain PyTorch"], runs["Ray Train, 1 worker"], strict=True)
+        ]
         print(
-            f"Ray Train overhead: {statistics.median(b) / statistics.median(a) - 1:+.1%} of the "
-            f"median step time, {statistics.mean(b) / statistics.mean(a) - 1:+.1%} of the mean "
-            f"(report stalls included; goal <= 5%)"
+            f"Ray Train overhead: {statistics.median(ratios):+.1%} of the median step time "
+            f"(median of {rounds} rounds; range {ratios[0]:+.1%} .. {ratios[-1]:+.1%}), "
+            f"{statistics.median(means):+.1%} of the mean (report stalls included; goal <= 5%)"
         )
 
 
