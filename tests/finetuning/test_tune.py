@@ -116,19 +116,20 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
     _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     overrides = _overrides(synth_root, tmp_path)
     code = (
-        "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import format_table, sweep; "
+        "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import sweep; "
         "sweep(load_config(None, sys.argv[1:]), num_samples=3, max_concurrent=1)"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, as a user's run
     log = tmp_path / "sweep.log"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *overrides],
-        cwd=REPO,
-        env=env,
-        stdout=log.open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, *overrides],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     sweep_dir = tmp_path / "runs" / "dimming_sweep"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:
