@@ -193,21 +193,15 @@ def log_text(uri: str, run_id: str | None, text: str, artifact_file: str) -> Non
         warnings.warn(f"could not log {artifact_file} to MLflow run {run_id}: {e}", stacklevel=2)
 
 
-def end_run(
-    uri: str, run_id: str | None, status: str = "FINISHED", only_if_running: bool = False
-) -> None:
-    """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable);
-    ``only_if_running`` leaves a run that has already ended as it is."""
+def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> None:
+    """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable)."""
     if run_id is None:
         return
     from mlflow import MlflowClient
 
     try:
         with _quick_http():
-            client = MlflowClient(uri)
-            if only_if_running and client.get_run(run_id).info.status != "RUNNING":
-                return
-            client.set_terminated(run_id, status=status)
+            MlflowClient(uri).set_terminated(run_id, status=status)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"could not mark MLflow run {run_id} {status}: {e}", stacklevel=2)
 

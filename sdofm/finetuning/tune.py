@@ -28,6 +28,11 @@ from sdofm.finetuning.dimming import (
 TRIAL_RUN_ID = "mlflow_run_id"
 
 
+def trial_run_name(sweep_name: str, trial_id: str) -> str:
+    """The MLflow run name of a trial (how its run is found again, e.g. on ``--resume``)."""
+    return f"{sweep_name}_{trial_id}"
+
+
 def search_space(cfg: Config) -> dict:
     """``tune.space`` as Ray Tune sampling objects."""
     from ray import tune
@@ -50,7 +55,7 @@ def dimming_trial(
     from sdofm import tracking
 
     cfg = Config.model_validate({**base, "finetune": {**base["finetune"], **params}})
-    name = f"{cfg.tune.name}_{ray.tune.get_context().get_trial_id()}"
+    name = trial_run_name(cfg.tune.name, ray.tune.get_context().get_trial_id())
     uri = prepared.tracking_uri
     run_id = tracking.start_run(
         uri,
@@ -96,7 +101,7 @@ class TrialEnds(ray.tune.Callback):
         from sdofm import tracking
 
         run_id = (trial.last_result or {}).get(TRIAL_RUN_ID) or tracking.find_run(
-            self.uri, self.experiment, f"{self.sweep_name}_{trial.trial_id}", self.storage
+            self.uri, self.experiment, trial_run_name(self.sweep_name, trial.trial_id), self.storage
         )
         tracking.end_run(self.uri, run_id, status)
 
@@ -229,13 +234,14 @@ def sweep(
     table = trial_table(grid, tc.metric, list(tc.space), unended)
     for row in table:  # a trial that failed before its first report: find its run by name
         if not row["run_id"]:
-            name = f"{tc.name}_{row['trial']}"
+            name = trial_run_name(tc.name, row["trial"])
             row["run_id"] = tracking.find_run(uri, cfg.finetune.experiment, name, storage) or ""
     text = format_table(table, tc.metric)
     tracking.log_text(uri, parent, text, "trials.txt")
     if interrupted:
         for row in table:  # the trials Tune had not ended; --resume reopens their runs
-            tracking.end_run(uri, row["run_id"] or None, "KILLED", only_if_running=True)
+            if row["status"] == "unfinished":
+                tracking.end_run(uri, row["run_id"] or None, "KILLED")
         tracking.end_run(uri, parent, "KILLED")
         say(f"sweep {tc.name!r} interrupted; continue it with --resume (finished trials are kept)")
         return SweepResult(parent, table, None, None, path, interrupted=True)
