@@ -146,8 +146,11 @@ def _from_checkpoint(path: str, source: str, run_id: str | None = None) -> Backb
             state = json.load(f)
         with fs.open(f"{root}/model.pt", "rb") as f:
             sd = torch.load(f, map_location="cpu")
-    except FileNotFoundError as e:
-        raise ConfigError(f"{source}: not a pretraining checkpoint ({e})") from None
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError(
+            f"{source}: not a pretraining checkpoint folder such as "
+            f"<storage>/<run>/checkpoint_00000132 ({e})"
+        ) from None
     if "encoder_config" not in state:
         raise ConfigError(f"{source}: the checkpoint does not record its encoder_config")
     return Backbone(

@@ -148,6 +148,11 @@ def test_no_pretraining_run_is_a_clear_error(tmp_path):
         resolve_backbone(None, f"sqlite:///{tmp_path}/m.db", "sdofm-pretrain")
     with pytest.raises(ConfigError, match="no such MLflow run"):
         resolve_backbone("0123456789abcdef", f"sqlite:///{tmp_path}/m.db", "sdofm-pretrain")
+    # A file of the run folder, or a folder that is not a checkpoint, is not a backbone
+    (tmp_path / "checkpoint_manager_snapshot.json").write_text("{}")
+    for path in (tmp_path / "checkpoint_manager_snapshot.json", tmp_path):
+        with pytest.raises(ConfigError, match="not a pretraining checkpoint folder"):
+            resolve_backbone(str(path), f"sqlite:///{tmp_path}/m.db", "sdofm-pretrain")
 
 
 @pytest.mark.usefixtures("ray_session")
