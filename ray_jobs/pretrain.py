@@ -7,8 +7,9 @@
 import argparse
 
 from sdofm.config import load_config
-from sdofm.datasets.synthetic import ensure_data
+from sdofm.archive.synthetic import ensure_data
 from sdofm.pretraining import pretrain
+from sdofm.runtime import init_ray
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--config", help="YAML config (default: the built-in defaults)")
@@ -17,6 +18,7 @@ args = parser.parse_args()
 
 cfg = load_config(args.config, args.overrides)
 ensure_data(cfg)
+init_ray(log_to_driver=True)
 result = pretrain(cfg)
 print(f"MLflow run id: {result.run_id} ({result.tracking_uri})")
 print(f"Checkpoint: {result.checkpoint}")

@@ -26,14 +26,6 @@ data_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(data_app, name="data")
-finetune_app = typer.Typer(
-    help="Train a science head on a pretrained backbone.", no_args_is_help=True
-)
-app.add_typer(finetune_app, name="finetune")
-tune_app = typer.Typer(
-    help="Sweep a science head's hyperparameters with Ray Tune.", no_args_is_help=True
-)
-app.add_typer(tune_app, name="tune")
 console = Console(width=None if Console().is_terminal else 140)
 
 Args = Annotated[
@@ -381,7 +373,7 @@ def data_ingest(
 
 def run_pretrain(cfg):
     """Pretrain (writing the synthetic Sun first when data.root is empty); print where results are."""
-    from sdofm.datasets.synthetic import ensure_data
+    from sdofm.archive.synthetic import ensure_data
     from sdofm.pretraining import pretrain
 
     with _progress(f"no stores under {cfg.data.root}: writing the synthetic Sun") as update:
@@ -412,8 +404,12 @@ def pretrain_cmd(args: Args = None) -> None:
     Re-running with the same train.run_name continues from its last checkpoint.
     Uses RAY_ADDRESS when set, else starts a local Ray instance.
     """
+    from sdofm.runtime import init_ray
+
     with _friendly_errors():
-        run_pretrain(_load(args))
+        cfg = _load(args)
+        init_ray(log_to_driver=True, dashboard=True)
+        run_pretrain(cfg)
 
 
 Backbone = Annotated[
@@ -426,60 +422,65 @@ Backbone = Annotated[
 ]
 
 
+def _task_help() -> str:
+    from sdofm.finetuning.tasks import TASK_NAMES
+
+    return f"The finetuning task: {', '.join(TASK_NAMES)}."
+
+
+Task = Annotated[str, typer.Argument(help=_task_help(), show_default=False)]
+
+
 def _with_backbone(args: list[str] | None, backbone: str | None) -> list[str]:
     return [*(args or []), f"finetune.backbone={backbone}"] if backbone else list(args or [])
 
 
-def _metrics_table(title: str, metrics: dict, channels: list[str]) -> Table:
-    table = Table("channel", "val MAE", "val success", "test MAE", "test success", title=title)
-    for c in ["", *channels]:
+def _metrics_table(title: str, metrics: dict, targets: list[str], columns: tuple) -> Table:
+    keys = [f"{split}/{col}" for split in ("val", "test") for col in columns]
+    table = Table("target", *(k.replace("/", " ") for k in keys), title=title)
+    for c in ["", *targets]:
         suffix = f"_{c}" if c else ""
         table.add_row(
             c or "mean",
-            *(
-                f"{metrics[k]:.4f}" if k in metrics else "-"
-                for k in (
-                    f"val/mae{suffix}",
-                    f"val/success{suffix}",
-                    f"test/mae{suffix}",
-                    f"test/success{suffix}",
-                )
-            ),
+            *(f"{metrics[k + suffix]:.4f}" if k + suffix in metrics else "-" for k in keys),
         )
     return table
 
 
-def run_finetune_dimming(cfg):
-    from sdofm.finetuning.dimming import dimmed_channels, finetune
+def run_finetune(cfg, task_name: str):
+    from sdofm.finetuning.run import finetune
+    from sdofm.finetuning.tasks import get_task
 
-    result = finetune(cfg)
-    names = [cfg.data.channels[i] for i in dimmed_channels(cfg)]
-    console.print(
-        _metrics_table(
-            f"dimming head {cfg.finetune.head!r}: |alpha_hat - alpha|", result.metrics, names
-        )
-    )
+    task = get_task(task_name)
+    result = finetune(cfg, task.name)
+    title = f"{task.name} head {cfg.finetune.head!r}"
+    console.print(_metrics_table(title, result.metrics, task.targets(cfg), task.columns))
     console.print(
         f"MLflow run id: {result.run_id}   model: {result.model_uri}   checkpoint: {result.checkpoint}"
     )
     return result
 
 
-@finetune_app.command("dimming")
-def finetune_dimming(args: Args = None, backbone: Backbone = None) -> None:
-    """AIA autocalibration: predict each AIA channel's dimming factor alpha (one Ray Train run).
+@app.command("finetune")
+def finetune_cmd(task: Task, args: Args = None, backbone: Backbone = None) -> None:
+    """Train a science head on a pretrained backbone (one Ray Train run).
 
+    dimming: AIA autocalibration, predict each AIA channel's dimming factor alpha;
     finetune.head=baseline_cnn trains the from-scratch baseline instead.
     """
+    from sdofm.runtime import init_ray
+
     with _friendly_errors():
-        run_finetune_dimming(_load(_with_backbone(args, backbone)))
+        cfg = _load(_with_backbone(args, backbone))
+        init_ray(log_to_driver=True, dashboard=True)
+        run_finetune(cfg, task)
 
 
-def run_tune_dimming(cfg, num_samples=None, max_concurrent=None, resume=False):
+def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=False):
     from sdofm.finetuning.tune import format_table, sweep
     from sdofm.tracking import tracking_uri
 
-    result = sweep(cfg, num_samples, max_concurrent, resume)
+    result = sweep(cfg, task_name, num_samples, max_concurrent, resume)
     console.print(format_table(result.table, cfg.tune.metric), highlight=False)
     if result.best:
         console.print(
@@ -496,8 +497,9 @@ def run_tune_dimming(cfg, num_samples=None, max_concurrent=None, resume=False):
     return result
 
 
-@tune_app.command("dimming")
-def tune_dimming(
+@app.command("tune")
+def tune_cmd(
+    task: Task,
     args: Args = None,
     backbone: Backbone = None,
     num_samples: Annotated[
@@ -511,12 +513,17 @@ def tune_dimming(
         typer.Option(help="Continue the interrupted sweep tune.name; finished trials are kept."),
     ] = False,
 ) -> None:
-    """Sweep the dimming head (lr, weight decay, head, unfrozen blocks, batch) with Ray Tune + ASHA.
+    """Sweep a head's hyperparameters (tune.space: lr, weight decay, head, unfrozen blocks,
+    batch) with Ray Tune + ASHA.
 
     One MLflow parent run for the sweep, a child run per trial; the best head is logged as a model.
     """
+    from sdofm.runtime import init_ray
+
     with _friendly_errors():
-        run_tune_dimming(_load(_with_backbone(args, backbone)), num_samples, max_concurrent, resume)
+        cfg = _load(_with_backbone(args, backbone))
+        init_ray(log_to_driver=True, dashboard=True)
+        run_tune(cfg, task, num_samples, max_concurrent, resume)
 
 
 @app.command("mlflow")
@@ -581,7 +588,7 @@ def demo(args: Args = None) -> None:
         pretrained = run_pretrain(cfg)
         backbone = pretrained.run_id or pretrained.checkpoint
         cfg.finetune.backbone = backbone
-        swept = run_tune_dimming(cfg)
+        swept = run_tune(cfg, "dimming")
         console.rule("where to look")
         console.print(
             f"MLflow UI:        mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}\n"

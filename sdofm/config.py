@@ -366,8 +366,8 @@ class TrainConfig(_Section):
     """Fault injection (tests, drills): rank 0 raises at this step, once per run."""
 
 
-class ScalingConfig(_Section):
-    """How many training workers and what each reserves."""
+class WorkersConfig(_Section):
+    """How many Ray Train workers and what each reserves (the ``scaling`` section)."""
 
     num_workers: int = Field(1, ge=1)
     """Data-parallel workers (one per GPU on a GPU cluster)."""
@@ -454,8 +454,8 @@ def _finetune_value(key: str, value: Any) -> Any:
         raise ValueError(f"space.{key}: {value!r} is not a valid finetune.{key} ({msg})") from None
 
 
-class TuneConfig(_Section):
-    """The Ray Tune sweep over the head's hyperparameters."""
+class SweepConfig(_Section):
+    """The Ray Tune sweep over the head's hyperparameters (the ``tune`` section)."""
 
     num_samples: int = Field(4, ge=1)
     """Trials."""
@@ -483,7 +483,7 @@ class TuneConfig(_Section):
     """Name of the sweep (``--resume`` continues the sweep of this name)."""
 
     @model_validator(mode="after")
-    def _check(self) -> TuneConfig:
+    def _check(self) -> SweepConfig:
         known = set(FinetuneConfig.model_fields)
         for key, spec in self.space.items():
             if key not in known:
@@ -531,13 +531,13 @@ class Config(_Section):
     """The backbone to pretrain."""
     train: TrainConfig = TrainConfig()
     """Optimiser, schedule, checkpoints, validation and resume."""
-    scaling: ScalingConfig = ScalingConfig()
+    scaling: WorkersConfig = WorkersConfig()
     """Ray Train workers and their resources."""
     tracking: TrackingConfig = TrackingConfig()
     """MLflow."""
     finetune: FinetuneConfig = FinetuneConfig()
     """The science head and how it is trained."""
-    tune: TuneConfig = TuneConfig()
+    tune: SweepConfig = SweepConfig()
     """The hyperparameter sweep of the head."""
 
 

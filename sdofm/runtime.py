@@ -31,12 +31,3 @@ def init_ray(
         ctx = ray.init(num_cpus=num_cpus, include_dashboard=dashboard, log_to_driver=log_to_driver)
         if dashboard and ctx.dashboard_url:
             print(f"Ray dashboard: http://{ctx.dashboard_url}", flush=True)
-
-
-def resolve_use_gpu(cfg) -> bool:
-    """``scaling.use_gpu``, with ``auto`` meaning: the Ray cluster has GPUs."""
-    import ray
-
-    if cfg.scaling.use_gpu != "auto":
-        return bool(cfg.scaling.use_gpu)
-    return ray.cluster_resources().get("GPU", 0) > 0

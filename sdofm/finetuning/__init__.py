@@ -1,1 +1,2 @@
-"""Science heads on pretrained backbones, trained with Ray Train and swept with Ray Tune."""
+"""Science heads on a pretrained backbone: tasks (``tasks/``), backbone resolution, one
+driver for single runs (``run.py``) and Ray Tune sweeps (``tune.py``)."""

@@ -1,4 +1,4 @@
-"""Ray Tune sweep of the dimming head: ASHA, random search (or Optuna), MLflow parent/child runs.
+"""Ray Tune sweep of a task's head: ASHA, random search (or Optuna), MLflow parent/child runs.
 
 Ray 2.60 runs Ray Train V2, so a trial is a Tune *function* that drives its own
 ``TorchTrainer(...).fit()``; ``TuneReportCallback`` hands each epoch's report to Tune
@@ -17,13 +17,10 @@ import numpy as np
 import ray.tune
 
 from sdofm.config import Config, ConfigError, dump_config
-from sdofm.finetuning.dimming import (
-    Prepared,
-    load_regressor,
-    prepare,
-    run_params,
-    train_head,
-)
+from sdofm.engine import storage_path
+from sdofm.engine.progress import say
+from sdofm.finetuning.run import Prepared, load_head, prepare, run_params, train_head
+from sdofm.finetuning.tasks import get_task
 
 TRIAL_RUN_ID = "mlflow_run_id"
 
@@ -45,8 +42,8 @@ def search_space(cfg: Config) -> dict:
     return space
 
 
-def dimming_trial(
-    params: dict, base: dict, prepared: Prepared, parent: str | None, storage: str
+def head_trial(
+    params: dict, base: dict, task_name: str, prepared: Prepared, parent: str | None, storage: str
 ) -> None:
     """One trial: the base config with ``params`` in ``finetune``, trained by Ray Train,
     recorded as a child MLflow run of the sweep."""
@@ -65,14 +62,15 @@ def dimming_trial(
         run_params(cfg, prepared),
         tags={
             "mlflow.parentRunId": parent or "",
-            "sdofm.task": "tune-dimming-trial",
+            "sdofm.task": f"tune-{task_name}-trial",
             "sdofm.head": cfg.finetune.head,
             **{f"sdofm.hp.{k}": str(v) for k, v in params.items()},
         },
     )
     # The run is ended by the driver (TrialEnds) once Tune has ended the trial: a trial
     # that ASHA stops is killed with its Ray Train run before it could end the run itself.
-    train_head(cfg, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
+    task = get_task(task_name)
+    train_head(cfg, task, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
 
 
 ENDED = ("TERMINATED", "ERROR")
@@ -126,17 +124,16 @@ class SweepResult:
 
 def sweep(
     cfg: Config,
+    task_name: str,
     num_samples: int | None = None,
     max_concurrent: int | None = None,
     resume: bool = False,
 ) -> SweepResult:
-    """Sweep the head's hyperparameters; ``resume`` continues an interrupted sweep of the
-    same ``tune.name`` (finished trials are kept, not rerun)."""
+    """Sweep the hyperparameters of task ``task_name``'s head; ``resume`` continues an
+    interrupted sweep of the same ``tune.name`` (finished trials are kept, not rerun)."""
     from ray.tune.schedulers import ASHAScheduler
 
     from sdofm import tracking
-    from sdofm.pretraining.loop import say
-    from sdofm.pretraining.run import storage_path
 
     tc = cfg.tune
     if num_samples is not None or max_concurrent is not None:
@@ -152,14 +149,15 @@ def sweep(
         )
         tc = cfg.tune
     space = search_space(cfg)  # invalid ranges were refused when the config was loaded
-    storage = storage_path(cfg)
+    task = get_task(task_name)
+    storage = storage_path(cfg.train.storage_path)
     path = f"{storage.rstrip('/')}/{tc.name}"
     if resume and not ray.tune.Tuner.can_restore(path):
         raise ConfigError(
             f"--resume: no sweep {tc.name!r} under {storage} (tune.name, train.storage_path)"
         )
 
-    prepared = prepare(cfg)
+    prepared = prepare(cfg, task)
     uri = prepared.tracking_uri
     parent = tracking.start_run(
         uri,
@@ -167,11 +165,16 @@ def sweep(
         tc.name,
         storage,
         {**run_params(cfg, prepared), "tune.search_space": str(tc.space)},
-        tags={"sdofm.task": "tune-dimming"},
+        tags={"sdofm.task": f"tune-{task.name}"},
     )
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
-            dimming_trial, base=dump_config(cfg), prepared=prepared, parent=parent, storage=storage
+            head_trial,
+            base=dump_config(cfg),
+            task_name=task.name,
+            prepared=prepared,
+            parent=parent,
+            storage=storage,
         ),
         {"cpu": tc.trial_cpus},
     )
@@ -251,7 +254,7 @@ def sweep(
         best_cfg = Config.model_validate(
             {**dump_config(cfg), "finetune": {**dump_config(cfg.finetune), **best["params"]}}
         )
-        model = load_regressor(best_cfg, prepared, best["checkpoint"])
+        model = load_head(best_cfg, task, prepared, best["checkpoint"])
         example = np.zeros((1, *prepared.sample_shape), np.float32)
         model_uri = tracking.log_model(uri, parent, model, example, "best_head")
         tracking.set_tags(uri, parent, {"sdofm.best_run_id": best["run_id"]})
@@ -260,7 +263,7 @@ def sweep(
 
 
 def _trial_id(path: str | None) -> str:
-    """``.../dimming_trial_ab123_00002_2_batch_size=8,...`` -> ``ab123_00002``."""
+    """``.../head_trial_ab123_00002_2_batch_size=8,...`` -> ``ab123_00002``."""
     parts = Path(path).name.split("_") if path else []
     return "_".join(parts[2:4]) if len(parts) >= 4 else "?"
 

@@ -7,19 +7,14 @@ import pytest
 import torch
 
 from sdofm.config import ConfigError, load_config
-from sdofm.datasets.pipeline import make_preprocessor
-from sdofm.finetuning.dimming import (
-    Dimming,
-    alpha_metrics,
-    build_regressor,
-    dimmed_channels,
-    prepare,
-    resolve_backbone,
-    train_head,
-)
+from sdofm.datasets.blocks import make_preprocessor
+from sdofm.engine.checkpoint import TrainState, save_checkpoint
+from sdofm.finetuning.backbone import resolve_backbone
+from sdofm.finetuning.run import prepare, train_head
+from sdofm.finetuning.tasks import get_task
+from sdofm.finetuning.tasks.dimming import Dimming, alpha_metrics, dimmed_channels
 from sdofm.models import get_model
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
-from sdofm.pretraining.loop import TrainState, save_checkpoint
 from tests.conftest import small_config
 
 STATS = {
@@ -43,7 +38,7 @@ def test_dimming_is_applied_in_physical_units_before_scaling():
     images, ids = _physical(), np.array([5, 9, 11])
     x, alpha = dim(images, ids, "train", epoch=3)
     assert alpha.shape == (3, 9) and (alpha >= 0.2).all() and (alpha <= 1).all()
-    pre = make_preprocessor(cfg, 16, STATS)
+    pre = make_preprocessor(cfg.data.channels, cfg.transform, 16, STATS)
     for j in range(3):
         by_hand = images[j].copy()
         by_hand[:9] *= alpha[j][:, None, None, None]  # AIA only; HMI is never dimmed
@@ -114,7 +109,7 @@ def _checkpoint(path, channels=None, **model_overrides):
     opt = torch.optim.AdamW(model.parameters())
     path.mkdir(parents=True)
     extra = {"encoder_config": model.encoder_config, "channels": channels}
-    save_checkpoint(path, model, opt, TrainState(1, 0, 0), extra)
+    save_checkpoint(path, model, {"model": opt}, TrainState(1, 0, 0), extra)
     return model
 
 
@@ -126,7 +121,7 @@ def test_backbone_from_a_checkpoint_loads_only_encoder_weights(tmp_path):
     torch.testing.assert_close(enc.forward_features(x), model.forward_features(x))
     cfg = load_config(None, ["finetune.head=pool"])
     b.check(cfg, (12, 1, 32, 32))
-    reg = build_regressor(cfg, (12, 1, 32, 32), b)
+    reg = get_task("dimming").build_head(cfg, (12, 1, 32, 32), b)
     assert reg(x).shape == (1, 9)
     # A state dict without some encoder weights is refused, naming them.
     del b.state_dict["norm.weight"]
@@ -171,12 +166,13 @@ def test_the_head_learns_alpha_better_than_untrained(synth_root, tmp_path):
         "loader.readers=1",
         "scaling.cpus_per_worker=0.25",
     )
-    prepared = prepare(cfg)
+    task = get_task("dimming")
+    prepared = prepare(cfg, task)
     assert prepared.counts["train"] > 100 and prepared.counts["val"] > 10
 
     # The untrained head on the same val samples and factors.
     torch.manual_seed(cfg.train.seed)
-    untrained = build_regressor(cfg, prepared.sample_shape, prepared.backbone).eval()
+    untrained = task.build_head(cfg, prepared.sample_shape, prepared.backbone).eval()
     dim = Dimming(cfg, prepared.stats, prepared.sample_shape[2])
     errs = []
     for batch in prepared.datasets["val"].iter_batches(batch_size=64, batch_format="numpy"):
@@ -185,7 +181,7 @@ def test_the_head_learns_alpha_better_than_untrained(synth_root, tmp_path):
             errs.append(np.abs(untrained(torch.from_numpy(x)).numpy() - alpha))
     untrained_mae = float(np.concatenate(errs).mean())
 
-    result = train_head(cfg, prepared, None, "head", str(tmp_path / "runs"))
+    result = train_head(cfg, task, prepared, None, "head", str(tmp_path / "runs"))
     m = result.metrics
     assert m["epoch"] == 4 and set(m) >= {"val/mae_171A", "test/mae_1700A", "test/success"}
     assert m["val/mae"] < 0.75 * untrained_mae, (m["val/mae"], untrained_mae)

@@ -68,7 +68,7 @@ def test_search_space_values_are_typed_as_the_settings_they_sweep():
 def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path):
     _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     cfg = load_config(None, _overrides(synth_root, tmp_path))
-    result = sweep(cfg, num_samples=3, max_concurrent=2)
+    result = sweep(cfg, "dimming", num_samples=3, max_concurrent=2)
 
     assert len(result.table) == 3 and result.best is not None
     assert result.best["status"] == "finished" and result.best["test/mae"] is not None
@@ -117,7 +117,8 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
     overrides = _overrides(synth_root, tmp_path)
     code = (
         "import sys; from sdofm.config import load_config; from sdofm.finetuning.tune import sweep; "
-        "sweep(load_config(None, sys.argv[1:]), num_samples=3, max_concurrent=1)"
+        "from sdofm.runtime import init_ray; init_ray(); "
+        "sweep(load_config(None, sys.argv[1:]), 'dimming', num_samples=3, max_concurrent=1)"
     )
     env = {**os.environ, "RAY_ADDRESS": ""}  # its own local Ray instance, as a user's run
     log = tmp_path / "sweep.log"
@@ -160,7 +161,7 @@ def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path
 
     if not ray.is_initialized():
         init_ray(num_cpus=2)
-    result = sweep(load_config(None, overrides), resume=True)
+    result = sweep(load_config(None, overrides), "dimming", resume=True)
     assert len(result.table) == 3
     assert {r["status"] for r in result.table} <= {"finished", "stopped early"}
     for t in before:  # finished trials were not run again
@@ -185,7 +186,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(synth_root, tm
         # lr 1e38 overflows AdamW's first step: that trial fails
         "tune.space={lr: {choice: [1e38, 1e-3]}}",
     ]
-    result = sweep(load_config(None, overrides), num_samples=4, max_concurrent=2)
+    result = sweep(load_config(None, overrides), "dimming", num_samples=4, max_concurrent=2)
     by_lr = {}
     for r in result.table:
         by_lr.setdefault(r["params"]["lr"], set()).add(r["status"])

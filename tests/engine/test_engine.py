@@ -1,5 +1,5 @@
-"""Pieces of the training loop that need no Ray: schedule, parameter groups, model set-up,
-checkpoint round trip."""
+"""Pieces of the engine that need no Ray: schedule, parameter groups, checkpoint round trip;
+and the pretraining arithmetic around it (model set-up, steps)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import pytest
 import torch
 
 from sdofm.config import ConfigError, load_config
-from sdofm.pretraining.loop import (
-    TrainState,
-    build_model,
-    load_checkpoint,
-    lr_at,
-    param_groups,
-    save_checkpoint,
-)
+from sdofm.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sdofm.engine.optim import lr_at, param_groups
+from sdofm.models import get_model
+from sdofm.pretraining.objective import model_kwargs
 from sdofm.pretraining.run import plan_steps
+
+
+def build_model(cfg, shape):
+    return get_model(cfg.model.name, **model_kwargs(cfg.model, cfg.data.channels, shape))
 
 
 def test_lr_warms_up_linearly_then_decays_by_cosine_to_the_floor():
@@ -74,10 +74,10 @@ def test_checkpoint_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(2, 12, 1, 32, 32))["loss"].backward()
     opt.step()
-    save_checkpoint(tmp_path, model, opt, TrainState(7, 1, 3), {"run_id": "abc"})
+    save_checkpoint(tmp_path, model, {"model": opt}, TrainState(7, 1, 3), {"run_id": "abc"})
     fresh = build_model(cfg, (12, 1, 32, 32))
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    state = load_checkpoint(tmp_path, fresh, fresh_opt)
+    state = load_checkpoint(tmp_path, fresh, {"model": fresh_opt})
     assert state == TrainState(7, 1, 3)
     for (n, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), n

@@ -1,0 +1,26 @@
+"""One training engine for every objective: the Ray Train loop, its checkpoint format, the
+lr schedule, and the driver's ``TorchTrainer`` and MLflow run set-up.
+
+Pretraining and finetuning each bring an :class:`Objective` (model, loss, evaluation); the
+loop, checkpoints, resume and rank-0 tracking are the same for all of them.
+"""
+
+from sdofm.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from sdofm.engine.loop import LoopConfig
+from sdofm.engine.objective import EvalContext, Evaluation, Objective, StepInfo
+from sdofm.engine.trainer import FitResult, fit, storage_path, tracked_run
+
+__all__ = [
+    "EvalContext",
+    "Evaluation",
+    "FitResult",
+    "LoopConfig",
+    "Objective",
+    "StepInfo",
+    "TrainState",
+    "fit",
+    "load_checkpoint",
+    "save_checkpoint",
+    "storage_path",
+    "tracked_run",
+]

@@ -1,0 +1,337 @@
+"""The Ray Train worker loop, one for every objective (after MAE's ``engine_pretrain.py``).
+
+``train_loop_per_worker`` sets up a :class:`Worker` (device, model, optimisers, resume,
+rank-0 tracking) and runs ``train_one_epoch`` until the run is over. At log, validation
+and checkpoint steps (or at each epoch's end, for intervals left None)
+``report_and_checkpoint`` logs the metrics to MLflow from rank 0, evaluates, and hands a
+checkpoint to Ray Train. Ray Train gets a report only at validations and checkpoints:
+its controller takes one report per 2 s poll, so per-step reports would stall fast steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sdofm.engine.checkpoint import (
+    TrainState,
+    checkpoint_name,
+    load_checkpoint,
+    save_checkpoint,
+    unwrap,
+)
+from sdofm.engine.objective import EvalContext, Objective, StepInfo, all_reduce_sum
+from sdofm.engine.optim import autocast, lr_at
+from sdofm.engine.progress import quiet_reports, say
+
+
+@dataclass
+class LoopConfig:
+    """Everything the worker loop needs besides the objective and the data."""
+
+    epochs: int
+    """Passes over the train split."""
+    schedule_steps: int
+    """Optimiser steps of the lr schedule (warm-up + cosine)."""
+    lr: float
+    """Peak learning rate."""
+    max_steps: int | None = None
+    """Stop after this many optimiser steps; None: after ``epochs``."""
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    grad_accum: int = 1
+    log_every: int | None = 10
+    """Steps between train-metric logs; None: at each epoch's end."""
+    val_every: int | None = 200
+    """Steps between validations; None: at each epoch's end. Always at the end."""
+    checkpoint_every: int | None = 200
+    """Steps between checkpoints; None: at each epoch's end. Always at the end."""
+    splits: tuple[str, ...] = ("train",)
+    """Datasets handed to the trainer: ``train``, and ``val`` (every validation) and
+    ``test`` (the last one) when present."""
+    batch_size: int = 8
+    prefetch_batches: int = 2
+    shuffle_buffer: int = 0
+    """Local shuffle buffer of the consumer (samples; 0: none)."""
+    seed: int = 0
+    """Seed of the weights, the shuffle buffer (plus the epoch) and the objective's draws."""
+    precision: str = "auto"
+    compile: bool = False
+    torch_threads: int | None = None
+    fail_at_step: int | None = None
+    """Fault injection: rank 0 raises once at this step."""
+    figures: int = 1
+    """Figures rank 0 draws at each evaluation."""
+    tracking_uri: str = ""
+    run_id: str | None = None
+    """The MLflow run (None: metrics go to ``fallback_dir``)."""
+    fallback_dir: str = ""
+    system_metrics: bool = False
+
+
+class Worker:
+    """One training worker: the model, its optimisers, where training is, and the data."""
+
+    def __init__(self, lc: LoopConfig, objective: Objective):
+        import ray.train
+        import ray.train.torch
+
+        quiet_reports()
+        self.lc, self.objective = lc, objective
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        if lc.torch_threads:
+            torch.set_num_threads(lc.torch_threads)
+        self.device = ray.train.torch.get_device()
+        torch.manual_seed(lc.seed)
+        model = objective.build_model().to(self.device)
+        self.optimizers = objective.optimizers(model)
+        self.params = {
+            k: [p for g in o.param_groups for p in g["params"]] for k, o in self.optimizers.items()
+        }
+        self.state = TrainState()
+        checkpoint = ray.train.get_checkpoint()
+        self.resumed = checkpoint is not None
+        if self.resumed:
+            with checkpoint.as_directory() as d:
+                self.state = load_checkpoint(Path(d), model, self.optimizers)
+        self.model = ray.train.torch.prepare_model(model)
+        if lc.compile:
+            self.model = torch.compile(self.model)
+        self.core = unwrap(self.model)
+        self.shards = {s: ray.train.get_dataset_shard(s) for s in lc.splits}
+        self.tracker = None
+        if self.rank == 0:
+            from sdofm.tracking import Tracker
+
+            self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir)
+            if lc.system_metrics:
+                self.tracker.start_system_metrics()
+            if self.resumed:
+                say(f"resumed at step {self.state.step} (epoch {self.state.epoch})")
+                self.tracker.set_tags({"sdofm.resumed_at_step": str(self.state.step)})
+        self.tokens_per_sample = objective.tokens_per_sample(self.core)
+        self.finished = self.state.epoch >= lc.epochs or self._reached_max_steps()
+        self.last_val = self.last_save = self.state.step
+        self.micro = 0
+        self._reset_window()
+
+    def _reached_max_steps(self) -> bool:
+        return self.lc.max_steps is not None and self.state.step >= self.lc.max_steps
+
+    def _reset_window(self) -> None:
+        self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
+        self.loss_sums = {k: torch.zeros((), device=self.device) for k in self.optimizers}
+        self.grad_norms: dict[str, float] = {}
+
+    def batches(self):
+        """This epoch's train batches, less those consumed before a resumed checkpoint."""
+        lc = self.lc
+        kwargs = {
+            "batch_size": lc.batch_size,
+            "prefetch_batches": lc.prefetch_batches,
+            "local_shuffle_buffer_size": lc.shuffle_buffer or None,
+            "local_shuffle_seed": lc.seed + self.state.epoch if lc.shuffle_buffer else None,
+        }
+        shard = self.shards["train"]
+        if self.objective.batch_format == "numpy":
+            it = shard.iter_batches(batch_format="numpy", **kwargs)
+        else:
+            it = shard.iter_torch_batches(**kwargs)
+        skip = self.state.batch_in_epoch
+        for i, batch in enumerate(it):
+            if i >= skip:
+                self.state.batch_in_epoch = i + 1
+                yield batch
+
+    def train_step(self, batch: dict) -> bool:
+        """Forward and backward of one micro-batch; an optimiser step after the last micro-batch
+        of an accumulation (-> True)."""
+        lc, state = self.lc, self.state
+        self.micro += 1
+        last_micro = self.micro % lc.grad_accum == 0
+        several = len(self.optimizers) > 1
+        sync = (
+            contextlib.nullcontext()
+            if last_micro or not hasattr(self.model, "no_sync")
+            else self.model.no_sync()
+        )
+        info = StepInfo(state.step, state.epoch, lc.schedule_steps)
+        with sync:
+            for name in self.optimizers:
+                with autocast(self.device, lc.precision):
+                    loss = self.objective.loss(self.model, batch, info, name, self.device)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite {name} loss {float(loss)} at step {state.step} (epoch "
+                        f"{state.epoch}, rank {self.rank}); {self.objective.describe(batch)}"
+                    )
+                # With several optimisers each loss reaches only its own parameters.
+                (loss / lc.grad_accum).backward(inputs=self.params[name] if several else None)
+                self.loss_sums[name] += loss.detach()
+        self.window_samples += len(batch["sample"])
+        if not last_micro:
+            return False
+        lr = lr_at(state.step, lc.lr, lc.warmup_steps, lc.schedule_steps, lc.min_lr_ratio)
+        self.lr = lr
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = lr
+            norm = nn.utils.clip_grad_norm_(self.params[name], lc.grad_clip or float("inf"))
+            self.grad_norms[name] = float(norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        state.step += 1
+        self.window_steps += 1
+        if lc.fail_at_step == state.step and self.rank == 0:
+            marker = Path(lc.fallback_dir) / "injected_failure"
+            if not marker.exists():  # once per run, whichever attempt gets here first
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.touch()
+                raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
+        return True
+
+    def train_metrics(self) -> dict[str, float]:
+        """Loss, lr, gradient norm and throughput since the last report, over every worker."""
+        if not self.window_steps:
+            return {}
+        elapsed = time.perf_counter() - self.window_start
+        per_step = self.world * self.window_steps * self.lc.grad_accum
+        single = len(self.optimizers) == 1
+        out = {}
+        for name, total in self.loss_sums.items():
+            key = "train/loss" if single else f"train/loss_{name}"
+            out[key] = float(all_reduce_sum(total.clone()) / per_step)
+            out[key.replace("loss", "grad_norm")] = self.grad_norms[name]
+        samples_per_s = self.window_samples * self.world / elapsed
+        out.update({"train/lr": self.lr, "train/samples_per_s": samples_per_s})
+        if self.tokens_per_sample:
+            out["train/tokens_per_s"] = samples_per_s * self.tokens_per_sample
+        return out
+
+    def due(self, epoch_end: bool) -> dict[str, bool]:
+        """What to do now: after an optimiser step (intervals), or at an epoch's end."""
+        lc, step = self.lc, self.state.step
+        if not epoch_end:
+
+            def at(every):
+                return every is not None and step % every == 0
+
+            return {
+                "log": at(lc.log_every),
+                "val": at(lc.val_every),
+                "save": at(lc.checkpoint_every),
+                "final": False,
+            }
+        final = self._reached_max_steps() or self.state.epoch >= lc.epochs
+        return {
+            "log": final or lc.log_every is None,
+            "val": (final or lc.val_every is None) and self.last_val != step,
+            "save": (final or lc.checkpoint_every is None) and self.last_save != step,
+            "final": final,
+        }
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+
+
+def validate(w: Worker, final: bool) -> dict[str, float]:
+    """Evaluate ``val`` (and ``test`` at the end) on every worker; rank 0 logs the figures."""
+    metrics: dict[str, float] = {}
+    for split in ("val", "test") if final else ("val",):
+        if split not in w.shards:
+            continue
+        ctx = EvalContext(
+            device=w.device,
+            batch_size=w.lc.batch_size,
+            prefetch_batches=w.lc.prefetch_batches,
+            precision=w.lc.precision,
+            rank=w.rank,
+            step=w.state.step,
+            final=final,
+            figures=w.lc.figures if w.rank == 0 else 0,
+        )
+        result = w.objective.evaluate(w.core, w.shards[split], split, ctx)
+        metrics.update(result.metrics)
+        for path, fig in result.figures:
+            w.tracker.log_figure(fig, path)
+    w.last_val = w.state.step
+    return metrics
+
+
+def report_and_checkpoint(w: Worker, log: bool, val: bool, save: bool, final: bool) -> None:
+    """Log to MLflow (rank 0); at validations and checkpoints report to Ray Train, with
+    rank 0's checkpoint when saving."""
+    import ray.train
+
+    if not (log or val or save):
+        return
+    state = w.state
+    metrics: dict = {"step": state.step, "epoch": state.epoch, **w.train_metrics()}
+    if val:
+        metrics.update(validate(w, final))
+    if w.rank == 0:
+        w.tracker.log_metrics(metrics, step=state.step)
+        say(_progress_line(w, metrics))
+    w._reset_window()
+    if not (val or save):
+        return
+    metrics["mlflow_run_id"] = w.lc.run_id or ""  # a sweep finds a trial's run through it
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if save and w.rank == 0:
+            meta = {"run_id": w.lc.run_id, **w.objective.checkpoint_meta(w.core)}
+            save_checkpoint(Path(tmp), w.model, w.optimizers, state, meta)
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            metrics,
+            checkpoint=checkpoint,
+            checkpoint_dir_name=checkpoint_name(state.step) if save else None,
+        )
+    if save:
+        w.last_save = state.step
+
+
+def _progress_line(w: Worker, m: dict) -> str:
+    lc = w.lc
+    total = lc.max_steps or lc.schedule_steps
+    parts = [f"step {m['step']}/{total} epoch {m['epoch']}/{lc.epochs}"]
+    if "train/loss" in m:
+        parts.append(
+            f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "
+            f"{m['train/samples_per_s']:.1f} samples/s"
+        )
+    parts += [f"{k} {v:.4f}" for k, v in m.items() if k in w.objective.headline]
+    return " | ".join(parts)
+
+
+def train_one_epoch(w: Worker) -> None:
+    """One pass over this worker's train shard (the rest of it, when resuming mid-epoch)."""
+    for batch in w.batches():
+        if not w.train_step(batch):
+            continue  # a micro-batch of a gradient accumulation
+        if w._reached_max_steps():
+            break
+        report_and_checkpoint(w, **w.due(epoch_end=False))
+    else:
+        w.state.epoch += 1
+        w.state.batch_in_epoch = 0
+    due = w.due(epoch_end=True)
+    report_and_checkpoint(w, **due)
+    w.finished = due["final"]
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function: ``config = {"loop": LoopConfig, "objective": Objective}``."""
+    w = Worker(config["loop"], config["objective"])
+    while not w.finished:
+        train_one_epoch(w)
+    w.close()

@@ -1,0 +1,128 @@
+"""Which pretrained encoder a head sits on: a checkpoint folder, a ``models:/`` URI, an
+MLflow run id, or the newest finished pretraining run."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sdofm.config import Config, ConfigError
+from sdofm.engine.checkpoint import MODEL_FILE, STATE_FILE
+from sdofm.models.mae import MAEEncoder
+
+
+@dataclass
+class Backbone:
+    """A pretrained encoder: its constructor arguments, weights, and where it came from."""
+
+    encoder_config: dict
+    state_dict: dict
+    source: str
+    run_id: str | None = None
+    channels: list[str] | None = None
+
+    def encoder(self) -> MAEEncoder:
+        """The encoder with these weights; only decoder keys may be left unused."""
+        enc = MAEEncoder(**self.encoder_config)
+        result = enc.load_state_dict(self.state_dict, strict=False)
+        assert result.missing_keys == [], (
+            f"{self.source}: encoder keys missing {result.missing_keys}"
+        )
+        stray = [
+            k for k in result.unexpected_keys if not (k.startswith("decoder_") or k == "mask_token")
+        ]
+        assert not stray, f"{self.source}: unexpected non-decoder keys {stray}"
+        return enc
+
+    def check(self, cfg: Config, sample_shape: tuple[int, int, int, int]) -> None:
+        """A clear error when the backbone does not fit the data config."""
+        C, T, H, _ = sample_shape
+        ec = self.encoder_config
+        img = ec["img_size"] if isinstance(ec["img_size"], int) else ec["img_size"][0]
+        problems = []
+        if self.channels is not None and list(self.channels) != list(cfg.data.channels):
+            problems.append(f"channels {self.channels} vs data {cfg.data.channels}")
+        elif ec["in_chans"] != C:
+            problems.append(f"{ec['in_chans']} channels vs {C} in the data {cfg.data.channels}")
+        if img != H:
+            problems.append(f"image size {img} px vs {H} px from the data (transform.size)")
+        if ec["num_frames"] != T:
+            problems.append(f"{ec['num_frames']} frames vs data.num_frames {T}")
+        if problems:
+            raise ConfigError(
+                f"backbone {self.source} does not match the data config: " + "; ".join(problems)
+            )
+
+
+def _from_checkpoint(path: str, source: str, run_id: str | None = None) -> Backbone:
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(path)
+    try:
+        with fs.open(f"{root}/{STATE_FILE}") as f:
+            state = json.load(f)
+        with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
+            sd = torch.load(f, map_location="cpu")
+    except (FileNotFoundError, NotADirectoryError) as e:
+        raise ConfigError(
+            f"{source}: not a pretraining checkpoint folder such as "
+            f"<storage>/<run>/checkpoint_00000132 ({e})"
+        ) from None
+    if "encoder_config" not in state:
+        raise ConfigError(f"{source}: the checkpoint does not record its encoder_config")
+    return Backbone(
+        state["encoder_config"], sd, source, run_id or state.get("run_id"), state.get("channels")
+    )
+
+
+def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Backbone:
+    """A backbone from a checkpoint folder, a ``models:/`` URI, an MLflow run id, or (None)
+    the newest finished pretraining run of ``experiment``."""
+    from mlflow import MlflowClient
+
+    from sdofm.tracking import CHECKPOINT_TAG, use_tracking_uri
+
+    if spec and spec.startswith(("models:/", "runs:/")):
+        import mlflow.pytorch
+
+        with use_tracking_uri(tracking_uri):
+            enc = mlflow.pytorch.load_model(spec)
+        if not isinstance(enc, MAEEncoder):
+            raise ConfigError(f"{spec} is a {type(enc).__name__}, not an MAEEncoder")
+        return Backbone(enc.encoder_config, enc.state_dict(), spec)
+    if spec and ("/" in spec or Path(spec).exists()):
+        return _from_checkpoint(spec, spec)
+    client = MlflowClient(tracking_uri)
+    if spec:
+        try:
+            run = client.get_run(spec)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(
+                f"finetune.backbone {spec!r}: no such MLflow run at {tracking_uri} ({e})"
+            ) from None
+    else:
+        exp = client.get_experiment_by_name(experiment)
+        runs = (
+            client.search_runs(
+                [exp.experiment_id],
+                filter_string="attributes.status = 'FINISHED' and tags.`sdofm.task` = 'pretrain'",
+                order_by=["attributes.end_time DESC"],
+                max_results=1,
+            )
+            if exp
+            else []
+        )
+        if not runs:
+            raise ConfigError(
+                f"no finished pretraining run in MLflow experiment {experiment!r} at "
+                f"{tracking_uri}: run `sdofm pretrain` first, or set finetune.backbone "
+                "(a run id, a models:/ URI or a checkpoint folder)"
+            )
+        run = runs[0]
+    ckpt = run.data.tags.get(CHECKPOINT_TAG)
+    if not ckpt:
+        raise ConfigError(f"MLflow run {run.info.run_id} records no checkpoint ({CHECKPOINT_TAG})")
+    return _from_checkpoint(ckpt, f"run {run.info.run_id} ({ckpt})", run.info.run_id)

@@ -1,0 +1,173 @@
+"""The finetuning driver: data, backbone and run set-up around one engine ``fit`` per head.
+
+Shared by ``sdofm finetune TASK``, ``ray_jobs/finetune.py`` and every trial of a sweep
+(``sdofm.finetuning.tune``); Ray must be initialised by the caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from sdofm.config import Config, ConfigError, dump_config
+from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
+from sdofm.engine.checkpoint import MODEL_FILE
+from sdofm.finetuning.backbone import Backbone, resolve_backbone
+from sdofm.finetuning.tasks import Task, get_task
+
+
+@dataclass
+class Prepared:
+    """What every run of one task and data config shares: statistics, backbone, splits."""
+
+    sample_shape: tuple[int, int, int, int]
+    stats: dict | None
+    backbone: Backbone | None
+    datasets: dict
+    """split -> a materialised Ray Dataset, in the task's transform."""
+    counts: dict[str, int]
+    tracking_uri: str
+
+
+@dataclass
+class FinetuneResult:
+    run_id: str | None
+    metrics: dict
+    checkpoint: str | None
+    model_uri: str | None = None
+
+
+def prepare(cfg: Config, task: Task) -> Prepared:
+    """Index, statistics, backbone and the three splits in the task's transform, materialised
+    once (small finetuning sets; the trials of a sweep share them through the object store)."""
+    from sdofm.datasets.index import load_or_build_index
+    from sdofm.datasets.pipeline import SDOMLPipeline
+    from sdofm.datasets.stats import load_or_compute_stats
+    from sdofm.tracking import tracking_uri
+
+    task.check(cfg)
+    d = cfg.data
+    table, _ = load_or_build_index(d)
+    stats = (
+        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
+    )
+    pipe = SDOMLPipeline(d, task.transform(cfg), cfg.loader, table, None)
+    shape = pipe.sample_shape()
+    uri = tracking_uri(cfg.tracking.uri)
+    backbone = None
+    if cfg.finetune.head != "baseline_cnn":
+        backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment)
+        backbone.check(cfg, shape)
+    datasets, counts = {}, {}
+    for split in ("train", "val", "test"):
+        n = pipe.num_samples(split)
+        if n == 0:
+            raise ConfigError(f"the {split} split of {d.root} is empty: check data.split")
+        subset = None
+        limit = cfg.finetune.max_train_samples
+        if split == "train" and limit and limit < n:
+            subset = np.sort(np.random.default_rng(cfg.finetune.dim_seed).permutation(n)[:limit])
+            n = limit
+        datasets[split] = pipe.dataset(split, epoch=0, subset=subset).materialize()
+        counts[split] = n
+    return Prepared(shape, stats, backbone, datasets, counts, uri)
+
+
+def train_head(
+    cfg: Config,
+    task: Task,
+    prepared: Prepared,
+    run_id: str | None,
+    name: str,
+    storage: str,
+    callbacks: list | None = None,
+):
+    """One Ray Train run of the task's head on the prepared splits: validated and
+    checkpointed every epoch, scored on the test split at the end."""
+    from sdofm.tracking import fallback_dir
+
+    fc, sc = cfg.finetune, cfg.scaling
+    per_epoch = -(-(prepared.counts["train"] // sc.num_workers) // fc.batch_size)
+    loop = LoopConfig(
+        epochs=fc.epochs,
+        schedule_steps=per_epoch * fc.epochs,
+        lr=fc.lr,
+        warmup_steps=max(1, per_epoch // 10),
+        grad_clip=1.0,
+        log_every=None,  # train, val and checkpoint at each epoch's end
+        val_every=None,
+        checkpoint_every=None,
+        splits=("train", "val", "test"),
+        batch_size=fc.batch_size,
+        prefetch_batches=cfg.loader.prefetch_batches,
+        shuffle_buffer=cfg.loader.shuffle_buffer,
+        seed=cfg.train.seed,
+        precision=cfg.train.precision,
+        torch_threads=sc.torch_threads,
+        tracking_uri=prepared.tracking_uri,
+        run_id=run_id,
+        fallback_dir=str(fallback_dir(storage, name)),
+    )
+    objective = task.objective(cfg, prepared)
+    return fit(
+        name,
+        storage,
+        objective,
+        loop,
+        prepared.datasets,
+        sc,
+        max_failures=cfg.train.max_failures,
+        keep_checkpoints=1,
+        callbacks=callbacks,
+    )
+
+
+def run_params(cfg: Config, prepared: Prepared) -> dict:
+    from sdofm.tracking import flatten
+
+    b = prepared.backbone
+    return {
+        **flatten(dump_config(cfg)),
+        "derived.sample_shape": list(prepared.sample_shape),
+        "derived.backbone": b.source if b else "none (from scratch)",
+        **{f"derived.{k}_samples": v for k, v in prepared.counts.items()},
+    }
+
+
+def load_head(cfg: Config, task: Task, prepared: Prepared, checkpoint: str) -> nn.Module:
+    """The trained head of a finished run's checkpoint (a folder or URI)."""
+    import fsspec
+    import torch
+
+    model = task.build_head(cfg, prepared.sample_shape, prepared.backbone)
+    with fsspec.open(f"{checkpoint}/{MODEL_FILE}", "rb") as f:
+        model.load_state_dict(torch.load(f, map_location="cpu"))
+    return model.eval()
+
+
+def finetune(cfg: Config, task_name: str) -> FinetuneResult:
+    """Train the task's head once, logged to MLflow as one run tagged with its backbone."""
+    from sdofm import tracking
+
+    task = get_task(task_name)
+    prepared = prepare(cfg, task)
+    storage = storage_path(cfg.train.storage_path)
+    b = prepared.backbone
+    tags = {
+        "sdofm.task": f"finetune-{task.name}",
+        "sdofm.head": cfg.finetune.head,
+        "sdofm.backbone_run_id": (b.run_id or "") if b else "",
+        "sdofm.backbone": b.source if b else "none",
+    }
+    uri, name = prepared.tracking_uri, cfg.finetune.run_name
+    params = run_params(cfg, prepared)
+    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags) as run_id:
+        fitted = train_head(cfg, task, prepared, run_id, name, storage)
+        result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
+        if run_id is not None and fitted.checkpoint:
+            model = load_head(cfg, task, prepared, fitted.checkpoint)
+            example = np.zeros((1, *prepared.sample_shape), np.float32)
+            result.model_uri = tracking.log_model(uri, run_id, model, example, "regressor")
+    return result

@@ -1,0 +1,67 @@
+"""Finetuning tasks, by name: what a head predicts, from which inputs, scored how.
+
+A task brings the data transform its pipeline needs, the head, and an engine objective;
+``sdofm finetune TASK`` and ``sdofm tune TASK`` run any of them the same way.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sdofm.config import Config, ConfigError, TransformConfig
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sdofm.engine.objective import Objective
+    from sdofm.finetuning.backbone import Backbone
+    from sdofm.finetuning.run import Prepared
+
+
+class Task:
+    """The interface of a finetuning task (see ``dimming.py``)."""
+
+    name: str = ""
+    summary: str = ""
+    """One line for ``--help``."""
+    columns: tuple[str, ...] = ()
+    """Per-target metrics, reported as ``{split}/{column}_{target}`` and ``{split}/{column}``."""
+
+    def check(self, cfg: Config) -> None:
+        """Fail early, naming the setting, when the config cannot serve this task."""
+
+    def transform(self, cfg: Config) -> TransformConfig:
+        """The transform the Ray Data pipeline applies before the task's own."""
+        return cfg.transform
+
+    def targets(self, cfg: Config) -> list[str]:
+        """Names of what the head predicts (rows of the metrics table)."""
+        raise NotImplementedError
+
+    def build_head(
+        self, cfg: Config, sample_shape: tuple[int, int, int, int], backbone: Backbone | None
+    ) -> nn.Module:
+        """The head model on ``backbone`` (None: a from-scratch baseline)."""
+        raise NotImplementedError
+
+    def objective(self, cfg: Config, prepared: Prepared) -> Objective:
+        """The engine objective that trains and scores the head."""
+        raise NotImplementedError
+
+
+def _registry() -> dict[str, Task]:
+    from sdofm.finetuning.tasks.dimming import DimmingTask
+
+    return {t.name: t for t in (DimmingTask(),)}
+
+
+TASK_NAMES = ("dimming",)
+"""Task names, known without importing torch (the CLI's help lists them)."""
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``."""
+    tasks = _registry()
+    if name not in tasks:
+        raise ConfigError(f"unknown finetuning task {name!r}; known: {', '.join(tasks)}")
+    return tasks[name]
