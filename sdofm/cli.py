@@ -27,6 +27,40 @@ data_app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 console = Console(width=None if Console().is_terminal else 140)
+_verbose = False
+
+
+@app.callback()
+def main(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "--verbose", "-v", help="Show Ray's, Tune's and the workers' own log lines live."
+        ),
+    ] = False,
+) -> None:
+    """sdofm: foundation models of the Sun on SDO data (SDOML v2), with Ray and MLflow."""
+    global _verbose
+    _verbose = verbose
+
+
+def _start_ray(dashboard: bool = False) -> None:
+    """Ray for this command (``RAY_ADDRESS`` or a local instance); Ray's own log lines go to
+    a file unless --verbose."""
+    from sdofm.runtime import init_ray
+
+    init_ray(verbose=_verbose, dashboard=dashboard)
+
+
+def _where_logs() -> None:
+    from sdofm.runtime import log_file
+
+    if log_file() is not None:
+        console.print(
+            f"Ray, Tune and MLflow log lines: {log_file()} (workers' output: Ray's session logs, "
+            "/tmp/ray/session_latest/logs; --verbose shows them live)",
+            highlight=False,
+        )
 
 Args = Annotated[
     list[str] | None,
@@ -63,7 +97,8 @@ def _friendly_errors():
 
 @contextmanager
 def _progress(description: str):
-    """A rich progress bar; yields ``update(done, total)``."""
+    """A rich progress bar, shown from the first ``update(done, total)`` on (work that turns
+    out to have nothing to do shows none)."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -73,7 +108,7 @@ def _progress(description: str):
         TimeRemainingColumn,
     )
 
-    with Progress(
+    bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
@@ -81,13 +116,21 @@ def _progress(description: str):
         TimeRemainingColumn(),
         console=console,
         transient=False,
-    ) as bar:
-        task = bar.add_task(description, total=None)
+    )
+    task = None
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        nonlocal task
+        if task is None:
+            bar.start()
+            task = bar.add_task(description, total=None)
+        bar.update(task, completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if task is not None:
+            bar.stop()
 
 
 def _du(url: str, storage_options: dict) -> int:
@@ -208,8 +251,6 @@ def run_ingest(
     deg_cor: list[str] | None = None,
 ) -> None:
     from sdofm.datasets.ingest import ingest
-    from sdofm.runtime import init_ray
-
     factors = {}
     for item in deg_cor or []:
         name, _, value = item.partition("=")
@@ -219,7 +260,7 @@ def run_ingest(
             raise typer.BadParameter(
                 f"--deg-cor {item!r}: write CHANNEL=FACTOR, e.g. 171A=0.85"
             ) from None
-    init_ray()
+    _start_ray()
     with _progress(f"ingest {instrument.upper()} FITS -> {out}") as update:
         report = ingest(
             source,
@@ -256,10 +297,9 @@ def run_ingest(
 def run_stats(cfg, recompute: bool = False) -> None:
     from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.stats import load_or_compute_stats
-    from sdofm.runtime import init_ray
 
     table, _ = load_or_build_index(cfg.data)
-    init_ray()
+    _start_ray()
     t0 = time.perf_counter()
     with console.status("normalisation statistics over the train split (Ray Data)"):
         stats = load_or_compute_stats(cfg, table, recompute=recompute)
@@ -404,12 +444,11 @@ def pretrain_cmd(args: Args = None) -> None:
     Re-running with the same train.run_name continues from its last checkpoint.
     Uses RAY_ADDRESS when set, else starts a local Ray instance.
     """
-    from sdofm.runtime import init_ray
-
     with _friendly_errors():
         cfg = _load(args)
-        init_ray(log_to_driver=True, dashboard=True)
+        _start_ray(dashboard=True)
         run_pretrain(cfg)
+    _where_logs()
 
 
 Backbone = Annotated[
@@ -468,12 +507,11 @@ def finetune_cmd(task: Task, args: Args = None, backbone: Backbone = None) -> No
     dimming: AIA autocalibration, predict each AIA channel's dimming factor alpha;
     finetune.head=baseline_cnn trains the from-scratch baseline instead.
     """
-    from sdofm.runtime import init_ray
-
     with _friendly_errors():
         cfg = _load(_with_backbone(args, backbone))
-        init_ray(log_to_driver=True, dashboard=True)
+        _start_ray(dashboard=True)
         run_finetune(cfg, task)
+    _where_logs()
 
 
 def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=False):
@@ -518,12 +556,11 @@ def tune_cmd(
 
     One MLflow parent run for the sweep, a child run per trial; the best head is logged as a model.
     """
-    from sdofm.runtime import init_ray
-
     with _friendly_errors():
         cfg = _load(_with_backbone(args, backbone))
-        init_ray(log_to_driver=True, dashboard=True)
+        _start_ray(dashboard=True)
         run_tune(cfg, task, num_samples, max_concurrent, resume)
+    _where_logs()
 
 
 @app.command("mlflow")
@@ -574,20 +611,23 @@ def demo(args: Args = None) -> None:
 
     `make demo` passes configs/tune/dimming.yaml (minutes on a laptop CPU).
     """
-    from sdofm.runtime import init_ray
     from sdofm.tracking import tracking_uri
 
     with _friendly_errors():
         cfg = _load(args)
-        # One Ray instance for every step, showing the training progress of the workers.
-        init_ray(log_to_driver=True, dashboard=True)
+        _start_ray(dashboard=True)  # one Ray instance for every stage
+        console.rule("1/5 the synthetic Sun")
         run_synth(cfg)
+        console.rule("2/5 the alignment index")
         run_index(cfg)
         run_info(cfg)
+        console.rule("3/5 normalisation statistics")
         run_stats(cfg)
+        console.rule(f"4/5 pretraining {cfg.model.name}")
         pretrained = run_pretrain(cfg)
         backbone = pretrained.run_id or pretrained.checkpoint
         cfg.finetune.backbone = backbone
+        console.rule("5/5 dimming sweep on that backbone")
         swept = run_tune(cfg, "dimming")
         console.rule("where to look")
         console.print(
@@ -598,6 +638,7 @@ def demo(args: Args = None) -> None:
             f"checkpoints:      {pretrained.checkpoint}, {swept.path}",
             highlight=False,
         )
+    _where_logs()
 
 
 if __name__ == "__main__":

@@ -69,6 +69,8 @@ class LoopConfig:
     """Fault injection: rank 0 raises once at this step."""
     figures: int = 1
     """Figures rank 0 draws at each evaluation."""
+    label: str = ""
+    """Prefix of the progress lines (a sweep's trial)."""
     tracking_uri: str = ""
     run_id: str | None = None
     """The MLflow run (None: metrics go to ``fallback_dir``)."""
@@ -304,6 +306,8 @@ def _progress_line(w: Worker, m: dict) -> str:
     lc = w.lc
     total = lc.max_steps or lc.schedule_steps
     parts = [f"step {m['step']}/{total} epoch {m['epoch']}/{lc.epochs}"]
+    if lc.label:
+        parts.insert(0, lc.label)
     if "train/loss" in m:
         parts.append(
             f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from sdofm.engine import progress
 from sdofm.engine.loop import LoopConfig, train_loop_per_worker
 from sdofm.engine.objective import Objective
 
@@ -97,7 +98,10 @@ def fit(
         ),
         datasets=datasets,
     )
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    finally:
+        progress.flush()  # the workers' last lines before the caller's summary
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and "://" in storage and "://" not in checkpoint:
         checkpoint = f"{storage.split('://')[0]}://{checkpoint}"  # Ray drops the scheme

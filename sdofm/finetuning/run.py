@@ -83,6 +83,7 @@ def train_head(
     name: str,
     storage: str,
     callbacks: list | None = None,
+    label: str = "",
 ):
     """One Ray Train run of the task's head on the prepared splits: validated and
     checkpointed every epoch, scored on the test split at the end."""
@@ -109,6 +110,7 @@ def train_head(
         tracking_uri=prepared.tracking_uri,
         run_id=run_id,
         fallback_dir=str(fallback_dir(storage, name)),
+        label=label,
     )
     objective = task.objective(cfg, prepared)
     return fit(

@@ -52,7 +52,8 @@ def head_trial(
     from sdofm import tracking
 
     cfg = Config.model_validate({**base, "finetune": {**base["finetune"], **params}})
-    name = trial_run_name(cfg.tune.name, ray.tune.get_context().get_trial_id())
+    trial_id = ray.tune.get_context().get_trial_id()
+    name = trial_run_name(cfg.tune.name, trial_id)
     uri = prepared.tracking_uri
     run_id = tracking.start_run(
         uri,
@@ -70,7 +71,16 @@ def head_trial(
     # The run is ended by the driver (TrialEnds) once Tune has ended the trial: a trial
     # that ASHA stops is killed with its Ray Train run before it could end the run itself.
     task = get_task(task_name)
-    train_head(cfg, task, prepared, run_id, name, storage, callbacks=[TuneReportCallback()])
+    train_head(
+        cfg,
+        task,
+        prepared,
+        run_id,
+        name,
+        storage,
+        callbacks=[TuneReportCallback()],
+        label=f"trial {trial_id}",
+    )
 
 
 ENDED = ("TERMINATED", "ERROR")
@@ -104,10 +114,15 @@ class TrialEnds(ray.tune.Callback):
         tracking.end_run(self.uri, run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self._end(trial, "FINISHED" if "test/mae" in (trial.last_result or {}) else "KILLED")
+        result = trial.last_result or {}
+        finished = any(k.startswith("test/") for k in result)
+        self._end(trial, "FINISHED" if finished else "KILLED")
+        epochs = result.get("epoch", "?")
+        say(f"trial {trial.trial_id} {'finished' if finished else 'stopped early'} after {epochs} epochs")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")
+        say(f"trial {trial.trial_id} failed")
 
 
 @dataclass
@@ -221,7 +236,7 @@ def sweep(
                 storage_path=storage,
                 failure_config=ray.tune.FailureConfig(max_failures=0),
                 callbacks=[TrialEnds(uri, cfg.finetune.experiment, tc.name, storage, path)],
-                verbose=1,  # trial status lines; the per-result tables would drown them
+                verbose=0,  # the trials' progress lines and the final table say it all
             ),
         )
     try:
