@@ -6,8 +6,8 @@
 
 import argparse
 
+from sdofm.archive.synthetic import ensure_data
 from sdofm.config import load_config
-from sdofm.datasets.synthetic import ensure_data
 from sdofm.pretraining import pretrain
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -16,7 +16,7 @@ parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.m
 args = parser.parse_args()
 
 cfg = load_config(args.config, args.overrides)
-ensure_data(cfg)
+ensure_data(cfg.data, cfg.synth)
 result = pretrain(cfg)
 print(f"MLflow run id: {result.run_id} ({result.tracking_uri})")
 print(f"Checkpoint: {result.checkpoint}")

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from sdofm.constants import SDOML_DISK_RADIUS_PX, SDOML_RESOLUTION
+from sdofm.constants import MIN_EXPTIME, disk_radius_px
 
 PerChannel = float | Sequence[float] | np.ndarray
 OptionalPerChannel = float | Sequence[float | None] | np.ndarray | None
@@ -27,11 +27,7 @@ SCALING_METHODS = ("linear", "log", "sqrt", "asinh")
 LIMB_MODES = ("keep_corona", "mask_off_disk")
 MAGNETOGRAM_CHANNELS = frozenset({"Bx", "By", "Bz"})
 
-MIN_EXPTIME = 0.01  # seconds; guards against zero/garbage EXPTIME in headers
 STD_FLOOR = 1e-6  # z-score divides by max(std, STD_FLOOR) so constant channels stay finite
-
-# SDOML v2 images are 512 px with the solar disk about 204 px in radius.
-SDOML_DISK_RADIUS_FRACTION = SDOML_DISK_RADIUS_PX / SDOML_RESOLUTION
 
 # channel -> (method, clip_min, clip_max), in DN/s for AIA and Gauss for HMI.
 DEFAULT_SCALING: dict[str, tuple[str, float, float]] = {
@@ -304,11 +300,6 @@ def unzscore(y: np.ndarray, mean: PerChannel, std: PerChannel) -> np.ndarray:
 # limb
 
 
-def default_disk_radius(size: int) -> float:
-    """Solar disk radius in pixels for an SDOML image of `size` x `size` pixels."""
-    return SDOML_DISK_RADIUS_FRACTION * size
-
-
 def disk_mask(
     size: int | tuple[int, int],
     radius_px: float,
@@ -339,7 +330,7 @@ def _apply_limb_(
 ) -> None:
     """In-place version of `apply_limb`."""
     h, w = x.shape[-2:]
-    radius = default_disk_radius(min(h, w)) if radius_px is None else radius_px
+    radius = disk_radius_px(min(h, w)) if radius_px is None else radius_px
     off_disk = ~disk_mask((h, w), radius)
     if mode == "mask_off_disk":
         np.copyto(x, np.float32(fill), where=off_disk)
@@ -363,7 +354,7 @@ def apply_limb(
     mode: "keep_corona": EUV channels untouched, magnetogram channels zero off the disk;
           "mask_off_disk": every channel set to `fill` off the disk.
     is_magnetogram: (C,) bool.
-    radius_px: disk radius; defaults to `default_disk_radius(H)`, centred on the image.
+    radius_px: disk radius; defaults to `disk_radius_px(H)`, centred on the image.
     """
     _check_limb_mode(mode)
     _check_channels(x, len(is_magnetogram), "is_magnetogram")
@@ -508,7 +499,7 @@ class Preprocessor:
             mean=mean,
             std=std,
             limb=limb,
-            radius_px=default_disk_radius(out_size or size),
+            radius_px=disk_radius_px(out_size or size),
             out_size=out_size,
             dtype=dtype,
         )

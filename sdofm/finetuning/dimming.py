@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
-from sdofm.datasets.pipeline import make_preprocessor
+from sdofm.datasets.blocks import make_preprocessor, physical_transform
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
 from sdofm.models.mae import MAEEncoder
 
@@ -32,18 +32,6 @@ HEAD_FILE = "regressor.pt"
 
 
 # --------------------------------------------------------------------------- the task
-
-
-def physical_config(cfg: Config) -> Config:
-    """``cfg`` with a transform that keeps physical units (linear, no clip, no z-score)."""
-    t = cfg.transform.model_copy(
-        update={
-            "scaling": {c: ("linear", None, None) for c in cfg.data.channels},
-            "zscore": False,
-            "dtype": "float32",
-        }
-    )
-    return cfg.model_copy(update={"transform": t})
 
 
 def dimmed_channels(cfg: Config) -> list[int]:
@@ -65,7 +53,9 @@ class Dimming:
         self.channels = dimmed_channels(cfg)
         self.alpha_min = cfg.finetune.alpha_min
         self.seed = cfg.finetune.dim_seed
-        self.pre = make_preprocessor(cfg, size, stats)  # no resize: images come at ``size``
+        self.pre = make_preprocessor(
+            cfg.data.channels, cfg.transform, size, stats
+        )  # no resize: images come at ``size``
 
     def alphas(self, sample_ids: np.ndarray, split: str, epoch: int) -> np.ndarray:
         """sample_ids: (n,) -> (n, K) float32 in [alpha_min, 1]."""
@@ -448,8 +438,13 @@ def prepare(cfg: Config) -> Prepared:
     init_ray(log_to_driver=True, dashboard=True)
     dimmed_channels(cfg)  # fail early without AIA channels
     table, _ = load_or_build_index(cfg.data)
-    stats = load_or_compute_stats(cfg, table) if cfg.transform.zscore else None
-    pipe = SDOMLPipeline(physical_config(cfg), table)
+    stats = (
+        load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+        if cfg.transform.zscore
+        else None
+    )
+    physical = physical_transform(cfg.transform, cfg.data.channels)
+    pipe = SDOMLPipeline(cfg.data, physical, cfg.loader, table)
     shape = pipe.sample_shape()
     uri = tracking_uri(cfg.tracking.uri)
     backbone = None

@@ -82,13 +82,21 @@ def pretrain(cfg: Config) -> PretrainResult:
     from ray.train.torch import TorchTrainer
 
     from sdofm import tracking
+    from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.pipeline import SDOMLPipeline
+    from sdofm.datasets.stats import load_or_compute_stats
     from sdofm.models.mae import count_parameters
     from sdofm.runtime import init_ray, resolve_use_gpu
     from sdofm.tracking import CHECKPOINT_TAG, MODEL_URI_TAG
 
     init_ray(log_to_driver=True, dashboard=True)
-    pipe = SDOMLPipeline(cfg)
+    table, _ = load_or_build_index(cfg.data)
+    stats = (
+        load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+        if cfg.transform.zscore
+        else None
+    )
+    pipe = SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
     shape = pipe.sample_shape()
     model = build_model(cfg, shape)
     n_train, n_val = pipe.num_samples("train"), pipe.num_samples("val")

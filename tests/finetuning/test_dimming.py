@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sdofm.config import ConfigError, load_config
-from sdofm.datasets.pipeline import make_preprocessor
+from sdofm.datasets.blocks import make_preprocessor
 from sdofm.finetuning.dimming import (
     Dimming,
     alpha_metrics,
@@ -43,7 +43,7 @@ def test_dimming_is_applied_in_physical_units_before_scaling():
     images, ids = _physical(), np.array([5, 9, 11])
     x, alpha = dim(images, ids, "train", epoch=3)
     assert alpha.shape == (3, 9) and (alpha >= 0.2).all() and (alpha <= 1).all()
-    pre = make_preprocessor(cfg, 16, STATS)
+    pre = make_preprocessor(cfg.data.channels, cfg.transform, 16, STATS)
     for j in range(3):
         by_hand = images[j].copy()
         by_hand[:9] *= alpha[j][:, None, None, None]  # AIA only; HMI is never dimmed
