@@ -19,7 +19,7 @@ args = parser.parse_args()
 
 extra = [f"finetune.backbone={args.backbone}"] if args.backbone else []
 cfg = load_config(args.config, [*args.overrides, *extra])
-init_ray(log_to_driver=True)
+init_ray()
 result = finetune(cfg, args.task)
 print(f"MLflow run id: {result.run_id}")
 print(f"Test metrics: { {k: v for k, v in result.metrics.items() if k.startswith('test/')} }")

@@ -7,7 +7,7 @@ The same package call as ``sdofm data ingest``; re-running it adds nothing twice
 
 import argparse
 
-from sdofm.datasets.ingest import ingest
+from sdofm.archive.ingest import ingest
 from sdofm.runtime import init_ray
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

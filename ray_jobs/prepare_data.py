@@ -10,10 +10,10 @@ store gets the synthetic Sun first, as every sdofm command does.
 
 import argparse
 
+from sdofm.archive.synthetic import ensure_data
 from sdofm.config import load_config
 from sdofm.datasets.index import load_or_build_index
 from sdofm.datasets.stats import load_or_compute_stats
-from sdofm.datasets.synthetic import ensure_data
 from sdofm.runtime import init_ray
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -24,12 +24,12 @@ parser.add_argument("--recompute", action="store_true", help="recompute the stat
 args = parser.parse_args()
 
 cfg = load_config(args.config, args.overrides)
-if ensure_data(cfg):
+if ensure_data(cfg.data, cfg.synth):
     print(f"Synthetic Sun written to {cfg.data.root}")
 table, report = load_or_build_index(cfg.data, rebuild=args.rebuild)
 print(
     f"Index: {report.path} ({report.n_rows:,} aligned steps, {'reused' if report.reused else 'built'})"
 )
 init_ray()
-stats = load_or_compute_stats(cfg, table, recompute=args.recompute)
+stats = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table, recompute=args.recompute)
 print(f"Statistics: {stats['path']} ({stats['samples']:,} train samples)")

@@ -6,8 +6,8 @@
 
 import argparse
 
-from sdofm.config import load_config
 from sdofm.archive.synthetic import ensure_data
+from sdofm.config import load_config
 from sdofm.pretraining import pretrain
 from sdofm.runtime import init_ray
 
@@ -17,8 +17,8 @@ parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.m
 args = parser.parse_args()
 
 cfg = load_config(args.config, args.overrides)
-ensure_data(cfg)
-init_ray(log_to_driver=True)
+ensure_data(cfg.data, cfg.synth)
+init_ray()
 result = pretrain(cfg)
 print(f"MLflow run id: {result.run_id} ({result.tracking_uri})")
 print(f"Checkpoint: {result.checkpoint}")

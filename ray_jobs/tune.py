@@ -25,7 +25,7 @@ args = parser.parse_args()
 
 extra = [f"finetune.backbone={args.backbone}"] if args.backbone else []
 cfg = load_config(args.config, [*args.overrides, *extra])
-init_ray(log_to_driver=True)
+init_ray()
 result = sweep(cfg, args.task, args.num_samples, args.max_concurrent, args.resume)
 print(format_table(result.table, cfg.tune.metric))
 print(f"MLflow parent run id: {result.parent_run_id}; best head: {result.model_uri}")

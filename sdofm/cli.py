@@ -62,6 +62,7 @@ def _where_logs() -> None:
             highlight=False,
         )
 
+
 Args = Annotated[
     list[str] | None,
     typer.Argument(
@@ -144,11 +145,13 @@ def _du(url: str, storage_options: dict) -> int:
 
 
 def run_synth(cfg) -> None:
-    from sdofm.datasets.synthetic import write_synthetic
+    from sdofm.archive.synthetic import write_synthetic
 
     t0 = time.perf_counter()
     with _progress(f"synthetic Sun -> {cfg.data.root}") as update:
-        report = write_synthetic(cfg, progress=update)
+        report = write_synthetic(
+            cfg.synth, cfg.data.root, cfg.data.storage_options, progress=update
+        )
     if report.reused:
         console.print(f"synthetic stores in {cfg.data.root} already match these settings: reused")
         return
@@ -250,7 +253,8 @@ def run_ingest(
     channel: str | None = None,
     deg_cor: list[str] | None = None,
 ) -> None:
-    from sdofm.datasets.ingest import ingest
+    from sdofm.archive.ingest import ingest
+
     factors = {}
     for item in deg_cor or []:
         name, _, value = item.partition("=")
@@ -302,7 +306,9 @@ def run_stats(cfg, recompute: bool = False) -> None:
     _start_ray()
     t0 = time.perf_counter()
     with console.status("normalisation statistics over the train split (Ray Data)"):
-        stats = load_or_compute_stats(cfg, table, recompute=recompute)
+        stats = load_or_compute_stats(
+            cfg.data, cfg.transform, cfg.loader, table, recompute=recompute
+        )
     console.print(
         f"statistics of {stats['samples']:,} train samples in {time.perf_counter() - t0:.1f} s: {stats['path']}"
     )
@@ -417,7 +423,7 @@ def run_pretrain(cfg):
     from sdofm.pretraining import pretrain
 
     with _progress(f"no stores under {cfg.data.root}: writing the synthetic Sun") as update:
-        ensure_data(cfg, progress=update)
+        ensure_data(cfg.data, cfg.synth, progress=update)
     t0 = time.perf_counter()
     result = pretrain(cfg)
     m = result.metrics

@@ -81,6 +81,13 @@ AIA_EXPTIME: dict[str, float] = {
 SDOML_RESOLUTION = 512
 SDOML_DISK_RADIUS_PX = 204.0  # at 512 px: 976 arcsec at 0.6 arcsec/px x 8
 SOLAR_RADIUS_ARCSEC = 976.0
+MIN_EXPTIME = 0.01  # seconds; guards against zero or garbage EXPTIME in headers
+
+
+def disk_radius_px(size: int) -> float:
+    """The solar disk radius in pixels of an SDOML frame of ``size`` x ``size`` px (204 at 512)."""
+    return SDOML_DISK_RADIUS_PX * size / SDOML_RESOLUTION
+
 
 # TAI - UTC (s) from each date on (IERS Bulletin C); HMI T_OBS is TAI.
 LEAP_SECONDS: tuple[tuple[str, int], ...] = (

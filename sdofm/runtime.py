@@ -25,7 +25,12 @@ def _route_logs(handler: logging.Handler) -> None:
         if not isinstance(logger, logging.Logger):
             continue
         for h in list(logger.handlers):
-            if getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+            if getattr(h, "stream", None) in (
+                sys.stderr,
+                sys.stdout,
+                sys.__stderr__,
+                sys.__stdout__,
+            ):
                 logger.removeHandler(h)
                 logger.addHandler(handler)
     if handler not in logging.root.handlers:
@@ -54,12 +59,13 @@ def _to_file(path: Path) -> logging.Handler:
     return handler
 
 
-def init_ray(num_cpus: int | None = None, verbose: bool = False, dashboard: bool = False) -> None:
+def init_ray(num_cpus: int | None = None, verbose: bool = True, dashboard: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a local Ray instance (once per process).
 
     Ray 2.60 keeps token authentication on; a client of a secured cluster needs the
     cluster's token (``RAY_AUTH_TOKEN``) in its environment. ``verbose`` shows the workers'
-    output and Ray's log lines live; otherwise they go to Ray's session logs and
+    output and Ray's log lines live (as a ``ray job``'s log wants); otherwise (the CLI's
+    quiet console) they go to Ray's session logs and
     ``logs/sdofm-<time>.log`` (:func:`log_file`), and the training workers' progress lines
     reach this process through :mod:`sdofm.engine.progress`. ``dashboard`` starts the
     local instance's dashboard on 127.0.0.1:8265 (Ray Train's state checks need it too).

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from sdofm.archive.synthetic import write_synthetic
 from sdofm.config import load_config
-from sdofm.datasets.synthetic import write_synthetic
 
 # Small and fast: 32 px, a leap second (2012-06-30) inside HMI's TAI times, and
 # one day each of November and December for the month split.
@@ -30,7 +30,8 @@ def small_config(root: Path | str, *extra: str):
 def synth_root(tmp_path_factory) -> Path:
     """A synthetic archive written once per session. Read-only: copy it to modify it."""
     root = tmp_path_factory.mktemp("sdoml") / "synthetic"
-    write_synthetic(small_config(root))
+    cfg = small_config(root)
+    write_synthetic(cfg.synth, cfg.data.root, cfg.data.storage_options)
     return root
 
 

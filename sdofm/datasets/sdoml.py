@@ -671,9 +671,6 @@ class Archive:
             stores[inst] = EVEStore(url, opts) if inst == "eve" else ImageStore(url, inst, opts)
         return cls(**stores)
 
-    def image_stores(self) -> list[ImageStore]:
-        return [s for s in (self.aia, self.hmi) if s is not None]
-
 
 # --------------------------------------------------------------------------- summaries
 

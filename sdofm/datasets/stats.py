@@ -17,14 +17,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from sdofm.config import Config, ConfigError, dump_config
+from sdofm.config import ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
+from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.index import index_key
+from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.transforms import Preprocessor
 
 N_BINS = 4096
 PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 
 
-def scaled_ranges(pre) -> np.ndarray:
+def scaled_ranges(pre: Preprocessor) -> np.ndarray:
     """``(C, 2)`` range of each channel's scaled values (from its clip values)."""
     out = np.zeros((len(pre.channels), 2))
     for i, (m, lo, hi) in enumerate(zip(pre.methods, pre.clip_min, pre.clip_max, strict=True)):
@@ -85,29 +88,30 @@ def combine(parts: list[dict[str, np.ndarray]], channels: list[str], ranges: np.
     return out
 
 
-def stats_provenance(cfg: Config, table: pd.DataFrame) -> dict:
-    t = dump_config(cfg.transform)
+def stats_provenance(data: DataConfig, transform: TransformConfig, table: pd.DataFrame) -> dict:
+    """What the statistics depend on: the index, the channels and the transform settings."""
+    t = dump_config(transform)
     return {
-        "index_key": index_key(cfg.data),
+        "index_key": index_key(data),
         "index_fingerprint": str(int(pd.util.hash_pandas_object(table, index=False).sum())),
-        "channels": list(cfg.data.channels),
-        "num_frames": cfg.data.num_frames,
+        "channels": list(data.channels),
+        "num_frames": data.num_frames,
         "transform": {k: t[k] for k in ("size", "limb", "scaling", "stats_samples", "stats_seed")},
         "split": "train",
     }
 
 
-def stats_path(cfg: Config, provenance: dict) -> Path:
+def stats_path(cache_dir: str, provenance: dict) -> Path:
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cfg.data.cache_dir) / f"stats-{key}.json"
+    return Path(cache_dir) / f"stats-{key}.json"
 
 
-def compute_stats(cfg: Config, table: pd.DataFrame) -> dict:
+def compute_stats(
+    data: DataConfig, transform: TransformConfig, loader: LoaderConfig, table: pd.DataFrame
+) -> dict:
     """Statistics of the scaled (not z-scored) values over the train split (or a seeded subsample)."""
-    from sdofm.datasets.pipeline import SDOMLPipeline, make_preprocessor
-
-    raw = cfg.model_copy(update={"transform": cfg.transform.model_copy(update={"zscore": False})})
-    pipe = SDOMLPipeline(raw, table=table, stats=None)
+    raw = transform.model_copy(update={"zscore": False})
+    pipe = SDOMLPipeline(data, raw, loader, table=table)
     n = pipe.num_samples("train")
     if n == 0:
         raise ConfigError(
@@ -115,33 +119,40 @@ def compute_stats(cfg: Config, table: pd.DataFrame) -> dict:
             "check data.split (val/test months or fractions), data.start/end and data.num_frames"
         )
     subset = None
-    if n > cfg.transform.stats_samples:
+    if n > transform.stats_samples:
         subset = np.sort(
-            np.random.default_rng(cfg.transform.stats_seed).choice(
-                n, cfg.transform.stats_samples, replace=False
+            np.random.default_rng(transform.stats_seed).choice(
+                n, transform.stats_samples, replace=False
             )
         )
-    ranges = scaled_ranges(make_preprocessor(raw, 0, None))
+    ranges = scaled_ranges(make_preprocessor(data.channels, raw, 0, None))
     ds = pipe.dataset("train", epoch=0, subset=subset)
     parts = ds.map_batches(
         partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25
     ).take_all()
     return {
-        "channels": combine(parts, list(cfg.data.channels), ranges),
+        "channels": combine(parts, list(data.channels), ranges),
         "samples": int(n if subset is None else len(subset)),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def load_or_compute_stats(cfg: Config, table: pd.DataFrame, recompute: bool = False) -> dict:
-    """The statistics for ``cfg``: reused while the index and transform settings match."""
-    prov = stats_provenance(cfg, table)
-    path = stats_path(cfg, prov)
+def load_or_compute_stats(
+    data: DataConfig,
+    transform: TransformConfig,
+    loader: LoaderConfig,
+    table: pd.DataFrame,
+    recompute: bool = False,
+) -> dict:
+    """The statistics for ``data`` and ``transform``: reused while the index and transform
+    settings match (cached in ``data.cache_dir``), else computed with Ray Data."""
+    prov = stats_provenance(data, transform, table)
+    path = stats_path(data.cache_dir, prov)
     if path.exists() and not recompute:
         stats = json.loads(path.read_text())
         if stats.get("provenance") == prov:
             return {**stats, "path": str(path)}
-    stats = {**compute_stats(cfg, table), "provenance": prov}
+    stats = {**compute_stats(data, transform, loader, table), "provenance": prov}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(stats, indent=1))

@@ -5,19 +5,19 @@ last two. Per-channel parameters are indexed along axis 0. Everything is compute
 float32. Public functions never modify their input; ``Preprocessor`` makes one working copy
 and then works in place.
 
-Order of operations in a pipeline: physical units first (exposure, degradation, dimming,
+Order of operations in a pipeline: physical units first (exposure, dimming,
 downsampling, limb), then the non-linear scaling, then the z-score.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 
-from sdofm.constants import SDOML_DISK_RADIUS_PX, SDOML_RESOLUTION
+from sdofm.constants import MIN_EXPTIME, disk_radius_px
 
 PerChannel = float | Sequence[float] | np.ndarray
 OptionalPerChannel = float | Sequence[float | None] | np.ndarray | None
@@ -27,11 +27,7 @@ SCALING_METHODS = ("linear", "log", "sqrt", "asinh")
 LIMB_MODES = ("keep_corona", "mask_off_disk")
 MAGNETOGRAM_CHANNELS = frozenset({"Bx", "By", "Bz"})
 
-MIN_EXPTIME = 0.01  # seconds; guards against zero/garbage EXPTIME in headers
 STD_FLOOR = 1e-6  # z-score divides by max(std, STD_FLOOR) so constant channels stay finite
-
-# SDOML v2 images are 512 px with the solar disk about 204 px in radius.
-SDOML_DISK_RADIUS_FRACTION = SDOML_DISK_RADIUS_PX / SDOML_RESOLUTION
 
 # channel -> (method, clip_min, clip_max), in DN/s for AIA and Gauss for HMI.
 DEFAULT_SCALING: dict[str, tuple[str, float, float]] = {
@@ -117,33 +113,6 @@ def exposure_normalise(x: np.ndarray, exptime: PerChannel) -> np.ndarray:
     return x / _channel_view(t, x.ndim)
 
 
-def _check_deg_cor(deg_cor: PerChannel, n: int) -> np.ndarray:
-    d = _per_channel(deg_cor, n, "deg_cor")
-    if not np.all(d > 0):
-        raise ValueError(f"deg_cor must be > 0 for every channel, got {d}")
-    return d
-
-
-def degradation_correct(x: np.ndarray, deg_cor: PerChannel) -> np.ndarray:
-    """Divide by the instrument degradation factor (SDOML v2 header DEG_COR).
-
-    x: (C, H, W) or (C, T, H, W) float32 -> same shape float32.
-    deg_cor: scalar or (C,), > 0.
-    """
-    x = _as_float32(x)
-    return x / _channel_view(_check_deg_cor(deg_cor, x.shape[0]), x.ndim)
-
-
-def degradation_uncorrect(x: np.ndarray, deg_cor: PerChannel) -> np.ndarray:
-    """Inverse of `degradation_correct`: multiply the degradation factor back in.
-
-    x: (C, H, W) or (C, T, H, W) float32 -> same shape float32.
-    deg_cor: scalar or (C,), > 0.
-    """
-    x = _as_float32(x)
-    return x * _channel_view(_check_deg_cor(deg_cor, x.shape[0]), x.ndim)
-
-
 # --------------------------------------------------------------------------------------------
 # per-channel scaling
 
@@ -212,21 +181,6 @@ def _scale_(x: np.ndarray, plan: list[tuple[str, float | None, float | None, flo
             np.arcsinh(xc, out=xc)
 
 
-def _unscale_(y: np.ndarray, plan: list[tuple[str, float | None, float | None, float]]) -> None:
-    """In-place inverse scaling of a float32 (C, ...) array."""
-    for c, (m, lo, hi, s) in enumerate(plan):
-        yc = y[c]
-        if m == "log":
-            np.power(np.float32(10), yc, out=yc)
-        elif m == "sqrt":
-            np.maximum(yc, 0, out=yc)  # sqrt is never negative; treat such inputs as 0
-            np.square(yc, out=yc)
-        elif m == "asinh":
-            np.sinh(yc, out=yc)
-            yc *= np.float32(s)
-        _clip_(yc, lo, hi)
-
-
 def scale(
     x: np.ndarray,
     methods: Methods,
@@ -247,25 +201,6 @@ def scale(
     y = np.array(x, dtype=np.float32)
     _scale_(y, plan)
     return y
-
-
-def unscale(
-    y: np.ndarray,
-    methods: Methods,
-    clip_min: OptionalPerChannel = None,
-    clip_max: OptionalPerChannel = None,
-    softening: PerChannel | None = None,
-) -> np.ndarray:
-    """Inverse of `scale`, back to physical units.
-
-    y: (C, H, W) or (C, T, H, W) float32 -> same shape float32.
-    Parameters as for `scale`. The result is clipped to [clip_min, clip_max], the range the
-    scaled values can represent, so unscale(scale(x)) == clip(x).
-    """
-    plan = _scaling_plan(y.shape[0], methods, clip_min, clip_max, softening)
-    x = np.array(y, dtype=np.float32)
-    _unscale_(x, plan)
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,24 +224,8 @@ def zscore(x: np.ndarray, mean: PerChannel, std: PerChannel) -> np.ndarray:
     return (x - _channel_view(m, x.ndim)) / _channel_view(s, x.ndim)
 
 
-def unzscore(y: np.ndarray, mean: PerChannel, std: PerChannel) -> np.ndarray:
-    """Inverse of `zscore`: y * max(std, 1e-6) + mean per channel.
-
-    y: (C, H, W) or (C, T, H, W) float32 -> same shape float32.
-    mean, std: scalar or (C,).
-    """
-    y = _as_float32(y)
-    m, s = _zscore_params(mean, std, y.shape[0])
-    return y * _channel_view(s, y.ndim) + _channel_view(m, y.ndim)
-
-
 # --------------------------------------------------------------------------------------------
 # limb
-
-
-def default_disk_radius(size: int) -> float:
-    """Solar disk radius in pixels for an SDOML image of `size` x `size` pixels."""
-    return SDOML_DISK_RADIUS_FRACTION * size
 
 
 def disk_mask(
@@ -339,7 +258,7 @@ def _apply_limb_(
 ) -> None:
     """In-place version of `apply_limb`."""
     h, w = x.shape[-2:]
-    radius = default_disk_radius(min(h, w)) if radius_px is None else radius_px
+    radius = disk_radius_px(min(h, w)) if radius_px is None else radius_px
     off_disk = ~disk_mask((h, w), radius)
     if mode == "mask_off_disk":
         np.copyto(x, np.float32(fill), where=off_disk)
@@ -363,7 +282,7 @@ def apply_limb(
     mode: "keep_corona": EUV channels untouched, magnetogram channels zero off the disk;
           "mask_off_disk": every channel set to `fill` off the disk.
     is_magnetogram: (C,) bool.
-    radius_px: disk radius; defaults to `default_disk_radius(H)`, centred on the image.
+    radius_px: disk radius; defaults to `disk_radius_px(H)`, centred on the image.
     """
     _check_limb_mode(mode)
     _check_channels(x, len(is_magnetogram), "is_magnetogram")
@@ -475,44 +394,6 @@ class Preprocessor:
         if self.dtype not in ("float32", "float16"):
             raise ValueError(f"dtype must be 'float32' or 'float16', got {self.dtype!r}")
 
-    @classmethod
-    def from_channels(
-        cls,
-        channels: Sequence[str],
-        size: int,
-        stats: Mapping[str, Mapping[str, float]] | None = None,
-        limb: Literal["keep_corona", "mask_off_disk"] = "keep_corona",
-        out_size: int | None = None,
-        dtype: Literal["float32", "float16"] = "float32",
-    ) -> Preprocessor:
-        """Build from SDOML channel names using DEFAULT_SCALING.
-
-        size: input image size in pixels; the disk radius is set for out_size (or size).
-        stats: {channel: {"mean": float, "std": float}} of scaled values, or None.
-        """
-        channels = tuple(channels)
-        methods, clip_min, clip_max = scaling_params(channels)
-        mean = std = None
-        if stats is not None:
-            missing = [ch for ch in channels if ch not in stats]
-            if missing:
-                raise KeyError(f"stats has no entry for channels {missing}")
-            mean = tuple(float(stats[ch]["mean"]) for ch in channels)
-            std = tuple(float(stats[ch]["std"]) for ch in channels)
-        return cls(
-            channels=channels,
-            methods=methods,
-            clip_min=clip_min,
-            clip_max=clip_max,
-            is_magnetogram=tuple(ch in MAGNETOGRAM_CHANNELS for ch in channels),
-            mean=mean,
-            std=std,
-            limb=limb,
-            radius_px=default_disk_radius(out_size or size),
-            out_size=out_size,
-            dtype=dtype,
-        )
-
     def channel(self, i: int) -> Preprocessor:
         """The same chain for channel ``i`` alone (float32 out), to transform channel by channel."""
         pick = lambda v: None if v is None else (v[i],)  # noqa: E731
@@ -555,18 +436,3 @@ class Preprocessor:
             y -= _channel_view(m, y.ndim)
             y /= _channel_view(s, y.ndim)
         return y
-
-    def inverse(self, y: np.ndarray) -> np.ndarray:
-        """Undo z-score and scaling (not limb or downsampling).
-
-        y: (C, ...) model-space values -> (C, ...) float32 physical units.
-        """
-        n = len(self.channels)
-        _check_channels(y, n, "Preprocessor")
-        x = np.array(y, dtype=np.float32)
-        if self.mean is not None:
-            m, s = _zscore_params(self.mean, self.std, n)
-            x *= _channel_view(s, x.ndim)
-            x += _channel_view(m, x.ndim)
-        _unscale_(x, self._plan(n))
-        return x

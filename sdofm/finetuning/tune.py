@@ -118,7 +118,9 @@ class TrialEnds(ray.tune.Callback):
         finished = any(k.startswith("test/") for k in result)
         self._end(trial, "FINISHED" if finished else "KILLED")
         epochs = result.get("epoch", "?")
-        say(f"trial {trial.trial_id} {'finished' if finished else 'stopped early'} after {epochs} epochs")
+        say(
+            f"trial {trial.trial_id} {'finished' if finished else 'stopped early'} after {epochs} epochs"
+        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._end(trial, "FAILED")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from sdofm.constants import SDOML_DISK_RADIUS_PX, SDOML_RESOLUTION
+from sdofm.constants import disk_radius_px
 from sdofm.models.vit import (
     Block,
     TubeletEmbed3D,
@@ -39,8 +39,6 @@ from sdofm.models.vit import (
 Masking = Literal["random", "disk", "solar"]
 MASKING_STRATEGIES: tuple[str, ...] = ("random", "disk", "solar")
 
-DISK_RADIUS_FRACTION = SDOML_DISK_RADIUS_PX / SDOML_RESOLUTION
-"""Solar disk radius over image size in SDOML (204 / 512)."""
 ACTIVE_LATITUDE_DEG = (15.7, 6.1)
 """Mean and standard deviation of the |latitude| of active regions, deg."""
 
@@ -60,7 +58,7 @@ def patch_centres(img_size: int | tuple[int, int], patch_size: int) -> tuple[Ten
 
 def disk_radius(img_size: int | tuple[int, int]) -> float:
     """Solar disk radius in pixels, centred in an image of `img_size`."""
-    return DISK_RADIUS_FRACTION * min(to_2tuple(img_size))
+    return disk_radius_px(min(to_2tuple(img_size)))
 
 
 def on_disk_patches(img_size: int | tuple[int, int], patch_size: int) -> Tensor:

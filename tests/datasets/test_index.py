@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from sdofm.archive.synthetic import read_truth_frames
 from sdofm.datasets import index as index_mod
 from sdofm.datasets.index import build_index, load_or_build_index, make_windows, read_index
 from sdofm.datasets.sdoml import LayoutError, clear_header_cache, open_group
-from sdofm.datasets.synthetic import read_truth_frames
 from tests.conftest import small_config
 
 NS = 10**9

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import zarr
 
-from sdofm.datasets.index import build_index
+from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.index import build_index, load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.stats import load_or_compute_stats
 from tests.conftest import small_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -23,6 +25,16 @@ def _cfg(root, tmp_path, *extra):
     )
 
 
+def _pipe(cfg, table=None) -> SDOMLPipeline:
+    """The pipeline as a driver builds it: the index, then the statistics when z-scoring."""
+    if table is None:
+        table, _ = load_or_build_index(cfg.data)
+    stats = None
+    if cfg.transform.zscore:
+        stats = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+    return SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
+
+
 def _ids(ds, **kw):
     return [int(i) for b in ds.iter_batches(batch_size=8, **kw) for i in b["sample"]]
 
@@ -37,7 +49,7 @@ def test_batches_shapes_dtypes_and_finiteness(synth_root, tmp_path):
         "transform.size=16",
         "transform.dtype=float16",
     )
-    pipe = SDOMLPipeline(cfg)
+    pipe = _pipe(cfg)
     n = pipe.num_samples("val")
     assert n > 0
     batches = list(pipe.dataset("val").iter_batches(batch_size=4))
@@ -54,14 +66,20 @@ def test_batches_shapes_dtypes_and_finiteness(synth_root, tmp_path):
     assert all(np.isfinite(x["image"].astype(np.float32)).all() for x in batches)
 
 
+def test_zscore_without_statistics_is_refused(tmp_path):
+    cfg = _cfg(tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="load_or_compute_stats"):
+        SDOMLPipeline(cfg.data, cfg.transform, cfg.loader)
+
+
 def test_every_sample_once_per_epoch_in_a_new_reproducible_order(synth_root, tmp_path):
-    pipe = SDOMLPipeline(_cfg(synth_root, tmp_path))
+    pipe = _pipe(_cfg(synth_root, tmp_path))
     n = pipe.num_samples("train")
     e0, e1 = _ids(pipe.dataset("train", epoch=0)), _ids(pipe.dataset("train", epoch=1))
     assert sorted(e0) == sorted(e1) == list(range(n))
     assert e0 != e1
     assert _ids(pipe.dataset("train", epoch=0)) == e0  # reproducible from the seed
-    other = SDOMLPipeline(_cfg(synth_root, tmp_path, "loader.seed=7"))
+    other = _pipe(_cfg(synth_root, tmp_path, "loader.seed=7"))
     assert _ids(other.dataset("train", epoch=0)) != e0
     # An open-ended dataset: each pass is the next epoch, in the same orders.
     ds = pipe.dataset("train")
@@ -72,7 +90,7 @@ def test_every_sample_once_per_epoch_in_a_new_reproducible_order(synth_root, tmp
 
 
 def test_streaming_split_is_disjoint_and_complete(synth_root, tmp_path):
-    pipe = SDOMLPipeline(_cfg(synth_root, tmp_path, "loader.readers=2"))
+    pipe = _pipe(_cfg(synth_root, tmp_path, "loader.readers=2"))
     n = pipe.num_samples("train")
     shards = pipe.dataset("train").streaming_split(2, equal=False)
     seen = [[], []]
@@ -113,7 +131,7 @@ def test_bad_frames_are_skipped_and_counted(synth_copy, tmp_path):
     cfg = _cfg(synth_copy, tmp_path, "transform.zscore=false")
     table, _ = build_index(cfg.data)
     hit = _damage(synth_copy, table)
-    pipe = SDOMLPipeline(cfg, table=table)
+    pipe = _pipe(cfg, table)
     total, delivered = 0, 0
     for split in ("train", "val", "test"):
         total += pipe.num_samples(split)
@@ -132,7 +150,7 @@ def test_bad_frames_raise_when_asked(synth_copy, tmp_path):
     cfg = _cfg(synth_copy, tmp_path, "transform.zscore=false", "loader.on_bad_frame=raise")
     table, _ = build_index(cfg.data)
     _damage(synth_copy, table)
-    pipe = SDOMLPipeline(cfg, table=table)
+    pipe = _pipe(cfg, table)
     with pytest.raises(Exception, match=r"2012/171A frame \d+"):
         for split in ("train", "val", "test"):
             for _ in pipe.dataset(split).iter_batches(batch_size=8):
@@ -146,7 +164,7 @@ def test_torch_trainer_workers_get_disjoint_shards(synth_root, tmp_path):
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    pipe = SDOMLPipeline(_cfg(synth_root, tmp_path))
+    pipe = _pipe(_cfg(synth_root, tmp_path))
     n = pipe.num_samples("train")
     out = tmp_path / "seen"
     out.mkdir()
@@ -172,7 +190,6 @@ def test_torch_trainer_workers_get_disjoint_shards(synth_root, tmp_path):
 
 
 def test_images_equal_a_direct_read_and_transform(synth_root, tmp_path):
-    from sdofm.datasets.pipeline import make_preprocessor
     from sdofm.datasets.sdoml import Archive
 
     cfg = _cfg(
@@ -183,10 +200,10 @@ def test_images_equal_a_direct_read_and_transform(synth_root, tmp_path):
         "data.num_frames=2",
         "data.frame_step=24min",
     )
-    pipe = SDOMLPipeline(cfg)
+    pipe = _pipe(cfg)
     plan = pipe.plan("train")
     archive = Archive.open(cfg.data)
-    pre = make_preprocessor(cfg, 32, pipe.stats)
+    pre = make_preprocessor(cfg.data.channels, cfg.transform, 32, pipe.stats)
     checked = 0
     for b in pipe.dataset("train").iter_batches(batch_size=5):  # crosses block boundaries
         for j, sample in enumerate(b["sample"]):

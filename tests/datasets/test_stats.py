@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sdofm.datasets.index import build_index
+from sdofm.datasets.index import build_index, load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
 from sdofm.datasets.stats import load_or_compute_stats
 from tests.conftest import small_config
@@ -19,8 +19,9 @@ def test_zscored_train_split_is_standardised(synth_root, tmp_path):
         "transform.stats_samples=100000",
         "loader.block_size=16",
     )
-    pipe = SDOMLPipeline(cfg)
-    stats = pipe.stats
+    table, _ = load_or_build_index(cfg.data)
+    stats = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+    pipe = SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
     assert set(stats["channels"]) == set(cfg.data.channels)
     s171 = stats["channels"]["171A"]
     assert s171["count"] == stats["samples"] * 32 * 32
@@ -35,11 +36,11 @@ def test_zscored_train_split_is_standardised(synth_root, tmp_path):
 def test_stats_are_reused_and_rebuilt_when_stale(synth_root, tmp_path):
     cfg = small_config(synth_root, f"data.cache_dir={tmp_path}", "transform.stats_samples=50")
     table, _ = build_index(cfg.data)
-    first = load_or_compute_stats(cfg, table)
+    first = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
     assert first["samples"] == 50
     path = Path(first["path"])
     stamp = path.stat().st_mtime_ns
-    again = load_or_compute_stats(cfg, table)
+    again = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
     assert (
         path.stat().st_mtime_ns == stamp
         and again["channels"] == json.loads(path.read_text())["channels"]
@@ -50,10 +51,12 @@ def test_stats_are_reused_and_rebuilt_when_stale(synth_root, tmp_path):
         "transform.stats_samples=50",
         "transform.limb=mask_off_disk",
     )
-    other = load_or_compute_stats(masked, table)
+    other = load_or_compute_stats(masked.data, masked.transform, masked.loader, table)
     assert other["path"] != first["path"]
     assert other["channels"]["171A"]["mean"] != first["channels"]["171A"]["mean"]
     assert other["provenance"]["transform"]["limb"] == "mask_off_disk"
     # a different index (one day less) is stale too
     fewer = table[table.time < table.time.max() - np.timedelta64(1, "D")]
-    assert load_or_compute_stats(cfg, fewer)["path"] != first["path"]
+    assert (
+        load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, fewer)["path"] != first["path"]
+    )

@@ -68,9 +68,7 @@ def test_each_optimiser_steps_on_its_own_loss_and_the_checkpoint_holds_both(tmp_
     scaling = SimpleNamespace(
         num_workers=1, use_gpu=False, cpus_per_worker=0.25, placement_strategy="PACK"
     )
-    result = fit(
-        "toy", str(tmp_path), TwoOptimisers(), loop, {"train": data, "val": data}, scaling
-    )
+    result = fit("toy", str(tmp_path), TwoOptimisers(), loop, {"train": data, "val": data}, scaling)
     assert result.metrics["step"] == 1
     assert result.metrics["val/a"] == pytest.approx(2.0 - lr * 3.0)  # d(ab)/da = b
     assert result.metrics["val/b"] == pytest.approx(3.0 - lr * 1.0)  # d(b)/db only

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from sdofm.config import Config, ConfigError, TransformConfig
-from sdofm.datasets.blocks import make_preprocessor
-from sdofm.datasets.transforms import dim, physical_transform, sample_dimming_factors
+from sdofm.datasets.blocks import make_preprocessor, physical_transform
+from sdofm.datasets.transforms import dim, sample_dimming_factors
 from sdofm.engine.objective import EvalContext, Evaluation, Objective, all_gather
 from sdofm.finetuning.tasks import Task
 from sdofm.models.heads import BaselineCNN, EncoderRegressor

@@ -5,16 +5,20 @@ import math
 import numpy as np
 import pytest
 
-from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
-from sdofm.datasets.sdoml import Archive, ImageStore, SDOMLError, open_group
-from sdofm.datasets.synthetic import (
+from sdofm.archive.synthetic import (
     ActiveRegion,
     SyntheticSun,
     read_truth,
     read_truth_frames,
     write_synthetic,
 )
+from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
+from sdofm.datasets.sdoml import Archive, ImageStore, SDOMLError, open_group
 from tests.conftest import small_config
+
+
+def _write(cfg):
+    return write_synthetic(cfg.synth, cfg.data.root, cfg.data.storage_options)
 
 
 def test_layout_matches_sdoml_v2(synth_root):
@@ -72,9 +76,9 @@ def test_frame_order_counts_and_missing_values(synth_root):
 def test_deterministic_from_seed():
     roots = ["memory://synth-a", "memory://synth-b", "memory://synth-c"]
     extra = ["synth.resolution=16", "synth.periods=[{start: 2012-03-01, days: 1}]"]
-    write_synthetic(small_config(roots[0], *extra))
-    write_synthetic(small_config(roots[1], *extra))
-    write_synthetic(small_config(roots[2], *extra, "synth.seed=1"))
+    _write(small_config(roots[0], *extra))
+    _write(small_config(roots[1], *extra))
+    _write(small_config(roots[2], *extra, "synth.seed=1"))
     a, b, c = (open_group(r + "/sdomlv2.zarr")["2012/193A"] for r in roots)
     np.testing.assert_array_equal(a[:], b[:])
     assert a.attrs["T_OBS"] == b.attrs["T_OBS"]
@@ -86,13 +90,11 @@ def test_deterministic_from_seed():
 def test_reuse_and_refusal_to_overwrite(tmp_path):
     extra = ["synth.resolution=16", "synth.periods=[{start: 2012-03-01, days: 1}]"]
     cfg = small_config(tmp_path, *extra)
-    assert not write_synthetic(cfg).reused
-    assert write_synthetic(cfg).reused
+    assert not _write(cfg).reused
+    assert _write(cfg).reused
     with pytest.raises(SDOMLError, match="already exists.*synth.overwrite=true"):
-        write_synthetic(small_config(tmp_path, *extra, "synth.seed=5"))
-    assert not write_synthetic(
-        small_config(tmp_path, *extra, "synth.seed=5", "synth.overwrite=true")
-    ).reused
+        _write(small_config(tmp_path, *extra, "synth.seed=5"))
+    assert not _write(small_config(tmp_path, *extra, "synth.seed=5", "synth.overwrite=true")).reused
     assert read_truth(str(tmp_path))["synth"]["seed"] == 5
 
 
@@ -269,7 +271,7 @@ def test_channels_share_one_hidden_state(sun, monkeypatch):
 
 
 def test_flares_brighten_hot_channels_most(sun, monkeypatch):
-    from sdofm.datasets.synthetic import Flare
+    from sdofm.archive.synthetic import Flare
 
     monkeypatch.setattr(sun, "regions", [_one_region(sun, 15.0)])
     monkeypatch.setattr(

@@ -1,8 +1,8 @@
-"""Ingest benchmark: samples/s delivered to a consumer from SDOML stores, four ways.
+"""Loader benchmark: samples/s delivered to a consumer from SDOML stores, four ways.
 
 Run from the repository root::
 
-    .venv/bin/python bench/ingest.py [--days D] [--resolution R] [--cpus N] [--root DIR]
+    .venv/bin/python bench/loader.py [--days D] [--resolution R] [--cpus N] [--root DIR]
                                      [--samples K] [--readers R] [--cpus-per-reader F]
                                      [--block-size B] [--warmup W] [--repeat P]
 
@@ -26,7 +26,7 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
     frame per channel (``array[idx]``, which decodes that frame's whole chunk),
     stacked to a ``(C, H, W)`` float32 tensor, through ``DataLoader(num_workers=N,
     batch_size=8, shuffle=True)``. No transforms (the sdofm pipeline does more work).
-(c) ``sdofm streaming``: ``SDOMLPipeline(cfg).dataset("train")`` (chunk-aware
+(c) ``sdofm streaming``: ``SDOMLPipeline(...).dataset("train")`` (chunk-aware
     readers, limb + scaling + z-score transforms), full passes of
     ``ds.iter_batches(batch_size=8)``; each pass pays whatever reader start-up the
     pipeline needs per epoch, as each epoch of a training run does.
@@ -75,10 +75,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 import sdofm
+from sdofm.archive.synthetic import write_synthetic
 from sdofm.config import Config, load_config
 from sdofm.datasets.index import load_or_build_index, make_windows
 from sdofm.datasets.sdoml import Archive
-from sdofm.datasets.synthetic import write_synthetic
 
 CHUNKINGS = (1, 15)  # frames per zarr chunk of the two stores
 BATCH_SIZE = 8
@@ -157,7 +157,7 @@ def make_config(
 def prepare(cfg: Config, frames_per_chunk: int, limit: int | None) -> Store:
     """Write (or reuse) the stores, build (or reuse) the index, pick the train samples."""
     t0 = time.perf_counter()
-    report = write_synthetic(cfg)
+    report = write_synthetic(cfg.synth, cfg.data.root, cfg.data.storage_options)
     t1 = time.perf_counter()
     table, index_report = load_or_build_index(cfg.data)
     t2 = time.perf_counter()
@@ -371,16 +371,14 @@ def run_sdofm(store: Store, cpus: int, warmup: int, repeat: int, timeout: float)
     table = load_or_build_index(store.cfg.data)[0]
     # The statistics job adds a map task (num_cpus=0.25) behind the readers; with the
     # actor-pool readers it could never be scheduled while they held every CPU, so
-    # leave it room. The pipeline below then reuses the file (its provenance ignores
-    # the loader settings).
+    # leave it room.
     lc = store.cfg.loader
     stats_cpus = min(lc.cpus_per_reader, (cpus - 0.5) / lc.readers)
-    stats_cfg = store.cfg.model_copy(
-        update={"loader": lc.model_copy(update={"cpus_per_reader": stats_cpus})}
-    )
+    stats_loader = lc.model_copy(update={"cpus_per_reader": stats_cpus})
+    d, t = store.cfg.data, store.cfg.transform
     with watchdog(timeout):
-        load_or_compute_stats(stats_cfg, table)  # may run a Ray Data job the first time
-    pipe = SDOMLPipeline(store.cfg, table=table)  # statistics reused: nothing here is timed
+        stats = load_or_compute_stats(d, t, stats_loader, table)  # may run a Ray Data job
+    pipe = SDOMLPipeline(d, t, lc, table, stats)  # nothing here is timed
     print(
         f"  fpc={store.frames_per_chunk}: pipeline ready in {time.perf_counter() - t0:.1f} s",
         flush=True,
