@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-fast lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+# Every test that needs no Ray instance: the everyday loop, about a minute on 2 cores.
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not ray"
 
 lint: setup
 	$(BIN)/ruff check sdofm tests

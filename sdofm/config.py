@@ -27,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from sdofm.constants import AIA_CHANNELS, EVE_LINES_USED, HMI_CHANNELS, MODEL_NAMES
+from sdofm.constants import AIA_CHANNELS, EVE_LINES_USED, HMI_CHANNELS
+from sdofm.models.flavours import FLAVOURS
 
 
 class ConfigError(ValueError):
@@ -301,7 +302,7 @@ class ModelConfig(_Section):
     """The backbone: a registered model and the constructor arguments that replace its own."""
 
     name: str = "mae_tiny"
-    """Registered model (``sdofm.models.list_models()``)."""
+    """Registered model, a key of ``sdofm.models.flavours.FLAVOURS``."""
     overrides: dict[str, Any] = {}
     """Constructor arguments replacing the named configuration's (``{mask_ratio: 0.5}``);
     ``img_size``, ``in_chans`` and ``num_frames`` follow the data unless set here."""
@@ -309,10 +310,10 @@ class ModelConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, name: str) -> str:
-        if name not in MODEL_NAMES:
-            close = difflib.get_close_matches(name, MODEL_NAMES, n=1)
+        if name not in FLAVOURS:
+            close = difflib.get_close_matches(name, FLAVOURS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"unknown model{hint}; known: {', '.join(MODEL_NAMES)}")
+            raise ValueError(f"unknown model{hint}; known: {', '.join(FLAVOURS)}")
         return name
 
 

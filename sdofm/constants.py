@@ -120,7 +120,3 @@ LEAP_SECONDS: tuple[tuple[str, int], ...] = (
     ("2015-07-01", 36),
     ("2017-01-01", 37),
 )
-
-# Registered backbones (``sdofm.models.MODELS`` holds the builders; a test keeps both equal).
-# Listed here so that configs validate model names without importing torch.
-MODEL_NAMES = ("mae_debug", "mae_tiny", "mae_32m", "mae_104m", "prithvi_temporal")

@@ -52,3 +52,13 @@ def ray_session():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `ray` every test that uses `ray_session`, directly or through another fixture.
+
+    Tests that reach Ray another way (a subprocess, ``init_ray``) carry the mark themselves.
+    """
+    for item in items:
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.ray)

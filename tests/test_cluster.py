@@ -401,6 +401,7 @@ def _needs_pretrain() -> None:
         assert (REPO / rel).is_file(), rel
 
 
+@pytest.mark.ray  # starts a Ray head with `ray start`
 def test_local_head_rejects_clients_without_the_token(local_head):
     import urllib.error
     import urllib.request
@@ -414,6 +415,7 @@ def test_local_head_rejects_clients_without_the_token(local_head):
     assert urllib.request.urlopen(req, timeout=10).status == 200
 
 
+@pytest.mark.ray  # starts a Ray head with `ray start`
 def test_submit_pretrain_to_local_head(local_head, synth_root, tmp_path):
     """`ray job submit --working-dir .` of the debug pretraining: SUCCEEDED, MLflow run, checkpoint."""
     _needs_pretrain()
@@ -438,6 +440,7 @@ def test_submit_pretrain_to_local_head(local_head, synth_root, tmp_path):
     print(f"pretrain job via ray job submit: {time.perf_counter() - t0:.1f} s")
 
 
+@pytest.mark.ray  # starts a Ray head with `ray start`
 def test_two_nodes_one_worker_each(local_head, synth_root, tmp_path):
     """A second node joined to the head; a 2-worker job places one train worker on each."""
     _needs_pretrain()

@@ -1,47 +1,38 @@
-"""Model registry: ``get_model(name, **overrides)`` builds a registered configuration.
+"""Model registry: ``get_model(name, **overrides)`` builds a flavour of ``FLAVOURS``.
 
-Models are plain PyTorch modules; training and distribution live elsewhere.
+Models are plain PyTorch modules; training and distribution live elsewhere. Importing this
+package does not import torch (``sdofm.config`` reads the flavour table); building a model does.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+from sdofm.models.flavours import FLAVOURS, Flavour
 
-from sdofm.models.mae import (
-    MAEEncoder,
-    MaskedAutoencoder,
-    mae_32m,
-    mae_104m,
-    mae_debug,
-    mae_tiny,
-    prithvi_temporal,
-)
+if TYPE_CHECKING:
+    from torch import nn
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mae_debug": mae_debug,
-    "mae_tiny": mae_tiny,
-    "mae_32m": mae_32m,
-    "mae_104m": mae_104m,
-    "prithvi_temporal": prithvi_temporal,
-}
-"""Model name -> builder; a builder's keyword arguments replace its configuration's."""
+
+def families() -> dict[str, type[nn.Module]]:
+    """Model family -> class. Imports torch, hence a function rather than a module constant."""
+    from sdofm.models.mae import MaskedAutoencoder
+
+    return {"mae": MaskedAutoencoder}
 
 
 def list_models() -> list[str]:
-    """Registered model names."""
-    return list(MODELS)
+    """Registered flavour names."""
+    return list(FLAVOURS)
 
 
 def get_model(name: str, **overrides: Any) -> nn.Module:
-    """Build model `name`; `overrides` replace constructor arguments (e.g. img_size=64)."""
+    """Build flavour `name`; `overrides` replace its constructor arguments (e.g. img_size=64)."""
     try:
-        builder = MODELS[name]
+        flavour = FLAVOURS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(MODELS)}") from None
-    return builder(**overrides)
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(FLAVOURS)}") from None
+    return families()[flavour.family](**{**flavour.args, **overrides})
 
 
-__all__ = ["MODELS", "MAEEncoder", "MaskedAutoencoder", "get_model", "list_models"]
+__all__ = ["FLAVOURS", "Flavour", "families", "get_model", "list_models"]

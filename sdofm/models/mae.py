@@ -22,7 +22,7 @@ encoder loads from a pretrained checkpoint with ``load_state_dict(sd, strict=Fal
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -422,96 +422,6 @@ class MaskedAutoencoder(MAEEncoder):
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask}
-
-
-# --------------------------------------------------------------------------------------------
-# configurations
-
-
-def _build(config: dict[str, Any], overrides: dict[str, Any]) -> MaskedAutoencoder:
-    return MaskedAutoencoder(**{**config, **overrides})
-
-
-def mae_debug(**overrides: Any) -> MaskedAutoencoder:
-    """Tiny MAE for tests: 32 px, patch 8, 12 channels, 32-dim, 2 blocks."""
-    config = dict(
-        img_size=32,
-        patch_size=8,
-        in_chans=12,
-        embed_dim=32,
-        depth=2,
-        num_heads=2,
-        decoder_embed_dim=32,
-        decoder_depth=1,
-        decoder_num_heads=2,
-    )
-    return _build(config, overrides)
-
-
-def mae_tiny(**overrides: Any) -> MaskedAutoencoder:
-    """Small MAE: 128 px, patch 16, 12 channels, ViT-Ti encoder (192-dim, 6 blocks)."""
-    config = dict(
-        img_size=128,
-        patch_size=16,
-        in_chans=12,
-        embed_dim=192,
-        depth=6,
-        num_heads=3,
-        decoder_embed_dim=128,
-        decoder_depth=2,
-        decoder_num_heads=4,
-    )
-    return _build(config, overrides)
-
-
-def mae_32m(**overrides: Any) -> MaskedAutoencoder:
-    """SDO-FM's 32 M MAE: 512 px, patch 16, 9 AIA channels, 128-dim x 24 encoder."""
-    config = dict(
-        img_size=512,
-        patch_size=16,
-        in_chans=9,
-        embed_dim=128,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    )
-    return _build(config, overrides)
-
-
-def mae_104m(**overrides: Any) -> MaskedAutoencoder:
-    """SDO-FM's 104 M MAE: as mae_32m with a 512-dim encoder."""
-    config = dict(
-        img_size=512,
-        patch_size=16,
-        in_chans=9,
-        embed_dim=512,
-        depth=24,
-        num_heads=16,
-        decoder_embed_dim=512,
-        decoder_depth=8,
-        decoder_num_heads=16,
-    )
-    return _build(config, overrides)
-
-
-def prithvi_temporal(**overrides: Any) -> MaskedAutoencoder:
-    """Temporal MAE as Prithvi: 3 frames, tubelet 1, 512 px, patch 16, 12 channels, 384-dim."""
-    config = dict(
-        img_size=512,
-        patch_size=16,
-        num_frames=3,
-        tubelet_size=1,
-        in_chans=12,
-        embed_dim=384,
-        depth=12,
-        num_heads=6,
-        decoder_embed_dim=256,
-        decoder_depth=4,
-        decoder_num_heads=8,
-    )
-    return _build(config, overrides)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -72,32 +72,6 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class PatchEmbed2D(nn.Module):
-    """Non-overlapping patches to tokens: Conv2d with kernel = stride = patch."""
-
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 512,
-        patch_size: int = 16,
-        in_chans: int = 9,
-        embed_dim: int = 128,
-    ) -> None:
-        super().__init__()
-        self.img_size = to_2tuple(img_size)
-        self.patch_size = patch_size
-        if any(s % patch_size for s in self.img_size):
-            raise ValueError(f"img_size={self.img_size} is not divisible by patch {patch_size}")
-        self.grid_size = (self.img_size[0] // patch_size, self.img_size[1] // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C, H, W) -> (B, N, D), N = (H / p) * (W / p)."""
-        if tuple(x.shape[-2:]) != self.img_size:
-            raise ValueError(f"expected images of {self.img_size}, got {tuple(x.shape[-2:])}")
-        return self.proj(x).flatten(2).transpose(1, 2)
-
-
 class TubeletEmbed3D(nn.Module):
     """Non-overlapping tubelets to tokens: Conv3d with kernel = stride = (tubelet, patch, patch)."""
 

@@ -112,6 +112,7 @@ def _ended_trials(client: MlflowClient, sweep_dir: Path) -> set[str]:
     return {d.name for i in ids for d in sweep_dir.glob(f"*_{i}_*")}
 
 
+@pytest.mark.ray  # its sweep starts Ray in a subprocess, then init_ray here
 def test_resume_after_an_interruption_keeps_finished_trials(synth_root, tmp_path):
     _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     overrides = _overrides(synth_root, tmp_path)

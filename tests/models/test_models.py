@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import sdofm
 import sdofm.models as models_pkg
-from sdofm.models import MODELS, MAEEncoder, MaskedAutoencoder, get_model, list_models
+from sdofm.models import FLAVOURS, families, get_model, list_models
 from sdofm.models.mae import (
+    MAEEncoder,
+    MaskedAutoencoder,
     active_latitude_weights,
     count_parameters,
-    mae_debug,
     masked_loss,
     on_disk_patches,
     patch_latitudes,
@@ -21,7 +26,6 @@ from sdofm.models.mae import (
 from sdofm.models.vit import (
     Attention,
     Block,
-    PatchEmbed2D,
     TubeletEmbed3D,
     sincos_pos_embed_2d,
     sincos_pos_embed_3d,
@@ -65,15 +69,24 @@ def check_permutations(ids_keep, mask, ids_restore, len_keep: int) -> None:
 # registry
 
 
-def test_registry_matches_the_names_configs_accept() -> None:
-    from sdofm.constants import MODEL_NAMES
+def test_registry_lists_the_flavour_table() -> None:
+    assert list_models() == list(FLAVOURS)
+    assert {"mae_debug", "mae_tiny", "mae_32m", "mae_104m", "prithvi_temporal"} <= set(FLAVOURS)
+    assert {f.family for f in FLAVOURS.values()} <= set(families())
 
-    assert tuple(MODELS) == MODEL_NAMES
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_flavour_builds_at_its_own_size(name: str) -> None:
+    model = get_model(name)
+    assert isinstance(model, families()[FLAVOURS[name].family])
+    assert count_parameters(model) > 0
 
 
-def test_registry_lists_builders() -> None:
-    assert list_models() == list(MODELS)
-    assert {"mae_debug", "mae_tiny", "mae_32m", "mae_104m", "prithvi_temporal"} <= set(MODELS)
+def test_config_and_the_flavour_table_import_no_torch() -> None:
+    """Configs validate model names without torch (`sdofm --help` stays fast)."""
+    code = "import sys, sdofm.config, sdofm.models; assert 'torch' not in sys.modules"
+    env = {**os.environ, "PYTHONPATH": str(Path(sdofm.__file__).parents[1])}
+    subprocess.run([sys.executable, "-c", code], env=env, check=True)
 
 
 def test_get_model_unknown_name_lists_known() -> None:
@@ -129,7 +142,7 @@ def test_forward_backward(name: str) -> None:
 @pytest.mark.parametrize("masking", ["random", "disk", "solar"])
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_masking_strategies_train(masking: str, norm_pix_loss: bool) -> None:
-    model = mae_debug(masking=masking, norm_pix_loss=norm_pix_loss)
+    model = get_model("mae_debug", masking=masking, norm_pix_loss=norm_pix_loss)
     out = model(batch_for(model, 3))
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
@@ -137,7 +150,7 @@ def test_masking_strategies_train(masking: str, norm_pix_loss: bool) -> None:
 
 
 def test_temporal_tubelets() -> None:
-    model = mae_debug(num_frames=4, tubelet_size=2, embed_dim=32, decoder_embed_dim=48)
+    model = get_model("mae_debug", num_frames=4, tubelet_size=2, embed_dim=32, decoder_embed_dim=48)
     assert model.grid_size == (2, 4, 4)
     assert model.patch_dim == 2 * 8 * 8 * 12
     out = model(batch_for(model))
@@ -146,7 +159,7 @@ def test_temporal_tubelets() -> None:
 
 
 def test_loss_is_masked_mse_of_patches() -> None:
-    model = mae_debug(norm_pix_loss=False)
+    model = get_model("mae_debug", norm_pix_loss=False)
     imgs = batch_for(model)
     out = model(imgs)
     expected = masked_loss(out["pred"], model.patchify(imgs), out["mask"])
@@ -154,7 +167,7 @@ def test_loss_is_masked_mse_of_patches() -> None:
 
 
 def test_forward_rejects_bad_shapes_and_ratios() -> None:
-    model = mae_debug()
+    model = get_model("mae_debug")
     with pytest.raises(ValueError):
         model(torch.randn(2, 12, 32, 32))  # no time axis
     with pytest.raises(ValueError):
@@ -162,7 +175,7 @@ def test_forward_rejects_bad_shapes_and_ratios() -> None:
     with pytest.raises(ValueError):
         model(batch_for(model), mask_ratio=0.0)
     with pytest.raises(ValueError):
-        mae_debug(masking="everywhere")
+        get_model("mae_debug", masking="everywhere")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,7 +187,7 @@ def test_forward_rejects_bad_shapes_and_ratios() -> None:
     [{}, {"num_frames": 3}, {"num_frames": 4, "tubelet_size": 2}, {"img_size": (32, 48)}],
 )
 def test_patchify_round_trip(config: dict) -> None:
-    model = mae_debug(**config)
+    model = get_model("mae_debug", **config)
     imgs = batch_for(model)
     patches = model.patchify(imgs)
     assert patches.shape == (2, model.num_patches, model.patch_dim)
@@ -183,7 +196,7 @@ def test_patchify_round_trip(config: dict) -> None:
 
 def test_patchify_order_matches_tokens() -> None:
     """Patch l holds the pixels that the embedding turns into token l."""
-    model = mae_debug(num_frames=2)
+    model = get_model("mae_debug", num_frames=2)
     imgs = torch.zeros(1, 12, 2, 32, 32)
     imgs[0, :, 1, 8:16, 24:32] = 1.0  # frame 1, row 1, column 3
     patches = model.patchify(imgs)
@@ -216,7 +229,7 @@ def test_masked_loss_ignores_unmasked_patches() -> None:
 @pytest.mark.parametrize("masking", ["random", "disk", "solar"])
 @pytest.mark.parametrize("mask_ratio", [0.1, 0.5, 0.75, 0.9])
 def test_masking_is_a_permutation(masking: str, mask_ratio: float) -> None:
-    model = mae_debug(img_size=64, masking=masking)
+    model = get_model("mae_debug", img_size=64, masking=masking)
     ids_keep, mask, ids_restore = model.random_masking(64, mask_ratio)
     len_keep = model.num_keep(mask_ratio)
     n = model.num_patches if masking == "random" else int(model.on_disk.sum())
@@ -228,7 +241,7 @@ def test_masking_is_a_permutation(masking: str, mask_ratio: float) -> None:
 
 @pytest.mark.parametrize("masking", ["random", "disk", "solar"])
 def test_encoder_masking_follows_ids_shuffle(masking: str) -> None:
-    model = mae_debug(masking=masking)
+    model = get_model("mae_debug", masking=masking)
     imgs = batch_for(model)
     ids_shuffle = torch.argsort(model.masking_noise(2), dim=1)
     latent, mask, ids_restore = model.forward_encoder(imgs, 0.75, ids_shuffle)
@@ -250,7 +263,7 @@ def test_disk_geometry() -> None:
 
 @pytest.mark.parametrize("masking", ["disk", "solar"])
 def test_off_disk_patches_never_kept_nor_scored(masking: str) -> None:
-    model = mae_debug(img_size=64, num_frames=2, masking=masking)
+    model = get_model("mae_debug", img_size=64, num_frames=2, masking=masking)
     off = ~model.on_disk
     assert off.any() and model.on_disk.any()
     for mask_ratio in (0.0, 0.3, 0.75):
@@ -272,7 +285,7 @@ def test_off_disk_patches_never_kept_nor_scored(masking: str) -> None:
 
 
 def test_solar_masking_prefers_active_latitudes() -> None:
-    model = mae_debug(img_size=128, patch_size=4, masking="solar")
+    model = get_model("mae_debug", img_size=128, patch_size=4, masking="solar")
     lat = patch_latitudes(128, 4).abs().float()
     on = model.on_disk
     belt = on & (lat > 12) & (lat < 20)
@@ -286,7 +299,7 @@ def test_solar_masking_prefers_active_latitudes() -> None:
 
     # the uniform strategies show no such preference
     for masking in ("random", "disk"):
-        uniform = mae_debug(img_size=128, patch_size=4, masking=masking)
+        uniform = get_model("mae_debug", img_size=128, patch_size=4, masking=masking)
         rate = uniform.random_masking(500, 0.5)[1].mean(0)
         assert abs(rate[belt].mean().item() - rate[quiet].mean().item()) < 0.03
 
@@ -302,7 +315,7 @@ def test_active_latitude_weights() -> None:
 
 
 def test_encoder_loads_from_mae_state_dict() -> None:
-    mae = mae_debug(num_frames=2)
+    mae = get_model("mae_debug", num_frames=2)
     encoder = MAEEncoder(
         img_size=32, patch_size=8, num_frames=2, in_chans=12, embed_dim=32, depth=2, num_heads=2
     )
@@ -317,7 +330,7 @@ def test_encoder_loads_from_mae_state_dict() -> None:
 
 
 def test_encoder_copy_holds_the_encoder_weights() -> None:
-    mae = mae_debug(masking="disk", num_frames=2)
+    mae = get_model("mae_debug", masking="disk", num_frames=2)
     encoder = mae.encoder()
     assert type(encoder) is MAEEncoder and encoder.masking == "disk"
     imgs = batch_for(encoder)
@@ -329,7 +342,7 @@ def test_encoder_copy_holds_the_encoder_weights() -> None:
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_channel_errors_add_up_to_the_loss(norm_pix_loss: bool) -> None:
-    model = mae_debug(norm_pix_loss=norm_pix_loss, masking="disk")
+    model = get_model("mae_debug", norm_pix_loss=norm_pix_loss, masking="disk")
     imgs = batch_for(model, 3)
     out = model(imgs)
     sums, weight = model.channel_errors(imgs, out["pred"], out["mask"])
@@ -345,7 +358,7 @@ def test_channel_errors_add_up_to_the_loss(norm_pix_loss: bool) -> None:
 
 @pytest.mark.parametrize("norm_pix_loss", [False, True])
 def test_reconstruction_keeps_visible_patches_and_fills_masked_ones(norm_pix_loss: bool) -> None:
-    model = mae_debug(norm_pix_loss=norm_pix_loss)
+    model = get_model("mae_debug", norm_pix_loss=norm_pix_loss)
     imgs = batch_for(model)
     out = model(imgs)
     masked, recon = model.reconstruct(imgs, out["pred"], out["mask"])
@@ -396,16 +409,14 @@ def test_vit_blocks_keep_shapes() -> None:
         Attention(30, 4)
 
 
-def test_patch_embeddings() -> None:
-    embed2d = PatchEmbed2D(img_size=32, patch_size=8, in_chans=3, embed_dim=16)
-    assert embed2d(torch.randn(2, 3, 32, 32)).shape == (2, 16, 16)
+def test_tubelet_embedding() -> None:
     embed3d = TubeletEmbed3D(
         img_size=32, patch_size=8, num_frames=4, tubelet_size=2, in_chans=3, embed_dim=16
     )
     assert embed3d.grid_size == (2, 4, 4)
     assert embed3d(torch.randn(2, 3, 4, 32, 32)).shape == (2, 32, 16)
     with pytest.raises(ValueError):
-        PatchEmbed2D(img_size=30, patch_size=8)
+        TubeletEmbed3D(img_size=30, patch_size=8)
 
 
 def test_sincos_pos_embeds() -> None:

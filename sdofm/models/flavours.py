@@ -1,0 +1,111 @@
+"""Every registered model in one table: flavour name -> model family and constructor arguments.
+
+This module imports nothing heavy (no torch), so that configs validate model names without
+importing torch; ``sdofm.models.get_model`` builds a flavour as
+``families()[flavour.family](**{**flavour.args, **overrides})``.
+
+To add a backbone, add its class to ``sdofm.models.families()`` and its rows here, a debug-sized
+one first (the tests run a forward and backward pass of every row). A future NVAE and StyleSwin
+become rows of family ``"nvae"`` and ``"styleswin"``::
+
+    "nvae_debug": Flavour("nvae", {"img_size": 32, ...}),
+    "styleswin_debug": Flavour("styleswin", {"img_size": 32, ...}),
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """One size of one model family."""
+
+    family: str
+    """Model family, a key of ``sdofm.models.families()`` (``"mae"``)."""
+    args: Mapping[str, Any]
+    """Constructor arguments of the family's class; ``get_model``'s overrides replace them."""
+
+
+FLAVOURS: dict[str, Flavour] = {
+    # Tiny MAE for tests: 32 px, patch 8, 12 channels, 32-dim, 2 blocks.
+    "mae_debug": Flavour(
+        "mae",
+        {
+            "img_size": 32,
+            "patch_size": 8,
+            "in_chans": 12,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "decoder_embed_dim": 32,
+            "decoder_depth": 1,
+            "decoder_num_heads": 2,
+        },
+    ),
+    # Small MAE: 128 px, patch 16, 12 channels, ViT-Ti encoder (192-dim, 6 blocks).
+    "mae_tiny": Flavour(
+        "mae",
+        {
+            "img_size": 128,
+            "patch_size": 16,
+            "in_chans": 12,
+            "embed_dim": 192,
+            "depth": 6,
+            "num_heads": 3,
+            "decoder_embed_dim": 128,
+            "decoder_depth": 2,
+            "decoder_num_heads": 4,
+        },
+    ),
+    # SDO-FM's 32 M MAE: 512 px, patch 16, 9 AIA channels, 128-dim x 24 encoder.
+    "mae_32m": Flavour(
+        "mae",
+        {
+            "img_size": 512,
+            "patch_size": 16,
+            "in_chans": 9,
+            "embed_dim": 128,
+            "depth": 24,
+            "num_heads": 16,
+            "decoder_embed_dim": 512,
+            "decoder_depth": 8,
+            "decoder_num_heads": 16,
+        },
+    ),
+    # SDO-FM's 104 M MAE: as mae_32m with a 512-dim encoder.
+    "mae_104m": Flavour(
+        "mae",
+        {
+            "img_size": 512,
+            "patch_size": 16,
+            "in_chans": 9,
+            "embed_dim": 512,
+            "depth": 24,
+            "num_heads": 16,
+            "decoder_embed_dim": 512,
+            "decoder_depth": 8,
+            "decoder_num_heads": 16,
+        },
+    ),
+    # Temporal MAE as Prithvi: 3 frames, tubelet 1, 512 px, patch 16, 12 channels, 384-dim.
+    "prithvi_temporal": Flavour(
+        "mae",
+        {
+            "img_size": 512,
+            "patch_size": 16,
+            "num_frames": 3,
+            "tubelet_size": 1,
+            "in_chans": 12,
+            "embed_dim": 384,
+            "depth": 12,
+            "num_heads": 6,
+            "decoder_embed_dim": 256,
+            "decoder_depth": 4,
+            "decoder_num_heads": 8,
+        },
+    ),
+}
+"""Flavour name -> model family and constructor arguments; ``sdofm.models.list_models()``."""
