@@ -176,10 +176,8 @@ def run_index(cfg, rebuild: bool = False) -> None:
         f"val {report.splits['val']:,}, test {report.splits['test']:,}) in {time.perf_counter() - t0:.1f} s"
     )
     if report.dropped:
-        table = Table("dropped steps: reason", "steps", title=None)
-        for reason, n in sorted(report.dropped.items(), key=lambda kv: -kv[1]):
-            table.add_row(reason, f"{n:,}")
-        console.print(table)
+        reasons = sorted(report.dropped.items(), key=lambda kv: -kv[1])
+        console.print("dropped steps: " + ", ".join(f"{r} {n:,}" for r, n in reasons))
     for c, reasons in report.bad_headers.items():
         console.print(
             f"[yellow]skipped frames of {c}:[/] "

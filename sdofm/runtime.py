@@ -59,6 +59,27 @@ def _to_file(path: Path) -> logging.Handler:
     return handler
 
 
+def _raylet_messages_to(handler: logging.Handler) -> None:
+    """Raylet warnings (e.g. "N PYTHON worker processes have been started", common with the
+    fractional-CPU workers sdofm uses on small machines) reach the driver through a private
+    printer that ignores ``log_to_driver``: keep them in the log file, except those about
+    memory (an OOM kill is worth seeing live)."""
+    from ray._private import worker
+
+    printer = worker.print_to_stdstream
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        if data.get("pid") == "raylet" and not any(
+            "memory" in line.lower() for line in data.get("lines", [])
+        ):
+            for line in data.get("lines", []):
+                handler.emit(logging.LogRecord("raylet", logging.WARNING, "", 0, line, None, None))
+            return
+        printer(data, ignore_prefix)
+
+    worker.print_to_stdstream = print_to_stdstream
+
+
 def init_ray(num_cpus: int | None = None, verbose: bool = True, dashboard: bool = False) -> None:
     """Connect to ``RAY_ADDRESS`` when set, else start a local Ray instance (once per process).
 
@@ -80,8 +101,13 @@ def init_ray(num_cpus: int | None = None, verbose: bool = True, dashboard: bool 
     ray.data.DataContext.get_current().enable_progress_bars = False  # per-operator lines
     handler = None
     if not verbose:
+        # MLflow would otherwise add its own console handler on import; Tune's new output
+        # engine prints an experiment heading and a TensorBoard hint even at verbose=0.
+        os.environ["MLFLOW_CONFIGURE_LOGGING"] = "false"
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
         stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         handler = _to_file(Path(LOG_DIR).resolve() / f"sdofm-{stamp}-{os.getpid()}.log")
+        _raylet_messages_to(handler)
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=verbose)

@@ -20,8 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from sdofm.constants import AIA_CHANNELS, MIN_EXPTIME, SOLAR_RADIUS_ARCSEC, disk_radius_px
+from sdofm.constants import AIA_CHANNELS, SOLAR_RADIUS_ARCSEC, disk_radius_px
 from sdofm.datasets.sdoml import parse_times
+from sdofm.datasets.transforms import exposure_normalise
 
 _REQUIRED = {
     "aia": ("T_OBS", "EXPTIME", "WAVELNTH", "QUALITY", "CDELT1", "CDELT2", "CRPIX1", "CRPIX2"),
@@ -285,7 +286,8 @@ def prepare_frame(
     """
     if instrument == "aia":
         frame = solar_resample(np.maximum(data, 0), header, size)
-        frame /= np.float32(max(float(header["EXPTIME"]), MIN_EXPTIME) * deg_cor)
+        frame = exposure_normalise(frame[None], float(header["EXPTIME"]))[0]
+        frame /= np.float32(deg_cor)
         attrs = {**header, "DEG_COR": float(deg_cor), "PIXLUNIT": "DN/s"}
     else:
         frame = solar_resample(data, header, size, zero_off_disk=True)

@@ -104,8 +104,9 @@ def pretrain(cfg: Config) -> PretrainResult:
         "derived.steps_per_epoch": per_epoch,
         "derived.total_steps": total,
     }
-    for k, v in derived.items():
-        say(f"{k[len('derived.') :]}: {v}")
+    items = [f"{k[len('derived.') :]} {v}" for k, v in derived.items()]
+    say(" | ".join(items[:5]))
+    say(" | ".join(items[5:]))
     resume = latest_checkpoint_state(storage, tc.run_name)
     if resume:
         say(f"continuing run {tc.run_name!r} from step {resume['step']}")
