@@ -527,7 +527,8 @@ def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=
     if result.best:
         console.print(
             f"best trial {result.best['trial']}: {cfg.tune.metric} {result.best[cfg.tune.metric]:.4f}, "
-            f"test MAE {result.best['test/mae']:.4f}, MLflow run {result.best['run_id']}"
+            + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k.startswith("test/"))
+            + f", MLflow run {result.best['run_id']}"
         )
     console.print(
         f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"

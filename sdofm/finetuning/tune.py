@@ -251,7 +251,8 @@ def sweep(
     status = _last_status.pop(path, {})
     unended = {t for t, s in status.items() if s not in ENDED}
     interrupted = bool(unended)
-    table = trial_table(grid, tc.metric, list(tc.space), unended)
+    scores = [f"test/{c}" for c in task.columns]
+    table = trial_table(grid, tc.metric, list(tc.space), scores, unended)
     for row in table:  # a trial that failed before its first report: find its run by name
         if not row["run_id"]:
             name = trial_run_name(tc.name, row["trial"])
@@ -292,8 +293,11 @@ def root_cause(error: BaseException) -> str:
     return (causes[-1] if causes else lines[0] if lines else repr(error))[:200]
 
 
-def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozenset()) -> list[dict]:
-    """Rows of a Tune result grid, the best finished trial first; ``unended``: ids of the
+def trial_table(
+    grid, metric: str, keys: list[str], scores: list[str], unended: set[str] = frozenset()
+) -> list[dict]:
+    """Rows of a Tune result grid, the best finished trial first. ``keys``: the swept
+    settings; ``scores``: the test metrics a finished trial reports; ``unended``: ids of the
     trials that an interruption left running or pending."""
     rows = []
     for r in grid:
@@ -303,7 +307,7 @@ def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozense
             status = "error"
         elif trial in unended:
             status = "unfinished"
-        elif m.get("test/mae") is not None:
+        elif any(m.get(k) is not None for k in scores):
             status = "finished"
         else:
             status = "stopped early"  # ASHA ended it before its last epoch
@@ -314,8 +318,7 @@ def trial_table(grid, metric: str, keys: list[str], unended: set[str] = frozense
                 "params": {k: (r.config or {}).get(k) for k in keys},
                 "epochs": m.get("epoch"),
                 metric: m.get(metric),
-                "test/mae": m.get("test/mae"),
-                "test/success": m.get("test/success"),
+                **{k: m.get(k) for k in scores},
                 "status": status,
                 "run_id": m.get(TRIAL_RUN_ID) or "",
                 "checkpoint": ckpt if status == "finished" else None,
@@ -339,15 +342,15 @@ def format_table(rows: list[dict], metric: str) -> str:
         return "-" if v is None else str(v)
 
     keys = list(rows[0]["params"]) if rows else []
-    head = ["trial", *keys, "epochs", metric, "test/mae", "test/success", "status"]
+    scores = [k for k in rows[0] if k.startswith("test/")] if rows else []
+    head = ["trial", *keys, "epochs", metric, *scores, "status"]
     body = [
         [
             r["trial"][:28],
             *(fmt(r["params"][k]) for k in keys),
             fmt(r["epochs"]),
             fmt(r[metric]),
-            fmt(r["test/mae"]),
-            fmt(r["test/success"]),
+            *(fmt(r[k]) for k in scores),
             r["status"],
         ]
         for r in rows
