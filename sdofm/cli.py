@@ -429,7 +429,8 @@ def run_pretrain(cfg):
     rows = [
         ("steps", f"{m.get('step', '?')} in {time.perf_counter() - t0:.0f} s"),
         ("train loss (last interval)", f"{m['train/loss']:.4f}" if "train/loss" in m else "-"),
-        ("val loss (masked patches)", f"{m['val/loss']:.4f}" if "val/loss" in m else "-"),
+        ("val loss", f"{m['val/loss']:.4f}" if "val/loss" in m else "-"),
+        *((k, f"{m[k]:.4f}") for k in ("val/elbo", "val/recon", "val/kl") if k in m),
         ("checkpoint", result.checkpoint),
         ("MLflow run id", result.run_id or "(tracking store unreachable: metrics kept locally)"),
         ("encoder model", result.model_uri or "-"),

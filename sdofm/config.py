@@ -306,6 +306,11 @@ class ModelConfig(_Section):
     overrides: dict[str, Any] = {}
     """Constructor arguments replacing the named configuration's (``{mask_ratio: 0.5}``);
     ``img_size``, ``in_chans`` and ``num_frames`` follow the data unless set here."""
+    kl_warmup: float = Field(0.3, ge=0, le=1)
+    """VAE backbones: share of the run's steps over which the KL weight rises from 0 to 1."""
+    spectral_weight: float = Field(1e-4, ge=0)
+    """VAE backbones: weight of the spectral regulariser (sum of the convolutions' largest
+    singular values) against the loss in nats per input dimension."""
 
     @field_validator("name")
     @classmethod

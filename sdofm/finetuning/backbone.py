@@ -8,10 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sdofm.config import Config, ConfigError
 from sdofm.engine.checkpoint import MODEL_FILE, STATE_FILE
-from sdofm.models.mae import MAEEncoder
+from sdofm.models import encoders
 
 
 @dataclass
@@ -23,16 +24,18 @@ class Backbone:
     source: str
     run_id: str | None = None
     channels: list[str] | None = None
+    family: str = "mae"
+    """The model family whose encoder this is (``sdofm.models.encoders()``)."""
 
-    def encoder(self) -> MAEEncoder:
+    def encoder(self) -> nn.Module:
         """The encoder with these weights; only decoder keys may be left unused."""
-        enc = MAEEncoder(**self.encoder_config)
+        enc = encoders()[self.family](**self.encoder_config)
         result = enc.load_state_dict(self.state_dict, strict=False)
         assert result.missing_keys == [], (
             f"{self.source}: encoder keys missing {result.missing_keys}"
         )
         stray = [
-            k for k in result.unexpected_keys if not (k.startswith("decoder_") or k == "mask_token")
+            k for k in result.unexpected_keys if not (k.startswith("decoder") or k == "mask_token")
         ]
         assert not stray, f"{self.source}: unexpected non-decoder keys {stray}"
         return enc
@@ -74,7 +77,12 @@ def _from_checkpoint(path: str, source: str, run_id: str | None = None) -> Backb
     if "encoder_config" not in state:
         raise ConfigError(f"{source}: the checkpoint does not record its encoder_config")
     return Backbone(
-        state["encoder_config"], sd, source, run_id or state.get("run_id"), state.get("channels")
+        state["encoder_config"],
+        sd,
+        source,
+        run_id or state.get("run_id"),
+        state.get("channels"),
+        state.get("encoder_family", "mae"),
     )
 
 
@@ -90,9 +98,11 @@ def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Ba
 
         with use_tracking_uri(tracking_uri):
             enc = mlflow.pytorch.load_model(spec)
-        if not isinstance(enc, MAEEncoder):
-            raise ConfigError(f"{spec} is a {type(enc).__name__}, not an MAEEncoder")
-        return Backbone(enc.encoder_config, enc.state_dict(), spec)
+        family = next((f for f, cls in encoders().items() if type(enc) is cls), None)
+        if family is None:
+            known = ", ".join(c.__name__ for c in encoders().values())
+            raise ConfigError(f"{spec} is a {type(enc).__name__}, not an encoder ({known})")
+        return Backbone(enc.encoder_config, enc.state_dict(), spec, family=family)
     if spec and ("/" in spec or Path(spec).exists()):
         return _from_checkpoint(spec, spec)
     client = MlflowClient(tracking_uri)

@@ -21,6 +21,13 @@ def families() -> dict[str, type[nn.Module]]:
     return {"mae": MaskedAutoencoder}
 
 
+def encoders() -> dict[str, type[nn.Module]]:
+    """Model family -> its encoder class (what finetuning heads sit on)."""
+    from sdofm.models.mae import MAEEncoder
+
+    return {"mae": MAEEncoder}
+
+
 def list_models() -> list[str]:
     """Registered flavour names."""
     return list(FLAVOURS)
@@ -35,4 +42,4 @@ def get_model(name: str, **overrides: Any) -> nn.Module:
     return families()[flavour.family](**{**flavour.args, **overrides})
 
 
-__all__ = ["FLAVOURS", "Flavour", "families", "get_model", "list_models"]
+__all__ = ["FLAVOURS", "Flavour", "encoders", "families", "get_model", "list_models"]

@@ -11,8 +11,6 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from sdofm.models.mae import MAEEncoder
-
 Freeze = Literal["frozen", "partial", "full"]
 
 
@@ -55,13 +53,17 @@ HEADS = {"pool": PoolHead, "conv": ConvHead}
 class EncoderRegressor(nn.Module):
     """A pretrained encoder (all patch tokens, no masking) and a head; sigmoid outputs.
 
+    The encoder (``MAEEncoder``, ``NVAEEncoder``) has ``forward_features(x) -> (B, 1 + L, D)``
+    (a summary token, then L tokens on a ``grid_size`` = (t, h, w) grid), ``embed_dim`` = D,
+    ``blocks`` (shallow to deep) and a final ``norm``.
+
     ``freeze``: "frozen" trains the head only; "partial" also the last ``unfreeze_blocks``
     blocks and the final norm; "full" everything.
     """
 
     def __init__(
         self,
-        encoder: MAEEncoder,
+        encoder: nn.Module,
         out: int,
         head: str = "pool",
         hidden: int = 256,

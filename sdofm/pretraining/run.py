@@ -15,7 +15,7 @@ from sdofm.config import Config, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint_state
 from sdofm.engine.progress import say
-from sdofm.pretraining.objective import MaskedReconstruction, model_kwargs
+from sdofm.pretraining.objective import make_objective
 
 
 @dataclass
@@ -80,14 +80,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     )
     pipe = SDOMLPipeline(d, cfg.transform, cfg.loader, table, stats)
     shape = pipe.sample_shape()
-    objective = MaskedReconstruction(
-        cfg.model.name,
-        model_kwargs(cfg.model, d.channels, shape),
-        d.channels,
-        tc.weight_decay,
-        tc.betas,
-        tc.seed,
-    )
+    objective = make_objective(cfg, shape)
     model = objective.build_model()
     n_train, n_val = pipe.num_samples("train"), pipe.num_samples("val")
     per_epoch, total = plan_steps(cfg, n_train)
@@ -97,13 +90,14 @@ def pretrain(cfg: Config) -> PretrainResult:
         "derived.effective_batch": effective_batch(cfg),
         "derived.peak_lr": peak_lr(cfg),
         "derived.parameters": count_parameters(model),
-        "derived.tokens_per_sample": model.num_patches,
+        "derived.tokens_per_sample": objective.tokens_per_sample(model),
         "derived.sample_shape": list(shape),
         "derived.train_samples": n_train,
         "derived.val_samples": min(n_val, tc.val_samples),
         "derived.steps_per_epoch": per_epoch,
         "derived.total_steps": total,
     }
+    derived = {k: v for k, v in derived.items() if v is not None}
     items = [f"{k[len('derived.') :]} {v}" for k, v in derived.items()]
     say(" | ".join(items[:5]))
     say(" | ".join(items[5:]))
