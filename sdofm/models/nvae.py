@@ -10,6 +10,15 @@ Layout, with S = ``num_scales`` and g = ``groups_per_scale``::
 Latent groups are ordered top-down, coarsest first (group 0 at H/2^S, the last at H/2); the
 bottom-up feature after a group's encoder cells conditions that group's posterior.
 
+Training, as the paper: minimise ``out["loss"] + lambda_sr * model.spectral_loss()`` with
+``out = model(x, kl_weight=kl_warmup_weight(step, total_steps))``; the KL weight rises from
+1e-4 to 1 over the first 30 % of steps (SDO-FM's ``kl_anneal_portion``), and during that rise
+the per-group KL terms are balanced (:func:`kl_balance_coeffs`) so that no group collapses.
+
+Left out of the paper's recipe: normalising flows, weight normalisation with its norm
+penalty (the spectral term is kept), and the batch-norm statistics re-estimation before
+sampling at low temperature.
+
 Names follow the finetuning contract: the bottom-up path is ``stem`` and ``blocks`` with the
 same names as in :class:`NVAEEncoder`, and everything else (top-down cells, priors, posterior
 heads, which condition on the top-down state, and the output head) lives under ``decoder.``.
@@ -59,6 +68,17 @@ def kl_balance_coeffs(kl_per_latent: Tensor, sizes: Tensor) -> Tensor:
     """
     gamma = sizes * (kl_per_latent.detach().abs() + 0.01)
     return (gamma * (gamma.numel() / gamma.sum())).detach()
+
+
+def kl_warmup_weight(
+    step: int, total_steps: int, warmup_portion: float = 0.3, min_weight: float = 1e-4
+) -> float:
+    """KL weight at `step`: linear from `min_weight` to 1 over the first `warmup_portion` of
+    `total_steps`, then 1 (NVAE's KL warm-up)."""
+    warmup = warmup_portion * total_steps
+    if warmup <= 0 or step >= warmup:
+        return 1.0
+    return max(min_weight, step / warmup)
 
 
 def active_units(means: list[Tensor], threshold: float = 0.01) -> Tensor:
@@ -367,19 +387,21 @@ class TopDown(nn.Module):
         top_first = None if features is None else features[::-1]
         for g in range(len(self.prior)):
             h = self.cells[g](h)
-            mu_p, logsig_p = self.prior[g](h).chunk(2, dim=1)
+            mu_p, logsig_p = self.prior[g](h).float().chunk(2, dim=1)
             logsig_p = logsig_p.clamp(lo, hi)
             if top_first is None:
                 z = mu_p + temperature * logsig_p.exp() * torch.randn_like(mu_p)
             else:
-                dmu, dlogsig = self.posterior[g](torch.cat([top_first[g], h], dim=1)).chunk(2, 1)
+                q = self.posterior[g](torch.cat([top_first[g], h], dim=1))
+                dmu, dlogsig = q.float().chunk(2, dim=1)
                 # Residual normal: q = N(mu_p + dmu, sig_p * dsig), relative to the prior.
                 mu_q, logsig_q = mu_p + dmu, (logsig_p + dlogsig).clamp(lo, hi)
                 z = mu_q if posterior_mean else mu_q + logsig_q.exp() * torch.randn_like(mu_q)
                 kls.append(kl_normal(mu_q, logsig_q, mu_p, logsig_p))
             zs.append(z)
             h = self.up[g](self.combine[g](torch.cat([h, z], dim=1)))
-        mu, logsig = self.out(self.post(h)).chunk(2, dim=1)
+        # Densities in float32 also under bf16 autocast: sums over 10^6 pixels per sample.
+        mu, logsig = self.out(self.post(h)).float().chunk(2, dim=1)
         return mu, logsig.clamp(*PIXEL_LOGSIG_RANGE), kls, zs
 
 

