@@ -21,7 +21,9 @@ sampling at low temperature.
 
 Names follow the finetuning contract: the bottom-up path is ``stem`` and ``blocks`` with the
 same names as in :class:`NVAEEncoder`, and everything else (top-down cells, priors, posterior
-heads, which condition on the top-down state, and the output head) lives under ``decoder.``.
+heads, which condition on the top-down state, and the output head) lives under
+``decoder_net.``, a prefix that passes the finetuning loader's rules for decoder keys (which
+accept ``decoder_...``, as the MAE's decoder keys are named).
 """
 
 from __future__ import annotations
@@ -444,7 +446,7 @@ class NVAE(NVAEEncoder):
             res_scale=res_scale,
         )
         self.latent_channels = latent_channels
-        self.decoder = TopDown(
+        self.decoder_net = TopDown(
             out_chans=in_chans * num_frames,
             grid=self.grid_size[1:],
             channels=channels,
@@ -481,7 +483,7 @@ class NVAE(NVAEEncoder):
         balancing ones while kl_weight < 1 (the warm-up) and ones at kl_weight = 1. All terms
         are nats per input dimension, batch means; ``kl`` is unbalanced.
         """
-        mu, logsig, kls, _ = self.decoder(self.bottom_up(x), x.shape[0])
+        mu, logsig, kls, _ = self.decoder_net(self.bottom_up(x), x.shape[0])
         target = self.stack_frames(x)
         D = self.num_dims
         recon = gaussian_nll(target, mu, logsig).sum(dim=(1, 2, 3)).mean() / D
@@ -506,13 +508,13 @@ class NVAE(NVAEEncoder):
         """x: (B, C, T, H, W) -> per group, coarsest first, the posterior means
         (B, latent_channels, h_l, w_l), each group conditioned on the means above it.
         Call in eval mode, so that batch norm uses its running statistics."""
-        return self.decoder(self.bottom_up(x), x.shape[0], posterior_mean=True)[3]
+        return self.decoder_net(self.bottom_up(x), x.shape[0], posterior_mean=True)[3]
 
     @torch.no_grad()
     def sample(self, n: int, temperature: float = 1.0) -> Tensor:
         """-> (n, C, T, H, W): the decoder's mean for z drawn from the prior with scales times
         `temperature` (0: the prior means, deterministic in eval mode)."""
-        mu = self.decoder(None, n, temperature=temperature)[0]
+        mu = self.decoder_net(None, n, temperature=temperature)[0]
         return self.unstack_frames(mu)
 
     def spectral_loss(self) -> Tensor:

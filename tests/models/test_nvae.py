@@ -122,7 +122,7 @@ def test_recon_is_gaussian_nll_per_dimension() -> None:
     to 2) whatever the latents: the NLL per dim is known in closed form."""
     model = get_model("nvae_debug")
     imgs = batch_for(model, 3)
-    head = model.decoder.out[-1]
+    head = model.decoder_net.out[-1]
     with torch.no_grad():
         head.weight.zero_()
         head.bias.zero_()
@@ -240,7 +240,9 @@ def test_encoder_loads_from_nvae_state_dict() -> None:
     encoder = NVAEEncoder(**model.encoder().encoder_config)
     result = encoder.load_state_dict(model.state_dict(), strict=False)
     assert result.missing_keys == []
-    assert result.unexpected_keys and all(k.startswith("decoder") for k in result.unexpected_keys)
+    # the finetuning loader leaves only keys starting "decoder_" unused, as for the MAE
+    assert result.unexpected_keys
+    assert all(k.startswith("decoder_") for k in result.unexpected_keys)
     assert set(model.state_dict()) - set(result.unexpected_keys) == set(encoder.state_dict())
 
     model.eval(), encoder.eval()
