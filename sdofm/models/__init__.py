@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 def families() -> dict[str, type[nn.Module]]:
     """Model family -> class. Imports torch, hence a function rather than a module constant."""
     from sdofm.models.mae import MaskedAutoencoder
+    from sdofm.models.nvae import NVAE
 
-    return {"mae": MaskedAutoencoder}
+    return {"mae": MaskedAutoencoder, "nvae": NVAE}
 
 
 def encoders() -> dict[str, type[nn.Module]]:

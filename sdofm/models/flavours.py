@@ -6,9 +6,8 @@ importing torch; ``sdofm.models.get_model`` builds a flavour as
 
 To add a backbone, add its class to ``sdofm.models.families()`` and its rows here, a debug-sized
 one first (the tests run a forward and backward pass of every row). A future NVAE and StyleSwin
-become rows of family ``"nvae"`` and ``"styleswin"``::
+becomes rows of family ``"styleswin"``::
 
-    "nvae_debug": Flavour("nvae", {"img_size": 32, ...}),
     "styleswin_debug": Flavour("styleswin", {"img_size": 32, ...}),
 """
 
@@ -105,6 +104,46 @@ FLAVOURS: dict[str, Flavour] = {
             "decoder_embed_dim": 256,
             "decoder_depth": 4,
             "decoder_num_heads": 8,
+        },
+    ),
+    # Tiny NVAE for tests: 32 px, 12 channels, 2 scales x 2 groups of 4 latents; 0.12 M.
+    "nvae_debug": Flavour(
+        "nvae",
+        {
+            "img_size": 32,
+            "in_chans": 12,
+            "channels": 8,
+            "num_scales": 2,
+            "groups_per_scale": 2,
+            "latent_channels": 4,
+            "cells_per_group": 1,
+        },
+    ),
+    # Small NVAE: 64 px, 12 channels, 3 scales (32, 16, 8 px) x 2 groups of 8 latents; 1.67 M.
+    "nvae_tiny": Flavour(
+        "nvae",
+        {
+            "img_size": 64,
+            "in_chans": 12,
+            "channels": 16,
+            "num_scales": 3,
+            "groups_per_scale": 2,
+            "latent_channels": 8,
+            "cells_per_group": 1,
+        },
+    ),
+    # SDO-FM's 21.4 M NVAE at 512 px, 12 channels (9 AIA + 3 HMI): 4 scales (256 to 32 px,
+    # 32 to 256 channels) x 4 groups of 24 latents, 2 cells per group; 21.32 M parameters.
+    "nvae_21m": Flavour(
+        "nvae",
+        {
+            "img_size": 512,
+            "in_chans": 12,
+            "channels": 16,
+            "num_scales": 4,
+            "groups_per_scale": 4,
+            "latent_channels": 24,
+            "cells_per_group": 2,
         },
     ),
 }

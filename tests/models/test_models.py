@@ -16,7 +16,6 @@ import sdofm.models as models_pkg
 from sdofm.models import FLAVOURS, families, get_model, list_models
 from sdofm.models.mae import (
     MAEEncoder,
-    MaskedAutoencoder,
     active_latitude_weights,
     count_parameters,
     masked_loss,
@@ -32,7 +31,7 @@ from sdofm.models.vit import (
 )
 
 # Small enough for CPU seconds; everything but the image size keeps the registered config.
-SMALL = {"mae_debug": {}}
+SMALL = {"mae_debug": {}, "nvae_debug": {}, "nvae_21m": {"img_size": 32}}
 DEFAULT_SMALL = {"img_size": 64}
 
 
@@ -41,7 +40,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-def small_model(name: str, **extra) -> MaskedAutoencoder:
+def small_model(name: str, **extra) -> torch.nn.Module:
     return get_model(name, **{**SMALL.get(name, DEFAULT_SMALL), **extra})
 
 
@@ -126,17 +125,24 @@ def test_forward_backward(name: str) -> None:
     model = small_model(name)
     imgs = batch_for(model)
     out = model(imgs)
-    L, P = model.num_patches, model.patch_dim
-    assert out["pred"].shape == (2, L, P)
-    assert out["mask"].shape == (2, L)
     assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
-    assert torch.equal(out["mask"].sum(1), torch.full((2,), float(L - model.num_keep(0.75))))
+    family = FLAVOURS[name].family
+    if family == "mae":
+        L, P = model.num_patches, model.patch_dim
+        assert out["pred"].shape == (2, L, P)
+        assert out["mask"].shape == (2, L)
+        assert torch.equal(out["mask"].sum(1), torch.full((2,), float(L - model.num_keep(0.75))))
+        assert not any(p is model.pos_embed for p in model.parameters())
+    elif family == "nvae":
+        assert out["x_hat"].shape == imgs.shape
+        assert out["kl"].shape == (model.num_latent_groups,)
+    else:
+        raise AssertionError(f"no output checks for family {family!r}")
 
     out["loss"].backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None, pname
         assert torch.isfinite(param.grad).all(), pname
-    assert not any(p is model.pos_embed for p in model.parameters())
 
 
 @pytest.mark.parametrize("masking", ["random", "disk", "solar"])
