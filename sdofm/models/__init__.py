@@ -25,8 +25,9 @@ def families() -> dict[str, type[nn.Module]]:
 def encoders() -> dict[str, type[nn.Module]]:
     """Model family -> its encoder class (what finetuning heads sit on)."""
     from sdofm.models.mae import MAEEncoder
+    from sdofm.models.nvae import NVAEEncoder
 
-    return {"mae": MAEEncoder}
+    return {"mae": MAEEncoder, "nvae": NVAEEncoder}
 
 
 def list_models() -> list[str]:

@@ -88,7 +88,23 @@ def active_units(means: list[Tensor], threshold: float = 0.01) -> Tensor:
     channels whose variance across samples, averaged over positions, exceeds `threshold`
     (Burda et al. 2016).
     """
-    return torch.stack([(m.float().var(dim=0).mean(dim=(1, 2)) > threshold).sum() for m in means])
+    sums = [m.double().sum(0) for m in means]
+    squares = [(m.double() ** 2).sum(0) for m in means]
+    return active_units_from_moments(sums, squares, len(means[0]), threshold)
+
+
+def active_units_from_moments(
+    sums: list[Tensor], squares: list[Tensor], n: int, threshold: float = 0.01
+) -> Tensor:
+    """:func:`active_units` from running moments, for data too large to hold (summed over
+    batches and workers): per group the sum and the sum of squares over ``n`` samples of
+    the posterior means, each (c, h, w) -> (G,) int64."""
+    return torch.stack(
+        [
+            ((q / n - (s / n) ** 2).mean(dim=(1, 2)) > threshold).sum()
+            for s, q in zip(sums, squares, strict=True)
+        ]
+    )
 
 
 # --------------------------------------------------------------------------------------------

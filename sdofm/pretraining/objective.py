@@ -157,14 +157,11 @@ class ELBO(Objective):
         groups = param_groups(model, self.weight_decay)
         return {"model": torch.optim.AdamW(groups, betas=self.betas)}
 
-    def kl_weight(self, step: int, total: int) -> float:
-        """0 -> 1 linearly over the first ``kl_warmup`` share of ``total`` steps."""
-        warm = self.kl_warmup * total
-        return 1.0 if warm <= 0 else min(1.0, step / warm)
-
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
+        from sdofm.models.nvae import kl_warmup_weight
+
         x = batch["image"].to(device, non_blocking=True).float()
-        out = model(x, kl_weight=self.kl_weight(info.step, info.total_steps))
+        out = model(x, kl_weight=kl_warmup_weight(info.step, info.total_steps, self.kl_warmup))
         core = getattr(model, "module", model)
         return out["loss"] + self.spectral_weight * core.spectral_loss()
 
@@ -172,6 +169,8 @@ class ELBO(Objective):
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
         """ELBO terms summed over every worker's shard; active units from the variance of
         the posterior means over all of them."""
+        from sdofm.models.nvae import active_units_from_moments
+
         model.eval()
         n = torch.zeros((), dtype=torch.float64, device=ctx.device)
         recon = torch.zeros((), dtype=torch.float64, device=ctx.device)
@@ -208,9 +207,10 @@ class ELBO(Objective):
         metrics[f"{split}/loss"] = -metrics[f"{split}/elbo"]
         for g, v in enumerate(kl.tolist()):
             metrics[f"{split}/kl_g{g}"] = v
-        for g, (a, b) in enumerate(zip(first or [], sq or [], strict=True)):
-            var = (b / count - (a / count) ** 2).mean(dim=(1, 2))  # (Cz,)
-            metrics[f"{split}/active_units_g{g}"] = float((var > ACTIVE_UNIT_THRESHOLD).sum())
+        if first is not None:
+            units = active_units_from_moments(first, sq, count, ACTIVE_UNIT_THRESHOLD)
+            for g, u in enumerate(units.tolist()):
+                metrics[f"{split}/active_units_g{g}"] = float(u)
         figures = []
         if example is not None:
             figures.append(self._figures(model, example, ctx))

@@ -157,3 +157,75 @@ def test_unreachable_tracking_server_does_not_stop_training(synth_root, cache_di
     assert [x["step"] for x in lines] == [2, 4] and "train/loss" in lines[0]
     assert "val/loss" in lines[1]
     assert list((local / "figures" / "reconstructions").glob("step_00000004_0.png"))
+
+
+def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, cache_dir, tmp_path):
+    from sdofm.finetuning.run import prepare, train_head
+    from sdofm.finetuning.tasks import get_task
+    from sdofm.models.nvae import NVAEEncoder
+
+    cfg = _cfg(
+        synth_root,
+        cache_dir,
+        tmp_path,
+        "model.name=nvae_debug",
+        "model.kl_warmup=0.25",
+        "train.run_name=nvae",
+        "train.weight_decay=3e-4",
+        "train.max_steps=40",
+        "train.log_every=10",
+        "train.checkpoint_every=20",
+        "train.val_every=10",
+    )
+    result = pretrain(cfg)
+    assert result.metrics["step"] == 40
+    elbo = _history(result.tracking_uri, result.run_id, "val/elbo")
+    assert [s for s, _ in elbo] == [10, 20, 30, 40]
+    assert elbo[-1][1] > elbo[0][1], elbo  # the ELBO improves on the synthetic Sun
+
+    client = MlflowClient(result.tracking_uri)
+    metrics = client.get_run(result.run_id).data.metrics
+    groups = 4  # nvae_debug: 2 scales x 2 groups
+    for g in range(groups):  # every group's KL and active units (of 4 latent channels)
+        assert metrics[f"val/kl_g{g}"] > 0
+        assert metrics[f"val/active_units_g{g}"] in (0, 1, 2, 3, 4)
+    assert sum(metrics[f"val/kl_g{g}"] for g in range(groups)) == pytest.approx(
+        metrics["val/kl"], rel=1e-6
+    )
+    assert metrics["val/elbo"] == pytest.approx(-(metrics["val/recon"] + metrics["val/kl"]))
+    paths = {
+        a.path
+        for d in ("reconstructions", "samples")
+        for a in client.list_artifacts(result.run_id, d)
+    }
+    assert {"reconstructions/step_00000040_0.png", "samples/step_00000040.png"} <= paths
+    state = json.loads(
+        (tmp_path / "runs" / "nvae" / "checkpoint_00000040" / "state.json").read_text()
+    )
+    assert state["encoder_family"] == "nvae"
+
+    import mlflow.pytorch
+    import torch
+
+    mlflow.set_tracking_uri(result.tracking_uri)
+    encoder = mlflow.pytorch.load_model(result.model_uri)
+    assert isinstance(encoder, NVAEEncoder)
+    tokens = encoder.forward_features(torch.zeros(1, 12, 1, 32, 32))
+    assert tokens.shape == (1, 1 + encoder.grid_size[1] * encoder.grid_size[2], encoder.embed_dim)
+
+    # The encoder serves a finetuning head through the same backbone resolution as the MAE's.
+    head_cfg = _cfg(
+        synth_root,
+        cache_dir,
+        tmp_path,
+        f"finetune.backbone={result.checkpoint}",
+        "finetune.head=conv",
+        "finetune.freeze=full",
+        "finetune.epochs=2",
+        "finetune.max_train_samples=64",
+    )
+    task = get_task("dimming")
+    prepared = prepare(head_cfg, task)
+    assert prepared.backbone.family == "nvae"
+    fitted = train_head(head_cfg, task, prepared, None, "nvae_head", str(tmp_path / "runs"))
+    assert fitted.metrics["epoch"] == 2 and 0 < fitted.metrics["test/mae"] < 1
