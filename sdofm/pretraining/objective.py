@@ -33,12 +33,9 @@ def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -
     return {**from_data, **model.overrides}
 
 
-class MaskedReconstruction(Objective):
-    """Masked autoencoding (He et al. 2022): the model returns its own loss on the masked
-    patches; validation reports that loss per channel on fixed masks and draws
-    reconstructions (input, masked, reconstruction, |error|)."""
-
-    headline = ("val/loss",)
+class BackboneObjective(Objective):
+    """What every pretraining objective shares: a registered model built with ``kwargs``,
+    and AdamW without decay on norms, biases and tokens."""
 
     def __init__(
         self,
@@ -58,6 +55,14 @@ class MaskedReconstruction(Objective):
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         groups = param_groups(model, self.weight_decay)
         return {"model": torch.optim.AdamW(groups, betas=self.betas)}
+
+
+class MaskedReconstruction(BackboneObjective):
+    """Masked autoencoding (He et al. 2022): the model returns its own loss on the masked
+    patches; validation reports that loss per channel on fixed masks and draws
+    reconstructions (input, masked, reconstruction, |error|)."""
+
+    headline = ("val/loss",)
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         return model(batch["image"].to(device, non_blocking=True).float())["loss"]
@@ -122,7 +127,7 @@ ACTIVE_UNIT_THRESHOLD = 0.01
 (variance, Burda et al. 2016)."""
 
 
-class ELBO(Objective):
+class ELBO(BackboneObjective):
     """A hierarchical VAE's objective (NVAE): the negative ELBO in nats per input dimension,
     with the KL weight warmed up linearly over the first ``kl_warmup`` share of the steps
     (KL-balanced by the model meanwhile) and a spectral regulariser. Validation reports the
@@ -146,16 +151,8 @@ class ELBO(Objective):
         kl_warmup: float,
         spectral_weight: float,
     ):
-        self.model_name, self.kwargs, self.channels = model_name, kwargs, list(channels)
-        self.weight_decay, self.betas, self.seed = weight_decay, tuple(betas), seed
+        super().__init__(model_name, kwargs, channels, weight_decay, betas, seed)
         self.kl_warmup, self.spectral_weight = kl_warmup, spectral_weight
-
-    def build_model(self) -> nn.Module:
-        return get_model(self.model_name, **self.kwargs)
-
-    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-        groups = param_groups(model, self.weight_decay)
-        return {"model": torch.optim.AdamW(groups, betas=self.betas)}
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         from sdofm.models.nvae import kl_warmup_weight
