@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 LOG_DIR = "logs"
+_PACKAGE = str(Path(__file__).resolve().parent) + os.sep
 _log_file: Path | None = None
 
 
@@ -50,7 +51,7 @@ def _to_file(path: Path) -> logging.Handler:
     show = warnings.showwarning
 
     def showwarning(message, category, filename, lineno, file=None, line=None):
-        if f"{os.sep}sdofm{os.sep}" in filename:
+        if str(Path(filename).resolve()).startswith(_PACKAGE):
             show(message, category, filename, lineno, file, line)
         else:
             handler.stream.write(warnings.formatwarning(message, category, filename, lineno, line))
