@@ -62,3 +62,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "ray_session" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 for the whole session, stopped by pid at the end."""
+    from tests.s3 import MotoServer
+
+    server = MotoServer(log=tmp_path_factory.mktemp("moto") / "moto.log").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_proxy(s3_server):
+    """A counting (and, on request, failing) proxy in front of the session's S3 server."""
+    from tests.s3 import Proxy
+
+    proxy = Proxy(s3_server.url).start()
+    yield proxy
+    proxy.stop()
