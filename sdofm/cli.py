@@ -569,6 +569,57 @@ def tune_cmd(
     _where_logs()
 
 
+def run_embed(cfg, out: str, splits: tuple[str, ...], pool: str, shard_size: int):
+    from sdofm.finetuning.embed import embed
+
+    with _progress("embedding") as update:
+        result = embed(cfg, out, splits, pool, shard_size, progress=update)
+    rows = ", ".join(f"{s} {n}" for s, n in result.rows.items()) or "none (all shards present)"
+    console.print(
+        f"embeddings ({result.dim} values per sample, pool {pool!r}) in {out}: rows written {rows}; "
+        f"shards written {result.shards_written}, kept {result.shards_kept}"
+        + (f"; {result.skipped} samples skipped (unreadable frames)" if result.skipped else "")
+        + f" in {result.seconds:.0f} s; MLflow run {result.run_id}",
+        highlight=False,
+    )
+    return result
+
+
+@app.command("embed")
+def embed_cmd(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="An optional YAML config, the output folder or "
+            "URL (any fsspec URL), then dotted overrides such as data.start=2012-11-01.",
+            show_default=False,
+        ),
+    ],
+    backbone: Backbone = None,
+    split: Annotated[
+        list[str] | None, typer.Option(help="Split(s) to embed (default: train, val and test).")
+    ] = None,
+    pool: Annotated[
+        str,
+        typer.Option(
+            help="mean: mean of the patch tokens; summary: the summary token; tokens: all."
+        ),
+    ] = "mean",
+    shard_size: Annotated[int, typer.Option(help="Samples per parquet shard.")] = 1024,
+) -> None:
+    """Embed a split or time range with a pretrained encoder (Ray Data batch inference,
+    an actor pool on GPUs when present) into parquet shards; re-run to resume."""
+    paths = [a for a in args if "=" not in a]
+    if not paths:
+        raise typer.BadParameter("give the output folder or URL (OUT_URL)")
+    out = paths[-1]
+    with _friendly_errors():
+        cfg = _load(_with_backbone([*paths[:-1], *(a for a in args if "=" in a)], backbone))
+        _start_ray(dashboard=True)
+        run_embed(cfg, out, tuple(split or ("train", "val", "test")), pool, shard_size)
+    _where_logs()
+
+
 @app.command("mlflow")
 def mlflow_cmd(
     host: Annotated[
