@@ -57,8 +57,13 @@ def pool_tokens(tokens, pool: str):
 class _Embedder:
     """A Ray Data actor: one encoder, batches of images in, pooled features out."""
 
-    def __init__(self, backbone, pool: str, device: str):
+    def __init__(self, backbone: list, pool: str, device: str):
+        import ray
         import torch
+
+        # A reference in a list reaches the actor unresolved: the weights are fetched here
+        # rather than held as the actor's constructor arguments.
+        backbone = ray.get(backbone[0])
 
         self.device = torch.device(device)
         self.encoder = backbone.encoder().to(self.device).eval()
@@ -133,6 +138,7 @@ def embed(
     """Embed every sample of ``splits`` (of ``cfg.data``'s time range) with the encoder of
     ``cfg.finetune.backbone``; rows in the pipeline's sample ids of each split."""
     import fsspec
+    import ray
     from ray.data import ActorPoolStrategy
 
     from sdofm import tracking
@@ -204,7 +210,7 @@ def embed(
             ds = pipe.dataset(split, epoch=0, subset=subset).map_batches(
                 _Embedder,
                 fn_constructor_kwargs={
-                    "backbone": backbone,
+                    "backbone": [ray.put(backbone)],
                     "pool": pool,
                     "device": "cuda" if use_gpu else "cpu",
                 },
