@@ -569,6 +569,37 @@ def tune_cmd(
     _where_logs()
 
 
+def run_evaluate(cfg, tasks: list[str] | None, n_boot: int):
+    from sdofm.finetuning.evaluate import evaluate, format_board
+    from sdofm.tracking import tracking_uri
+
+    board = evaluate(cfg, tasks, n_boot)
+    console.print(format_board(board), highlight=False, soft_wrap=True)
+    console.print(
+        f"MLflow run: {board.run_id} (scoreboard.txt, scoreboard.json; one child run per arm)\n"
+        f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
+    )
+    return board
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    args: Args = None,
+    backbone: Backbone = None,
+    task: Annotated[
+        list[str] | None, typer.Option(help="Task(s) to score (default: every task).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test split.")] = 1000,
+) -> None:
+    """Score every head on the fixed test split against two controls (the same head on a
+    randomly initialised encoder, and the from-scratch baseline), with bootstrap intervals."""
+    with _friendly_errors():
+        cfg = _load(_with_backbone(args, backbone))
+        _start_ray(dashboard=True)
+        run_evaluate(cfg, task, bootstrap)
+    _where_logs()
+
+
 def run_embed(cfg, out: str, splits: tuple[str, ...], pool: str, shard_size: int):
     from sdofm.finetuning.embed import embed
 

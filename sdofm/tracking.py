@@ -193,6 +193,26 @@ def log_text(uri: str, run_id: str | None, text: str, artifact_file: str) -> Non
         warnings.warn(f"could not log {artifact_file} to MLflow run {run_id}: {e}", stacklevel=2)
 
 
+def log_metrics(uri: str, run_id: str | None, metrics: dict[str, float], step: int = 0) -> None:
+    """Metrics from the driver in one batch (quietly does nothing when unreachable)."""
+    if run_id is None or not metrics:
+        return
+    import time
+
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+    try:
+        with _quick_http():
+            client = MlflowClient(uri)
+            for i in range(0, len(items), 1000):
+                client.log_batch(run_id, metrics=items[i : i + 1000])
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"could not log metrics to MLflow run {run_id}: {e}", stacklevel=2)
+
+
 def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> None:
     """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable)."""
     if run_id is None:

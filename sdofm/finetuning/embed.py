@@ -249,16 +249,15 @@ def embed(
         result.seconds = time.perf_counter() - t0
         total = sum(result.rows.values())
         tracking.log_text(uri, run_id, json.dumps(manifest, indent=2), MANIFEST)
-        tracker = tracking.Tracker(uri, run_id, tracking.fallback_dir(out, name))
-        tracker.log_metrics(
+        tracking.log_metrics(
+            uri,
+            run_id,
             {
                 "embed/rows": total,
                 "embed/skipped": result.skipped,
                 "embed/rows_per_s": total / max(result.seconds, 1e-9),
             },
-            step=0,
         )
-        tracker.close()
     return result
 
 

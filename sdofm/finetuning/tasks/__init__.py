@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from sdofm.config import Config, ConfigError, TransformConfig
 
 if TYPE_CHECKING:
@@ -46,6 +48,21 @@ class Task:
 
     def objective(self, cfg: Config, prepared: Prepared) -> Objective:
         """The engine objective that trains and scores the head."""
+        raise NotImplementedError
+
+    board: tuple[tuple[str, bool], ...] = ()
+    """The scoreboard's metrics as (name, higher is better); the first is the headline."""
+
+    def test_scores(
+        self, cfg: Config, prepared: Prepared, model: nn.Module
+    ) -> dict[str, np.ndarray]:
+        """Per-sample scores of a trained head on the test split: name -> (n, ...) arrays,
+        one row per test sample in the split's sample order (``sdofm evaluate`` resamples
+        these rows for its bootstrap intervals)."""
+        raise NotImplementedError
+
+    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """The :attr:`board` metrics of (a resample of) the per-sample scores."""
         raise NotImplementedError
 
 

@@ -179,3 +179,27 @@ class DimmingTask(Task):
 
     def objective(self, cfg: Config, prepared) -> DimmingObjective:
         return DimmingObjective(cfg, prepared.sample_shape, prepared.stats, prepared.backbone)
+
+    # Dos Santos et al. (2021) report the share of predictions within 0.05 and 0.1 of alpha.
+    board = (("mae", False), ("success_0.05", True), ("success_0.1", True))
+
+    @torch.no_grad()
+    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
+        """``abs_err``: (n, K) |predicted - true alpha| of every test sample and AIA channel."""
+        dimming = Dimming(cfg, prepared.stats, prepared.sample_shape[2])
+        model.eval()
+        errs, ids = [], []
+        for batch in prepared.datasets["test"].iter_batches(batch_size=64, batch_format="numpy"):
+            x, alpha = dimming(batch["image"], batch["sample"], "test", 0)
+            errs.append(np.abs(model(torch.from_numpy(x)).float().numpy() - alpha))
+            ids.append(batch["sample"])
+        order = np.argsort(np.concatenate(ids))
+        return {"abs_err": np.concatenate(errs)[order]}
+
+    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        err = scores["abs_err"]
+        return {
+            "mae": float(err.mean()),
+            "success_0.05": float((err < 0.05).mean()),
+            "success_0.1": float((err < 0.1).mean()),
+        }

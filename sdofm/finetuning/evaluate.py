@@ -1,0 +1,232 @@
+"""``sdofm evaluate``: every head scored on the fixed test split against two controls.
+
+For each task the same head is trained three times on the same data, seed and settings:
+
+- ``pretrained``: on the backbone (``finetune.backbone``);
+- ``random_init``: on the same encoder architecture with random weights, which isolates
+  what pretraining adds from what the architecture and finetuning add;
+- ``from_scratch``: the task's from-scratch baseline (``finetune.head=baseline_cnn``).
+
+Each trained head predicts every test sample once; the board's metrics and their 95 %
+intervals come from a bootstrap over test samples. The comparison is paired: each
+resample draws the same samples for all three arms, and "beats" means the 95 % interval
+of the difference lies on the better side of zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sdofm.config import Config, ConfigError, dump_config
+from sdofm.finetuning.backbone import Backbone
+
+ARMS = ("pretrained", "random_init", "from_scratch")
+CONTROLS = ARMS[1:]
+
+
+@dataclass
+class Board:
+    rows: list[dict] = field(default_factory=list)
+    """One per (task, metric): value and interval of each arm, and the verdicts."""
+    skipped: dict[str, str] = field(default_factory=dict)
+    """task -> why it was not scored with this config."""
+    run_id: str | None = None
+    n_boot: int = 0
+
+
+def random_init(backbone: Backbone, seed: int) -> Backbone:
+    """The backbone's encoder architecture with freshly initialised weights."""
+    import torch
+
+    from sdofm.models import encoders
+
+    torch.manual_seed(seed)
+    enc = encoders()[backbone.family](**backbone.encoder_config)
+    return dataclasses.replace(
+        backbone,
+        state_dict=enc.state_dict(),
+        source=f"random init (architecture of {backbone.source})",
+        run_id=None,
+    )
+
+
+def bootstrap(
+    summarise, scores: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
+    """-> (point estimates, resampled estimates) per arm and metric.
+
+    ``scores``: arm -> per-sample arrays with the same rows (test samples) for every arm;
+    each resample uses the same rows for all arms (a paired bootstrap).
+    """
+    n = {len(v) for s in scores.values() for v in s.values()}
+    if len(n) != 1:
+        raise ValueError(f"the arms scored different numbers of test samples: {sorted(n)}")
+    (n,) = n
+    rng = np.random.default_rng(seed)
+    point = {arm: summarise(s) for arm, s in scores.items()}
+    draws = {arm: {m: np.empty(n_boot) for m in point[arm]} for arm in scores}
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        for arm, s in scores.items():
+            for m, v in summarise({k: a[idx] for k, a in s.items()}).items():
+                draws[arm][m][b] = v
+    return point, draws
+
+
+def board_rows(task, point, draws, metrics) -> list[dict]:
+    """Rows of the board for one task: each arm's value and 95 % interval, and whether the
+    pretrained arm beats each control (the paired difference's interval excludes zero)."""
+    rows = []
+    for metric, higher in metrics:
+        row = {"task": task, "metric": metric, "higher_is_better": higher}
+        for arm in point:
+            lo, hi = np.percentile(draws[arm][metric], [2.5, 97.5])
+            row[arm] = point[arm][metric]
+            row[f"{arm}_ci"] = (float(lo), float(hi))
+        for control in CONTROLS:
+            if control not in point or "pretrained" not in point:
+                continue
+            gain = draws["pretrained"][metric] - draws[control][metric]
+            gain = gain if higher else -gain
+            lo, hi = np.percentile(gain, [2.5, 97.5])
+            row[f"gain_vs_{control}_ci"] = (float(lo), float(hi))
+            row[f"beats_{control}"] = bool(lo > 0)
+        rows.append(row)
+    return rows
+
+
+def format_board(board: Board) -> str:
+    """The board as a plain-text table (printed and logged to MLflow)."""
+
+    def cell(row, arm):
+        lo, hi = row[f"{arm}_ci"]
+        return f"{row[arm]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    head = ["task", "metric", *ARMS, "beats random", "beats scratch"]
+    lines = []
+    for r in board.rows:
+        arrow = "up" if r["higher_is_better"] else "down"
+        lines.append(
+            [
+                r["task"],
+                f"{r['metric']} ({arrow})",
+                *(cell(r, a) for a in ARMS),
+                *("yes" if r.get(f"beats_{c}") else "NO" for c in CONTROLS),
+            ]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
+    out += ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
+    out.append(
+        f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
+        "'beats': the interval of the pretrained arm's gain lies above zero)"
+    )
+    out += [f"{t}: not scored ({why})" for t, why in board.skipped.items()]
+    return "\n".join(out)
+
+
+def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 1000) -> Board:
+    """Score every task's head (pretrained, random-init and from-scratch arms) on the test
+    split; one MLflow parent run holds the board, one child run per arm."""
+    from sdofm import tracking
+    from sdofm.engine import storage_path
+    from sdofm.finetuning.run import load_head, prepare, train_head
+    from sdofm.finetuning.tasks import TASK_NAMES, get_task
+
+    if cfg.finetune.head == "baseline_cnn":
+        raise ConfigError(
+            "sdofm evaluate trains the baseline itself: set finetune.head to an encoder head "
+            "(pool or conv), not baseline_cnn"
+        )
+    uri = tracking.tracking_uri(cfg.tracking.uri)
+    storage = storage_path(cfg.train.storage_path)
+    name = f"evaluate-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    tasks = list(task_names or TASK_NAMES)
+    board = Board(n_boot=n_boot)
+    params = {
+        "tasks": ",".join(tasks),
+        "backbone": cfg.finetune.backbone or "newest pretraining run",
+        "bootstrap": n_boot,
+        **{f"finetune.{k}": v for k, v in dump_config(cfg.finetune).items()},
+    }
+    parent = tracking.start_run(
+        uri, cfg.finetune.experiment, name, storage, params, {"sdofm.task": "evaluate"}
+    )
+    try:
+        for task_name in tasks:
+            task = get_task(task_name)
+            try:
+                task.check(cfg)
+            except ConfigError as e:
+                board.skipped[task_name] = str(e)
+                continue
+            prepared = prepare(cfg, task)
+            scratch_cfg = cfg.model_copy(
+                update={"finetune": cfg.finetune.model_copy(update={"head": "baseline_cnn"})}
+            )
+            arms = {
+                "pretrained": (cfg, prepared),
+                "random_init": (
+                    cfg,
+                    dataclasses.replace(
+                        prepared, backbone=random_init(prepared.backbone, cfg.train.seed)
+                    ),
+                ),
+                "from_scratch": (scratch_cfg, dataclasses.replace(prepared, backbone=None)),
+            }
+            scores = {}
+            for arm, (arm_cfg, arm_prep) in arms.items():
+                run_name = f"{name}-{task_name}-{arm}"
+                b = arm_prep.backbone
+                run_id = tracking.start_run(
+                    uri,
+                    cfg.finetune.experiment,
+                    run_name,
+                    storage,
+                    {
+                        "arm": arm,
+                        "head": arm_cfg.finetune.head,
+                        "backbone": b.source if b else "none",
+                    },
+                    {
+                        "mlflow.parentRunId": parent or "",
+                        "sdofm.task": f"evaluate-{task_name}",
+                        "sdofm.arm": arm,
+                    },
+                )
+                status = "FAILED"
+                try:
+                    fitted = train_head(
+                        arm_cfg,
+                        task,
+                        arm_prep,
+                        run_id,
+                        run_name,
+                        storage,
+                        label=f"{task_name} {arm}",
+                    )
+                    model = load_head(arm_cfg, task, arm_prep, fitted.checkpoint)
+                    scores[arm] = task.test_scores(arm_cfg, arm_prep, model)
+                    status = "FINISHED"
+                finally:
+                    tracking.end_run(uri, run_id, status)
+            point, draws = bootstrap(
+                lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed
+            )
+            board.rows += board_rows(task_name, point, draws, task.board)
+    except BaseException:
+        tracking.end_run(uri, parent, "FAILED")
+        raise
+    board.run_id = parent
+    text = format_board(board)
+    tracking.log_text(uri, parent, text, "scoreboard.txt")
+    tracking.log_text(uri, parent, json.dumps(board.rows, indent=2), "scoreboard.json")
+    metrics = {f"{r['task']}/{arm}/{r['metric']}": r[arm] for r in board.rows for arm in ARMS}
+    tracking.log_metrics(uri, parent, metrics)
+    tracking.end_run(uri, parent, "FINISHED")
+    return board
