@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from sdofm.config import Config, ConfigError, TransformConfig
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import nn
 
     from sdofm.engine.objective import Objective
