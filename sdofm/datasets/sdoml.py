@@ -92,7 +92,8 @@ def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
             store = FsspecStore.from_url(
                 url, read_only=read_only, storage_options=storage_options or {}
             )
-        return zarr.open_group(store, mode=mode, zarr_format=2)
+        # Never a consolidated .zmetadata: it would hold every array's headers at once.
+        return zarr.open_group(store, mode=mode, zarr_format=2, use_consolidated=False)
     except SDOMLError:
         raise
     except FileNotFoundError as e:
@@ -207,17 +208,38 @@ class FrameTimes:
         return int(np.isnat(self.times).sum())
 
 
-_HEADER_CACHE: dict[tuple[str, str, str, str], Any] = {}
+HEADER_KEYS = ("T_OBS", "DEG_COR", "EXPTIME", "QUALITY")
+"""The per-frame header keys sdofm keeps: the rest of a ``.zattrs`` (~175 keys) is never parsed."""
+
+
+@dataclass
+class Header:
+    """What sdofm keeps of one array's ``.zattrs``: ``T_OBS`` as stored and the numeric keys
+    of :data:`HEADER_KEYS` it has, each ``(len(list),) float64`` with NaN for nulls."""
+
+    t_obs: list | None
+    numbers: dict[str, np.ndarray]
+    nbytes: int  # size of the .zattrs document
+
+
+_HEADER_CACHE: dict[tuple, Any] = {}
 _HEADER_LOCK = threading.Lock()
+_KEY_LOCKS: dict[tuple, threading.Lock] = {}
 
 
-def _cached(key: tuple[str, str, str, str], make):
+def _cached(key: tuple, make):
+    """``make()`` once per process and key, also when threads ask at the same time."""
     with _HEADER_LOCK:
         if key in _HEADER_CACHE:
             return _HEADER_CACHE[key]
-    value = make()
-    with _HEADER_LOCK:
-        _HEADER_CACHE[key] = value
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _HEADER_LOCK:
+            if key in _HEADER_CACHE:
+                return _HEADER_CACHE[key]
+        value = make()
+        with _HEADER_LOCK:
+            _HEADER_CACHE[key] = value
     return value
 
 
@@ -225,6 +247,53 @@ def clear_header_cache() -> None:
     """Forget parsed headers (after a store was rewritten in this process)."""
     with _HEADER_LOCK:
         _HEADER_CACHE.clear()
+        _KEY_LOCKS.clear()
+
+
+def _top_level_list(text: str, key: str):
+    """The list under ``key`` of a flat JSON object, decoded alone; ``...`` when the key is
+    absent, None when it cannot be located unambiguously (then parse the whole document).
+
+    A real ``.zattrs`` is up to ~221 MB of JSON: decoding every one of its ~175 lists
+    took seconds and GBs of Python objects for the handful sdofm uses. In JSON text an
+    unescaped ``"KEY"`` followed by ``:`` can only be an object key.
+    """
+    hits = [m.end() for m in re.finditer(rf"\"{re.escape(key)}\"\s*:\s*", text)]
+    if not hits:
+        return ...
+    if len(hits) > 1:
+        return None
+    try:
+        value, _ = json.JSONDecoder().raw_decode(text, hits[0])
+    except ValueError:
+        return None
+    return value if isinstance(value, list) else None
+
+
+def _as_numbers(values: list) -> np.ndarray:
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[i] = v
+    return out
+
+
+def parse_header(raw: bytes, keys: Sequence[str] = HEADER_KEYS) -> Header:
+    """Keep ``keys`` of a ``.zattrs`` document (``T_OBS`` as stored, the rest as float64)."""
+    text = raw.decode("utf-8")
+    found: dict[str, Any] = {}
+    whole: dict | None = None
+    for k in keys:
+        v = _top_level_list(text, k)
+        if v is None:  # ambiguous: fall back to the whole document, once
+            if whole is None:
+                whole = json.loads(text)
+            v = whole.get(k, ...)
+        if v is not ...:
+            found[k] = v
+    t_obs = found.pop("T_OBS", None)
+    numbers = {k: _as_numbers(v) for k, v in found.items() if isinstance(v, list)}
+    return Header(t_obs=t_obs, numbers=numbers, nbytes=len(raw))
 
 
 # --------------------------------------------------------------------------- image stores
@@ -243,6 +312,7 @@ class ImageStore:
         self._arrays: dict[tuple[str, str], Any] = {}
         self._scratch_buf: np.ndarray | None = None  # one decoded chunk, reused
         self._fs_root: tuple | None = None  # (fsspec filesystem, root path)
+        self._listings: dict[str, list[str]] = {}
         self._check_is_sdoml()
 
     def __repr__(self) -> str:
@@ -264,26 +334,83 @@ class ImageStore:
                 f"{self.channels(year) or 'nothing'}, none of {', '.join(known)}"
             )
 
+    def _list(self, path: str) -> list[str]:
+        """Names of the folders directly under ``path`` (relative to the store), listed once."""
+        if path not in self._listings:
+            fs, root = self._filesystem()
+            try:
+                entries = fs.ls(f"{root}/{path}".rstrip("/"), detail=True)
+            except FileNotFoundError:
+                entries = []
+            self._listings[path] = sorted(
+                e["name"].rstrip("/").rsplit("/", 1)[-1]
+                for e in entries
+                if e.get("type") == "directory"
+                and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")
+            )
+        return self._listings[path]
+
     @cached_property
     def years(self) -> list[str]:
-        return sorted(k for k, _ in self.group.groups() if _YEAR_RE.match(k))
+        return [k for k in self._list("") if _YEAR_RE.match(k)]
 
     def channels(self, year: str) -> list[str]:
-        return sorted(k for k, _ in self.group[year].arrays())
+        """The channel arrays of ``year`` (a listing: no array is opened)."""
+        return self._list(year)
 
     def array(self, year: str, channel: str):
+        """The zarr array of ``year/channel``, opened from its ``.zarray`` alone.
+
+        zarr downloads and parses an array's whole ``.zattrs`` on every open, up to
+        ~221 MB in the real archive; sdofm reads the headers it needs once per process
+        (:meth:`frame_times`, :meth:`header`), so the array's ``attrs`` are empty here.
+        """
         key = (year, channel)
         if key not in self._arrays:
             if year not in self.years:
                 raise LayoutError(f"{self.url}: no year {year} (has {', '.join(self.years)})")
-            try:
-                self._arrays[key] = self.group[f"{year}/{channel}"]
-            except KeyError:
+            if channel not in self.channels(year):
                 raise LayoutError(
                     f"{self.url}: year {year} has no channel {channel} "
                     f"(has {', '.join(self.channels(year))})"
-                ) from None
+                )
+            self._arrays[key] = self._open_array(f"{year}/{channel}")
         return self._arrays[key]
+
+    def _open_array(self, path: str):
+        import zarr
+        from zarr.core.array import AsyncArray
+        from zarr.storage import StorePath
+
+        fs, root = self._filesystem()
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{path}/.zarray"))
+        except FileNotFoundError:
+            raise LayoutError(f"{self.url}: {path} is not a zarr v2 array (no .zarray)") from None
+        except Exception as e:
+            raise StoreUnreachableError(
+                f"cannot read {self.url}/{path}/.zarray: {type(e).__name__}: {e}"
+            ) from e
+        store_path = StorePath(self.group.store, f"{self.group.path}/{path}".lstrip("/"))
+        return zarr.Array(AsyncArray(metadata={**meta, "attributes": {}}, store_path=store_path))
+
+    def raw_header(self, year: str, channel: str) -> Header:
+        """The kept keys of ``year/channel``'s ``.zattrs``, downloaded and parsed once per process."""
+        self.array(year, channel)  # names a missing year or channel
+
+        def make() -> Header:
+            fs, root = self._filesystem()
+            try:
+                raw = fs.cat_file(f"{root}/{year}/{channel}/.zattrs")
+            except FileNotFoundError:
+                raw = b"{}"
+            except Exception as e:
+                raise StoreUnreachableError(
+                    f"cannot read {self.url}/{year}/{channel}/.zattrs: {type(e).__name__}: {e}"
+                ) from e
+            return parse_header(raw)
+
+        return _cached((self.url, year, channel, ".zattrs"), make)
 
     def validate(
         self, channels: Sequence[str], years: Sequence[str] | None = None
@@ -314,7 +441,7 @@ class ImageStore:
                     continue
                 if not np.issubdtype(a.dtype, np.floating):
                     problems.append(f"{year}/{c} has dtype {a.dtype}, expected float32")
-                if "T_OBS" not in a.attrs:
+                if self.raw_header(year, c).t_obs is None:
                     problems.append(f"{year}/{c} has no per-frame T_OBS attribute")
                 shapes.setdefault(tuple(a.shape[1:]), []).append(f"{year}/{c}")
         if len(shapes) > 1:
@@ -335,7 +462,7 @@ class ImageStore:
         a = self.array(year, channel)
 
         def make() -> FrameTimes:
-            raw = a.attrs.get("T_OBS")
+            raw = self.raw_header(year, channel).t_obs
             if not isinstance(raw, list):
                 raise LayoutError(f"{self.url} {year}/{channel}: T_OBS is not a per-frame list")
             n = a.shape[0]
@@ -356,19 +483,17 @@ class ImageStore:
         return _cached((self.url, year, channel, "T_OBS"), make)
 
     def header(self, year: str, channel: str, key: str) -> np.ndarray:
-        """One numeric per-frame header (``DEG_COR``, ``EXPTIME``, ``QUALITY`` ...) as float64, NaN where absent."""
-        a = self.array(year, channel)
-
-        def make() -> np.ndarray:
-            raw = a.attrs.get(key)
-            if raw is None:
-                raise LayoutError(f"{self.url} {year}/{channel}: no per-frame attribute {key}")
-            out = np.full(a.shape[0], np.nan)
-            vals = [np.nan if v is None else v for v in raw[: a.shape[0]]]
-            out[: len(vals)] = np.asarray(vals, dtype=np.float64)
-            return out
-
-        return _cached((self.url, year, channel, key), make)
+        """One numeric per-frame header of :data:`HEADER_KEYS` (``DEG_COR``, ``EXPTIME``,
+        ``QUALITY``) as ``(N,) float64``, NaN where a frame has none."""
+        if key not in HEADER_KEYS or key == "T_OBS":
+            raise ValueError(f"sdofm keeps the numeric headers {HEADER_KEYS[1:]}, not {key!r}")
+        n = self.array(year, channel).shape[0]
+        values = self.raw_header(year, channel).numbers.get(key)
+        if values is None:
+            raise LayoutError(f"{self.url} {year}/{channel}: no per-frame attribute {key}")
+        out = np.full(n, np.nan)
+        out[: min(n, len(values))] = values[:n]
+        return out
 
     def read_frames(
         self,
@@ -503,27 +628,31 @@ class ImageStore:
                 f"cannot decode chunk(s) holding frames {frames[0]}..{frames[-1]}: {type(e).__name__}: {e}",
             ) from e
 
-    def fingerprint(self, channels: Sequence[str] | None = None) -> str:
-        """A cheap digest of the store's metadata (shapes, chunks, header file sizes and dates)."""
-        fs, root = _fs(self.url, self.storage_options)
+    def fingerprint(
+        self, channels: Sequence[str] | None = None, years: Sequence[str] | None = None
+    ) -> str:
+        """A digest of the object metadata (size, ETag or modification time) of each array's
+        ``.zarray`` and ``.zattrs`` in ``years``: no header is downloaded."""
+        fs, root = self._filesystem()
         h = hashlib.sha256(self.url.encode())
-        for year in self.years:
+        for year in years if years is not None else self.years:
+            if year not in self.years:
+                continue
             for c in channels if channels is not None else self.channels(year):
                 if c not in self.channels(year):
                     continue
-                a = self.array(year, c)
-                info = fs.info(f"{root.rstrip('/')}/{year}/{c}/.zattrs")
-                stamp = (
-                    info.get("ETag")
-                    or info.get("mtime")
-                    or info.get("created")
-                    or info.get("LastModified")
-                )
-                h.update(
-                    json.dumps(
-                        [year, c, a.shape, a.chunks, str(a.dtype), info.get("size"), str(stamp)]
-                    ).encode()
-                )
+                for name in (".zarray", ".zattrs"):
+                    try:
+                        info = fs.info(f"{root}/{year}/{c}/{name}")
+                    except FileNotFoundError:
+                        info = {}
+                    stamp = (
+                        info.get("ETag")
+                        or info.get("mtime")
+                        or info.get("created")
+                        or info.get("LastModified")
+                    )
+                    h.update(json.dumps([year, c, name, info.get("size"), str(stamp)]).encode())
         return h.hexdigest()[:16]
 
 

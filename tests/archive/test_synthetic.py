@@ -300,7 +300,9 @@ def test_pixel_values_in_archive_ranges(synth_root):
 def test_hmi_time_is_tai(synth_root):
     frames = read_truth_frames(str(synth_root))
     store = ImageStore(str(synth_root / "sdomlv2_hmi.zarr"), "hmi")
-    raw = store.array("2012", "Bz").attrs["T_OBS"]
+    raw = json.loads((synth_root / "sdomlv2_hmi.zarr" / "2012" / "Bz" / ".zattrs").read_text())[
+        "T_OBS"
+    ]
     t = store.frame_times("2012", "Bz").times
     truth = (
         frames[(frames.channel == "Bz")].sort_values("index").time.dt.tz_localize(None).to_numpy()
