@@ -92,7 +92,8 @@ def _friendly_errors():
     try:
         yield
     except (ConfigError, SDOMLError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # One line however long: a wrapped URL cannot be copied.
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -192,7 +193,7 @@ def run_info(cfg, as_json: bool = False) -> None:
     from sdofm.datasets.sdoml import Archive, describe
 
     archive = Archive.open(cfg.data, require=["aia"] if cfg.data.aia_channels else ["hmi"])
-    summary = describe(archive)
+    summary = describe(archive, cfg.data.start, cfg.data.end)
     if as_json:
         print(json.dumps(summary, indent=1))
         return

@@ -203,23 +203,17 @@ def index_path(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"index-{index_key(cfg)}.parquet"
 
 
-def span_years(store: ImageStore, cfg: DataConfig) -> list[str]:
-    """The years of ``store`` that ``cfg.start`` .. ``cfg.end`` covers; with both set, every
-    year of the span (a missing one is then an error where it is read)."""
-    y0 = _year_of(_to_ns(cfg.start)) if cfg.start else None
-    y1 = _year_of(_to_ns(cfg.end)) if cfg.end else None
-    if y0 is not None and y1 is not None:
-        return [str(y) for y in range(y0, y1 + 1)]
-    return [y for y in store.years if (y0 is None or int(y) >= y0) and (y1 is None or int(y) <= y1)]
-
-
 def fingerprints(archive: Archive, cfg: DataConfig) -> dict[str, str]:
     """Digests of the stores' object metadata over the indexed years (no header is read)."""
     out = {}
     if archive.aia is not None and cfg.aia_channels:
-        out["aia"] = archive.aia.fingerprint(cfg.aia_channels, span_years(archive.aia, cfg))
+        out["aia"] = archive.aia.fingerprint(
+            cfg.aia_channels, archive.aia.years_between(cfg.start, cfg.end)
+        )
     if archive.hmi is not None and cfg.hmi_channels:
-        out["hmi"] = archive.hmi.fingerprint(cfg.hmi_channels, span_years(archive.hmi, cfg))
+        out["hmi"] = archive.hmi.fingerprint(
+            cfg.hmi_channels, archive.hmi.years_between(cfg.start, cfg.end)
+        )
     if archive.eve is not None and cfg.eve_lines:
         out["eve"] = archive.eve.fingerprint()
     return out
@@ -243,7 +237,7 @@ def build_index(
     stores = list(dict.fromkeys(s for s, _ in selected))
     years: dict[str, list[str]] = {}
     for store in stores:
-        years[store.url] = span_years(store, cfg)
+        years[store.url] = store.years_between(cfg.start, cfg.end)
         store.validate([c for s, c in selected if s is store], years[store.url])
 
     bad: dict[str, Counter] = {}

@@ -89,6 +89,8 @@ def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
                 raise StoreUnreachableError(f"no store at {url}: the path does not exist")
             store = LocalStore(path, read_only=read_only)
         else:
+            if read_only:
+                _probe(url, storage_options)
             store = FsspecStore.from_url(
                 url, read_only=read_only, storage_options=storage_options or {}
             )
@@ -100,6 +102,31 @@ def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
         raise StoreUnreachableError(f"no zarr group at {url}: {e}") from e
     except Exception as e:  # network, permission, DNS: say which URL
         raise StoreUnreachableError(f"cannot open {url}: {type(e).__name__}: {e}") from e
+
+
+def _probe(url: str, storage_options: dict | None) -> None:
+    """Fetch ``url``'s ``.zgroup`` once before zarr opens the group.
+
+    zarr fetches several metadata objects at once; when the endpoint is unreachable the
+    first failure abandons the other requests mid-flight, and at exit each prints an
+    ``Exception ignored ... was created in a different Context`` traceback. One plain
+    request fails alone, with the cause.
+    """
+    fs, path = _fs(url, storage_options)
+    try:
+        fs.cat_file(path.rstrip("/") + "/.zgroup")
+    except FileNotFoundError:
+        where = "the path does not exist" if not _exists(fs, path) else "it holds no .zgroup"
+        raise StoreUnreachableError(f"no zarr group at {url}: {where}") from None
+    except Exception as e:
+        raise StoreUnreachableError(f"cannot open {url}: {type(e).__name__}: {e}") from e
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception:
+        return False
 
 
 def _exists_local(path: str) -> bool:
@@ -353,6 +380,22 @@ class ImageStore:
     @cached_property
     def years(self) -> list[str]:
         return [k for k in self._list("") if _YEAR_RE.match(k)]
+
+    def years_between(self, start: dt.datetime | None, end: dt.datetime | None) -> list[str]:
+        """The years ``start`` .. ``end`` touch (None: open-ended); with both given, every year
+        of the span, held by the store or not (a missing one is an error where it is read)."""
+
+        def year(t: dt.datetime | None) -> int | None:
+            if t is not None and t.tzinfo is not None:
+                t = t.astimezone(dt.UTC)
+            return None if t is None else t.year
+
+        y0, y1 = year(start), year(end)
+        if y0 is not None and y1 is not None:
+            return [str(y) for y in range(y0, y1 + 1)]
+        return [
+            y for y in self.years if (y0 is None or int(y) >= y0) and (y1 is None or int(y) <= y1)
+        ]
 
     def channels(self, year: str) -> list[str]:
         """The channel arrays of ``year`` (a listing: no array is opened)."""
@@ -786,11 +829,15 @@ class Archive:
             url = find_store(data_cfg.root, inst, name, opts)
             if url is None:
                 if inst in require:
+                    fs, path = _fs(data_cfg.root, opts)
                     raise LayoutError(
                         f"no {inst.upper()} store under {data_cfg.root} (looked for "
-                        f"{', '.join(STORE_NAMES[inst])}); set data.{inst}_store or data.root"
+                        f"{', '.join(STORE_NAMES[inst])})"
+                        + ("" if _exists(fs, path) else f": {data_cfg.root} does not exist")
+                        + f"; set data.{inst}_store or data.root"
                         + (
-                            "; or run `sdofm data synth` to write the synthetic Sun"
+                            f"; `sdofm data synth data.root={data_cfg.root}` writes the synthetic "
+                            "Sun there"
                             if "://" not in data_cfg.root
                             else ""
                         )
@@ -817,14 +864,17 @@ def _codec(a) -> str:
     )
 
 
-def describe_image_store(store: ImageStore, gap_factor: float = 1.5) -> dict:
-    """What an AIA/HMI store holds: per year and channel the frame count, span and gaps.
+def describe_image_store(
+    store: ImageStore, gap_factor: float = 1.5, years: Sequence[str] | None = None
+) -> dict:
+    """What an AIA/HMI store holds: per year (of ``years``, default all) and channel the
+    frame count, span and gaps.
 
     A gap is a spacing between consecutive frames over ``gap_factor`` times the
     channel's median spacing.
     """
     out: dict[str, Any] = {"url": store.url, "instrument": store.instrument.upper(), "years": {}}
-    for year in store.years:
+    for year in [y for y in store.years if years is None or y in years]:
         rows = {}
         for c in store.channels(year):
             a = store.array(year, c)
@@ -870,13 +920,16 @@ def describe_eve_store(store: EVEStore) -> dict:
     }
 
 
-def describe(archive: Archive) -> dict:
-    """A summary of every store of the archive (what ``sdofm data info`` prints)."""
+def describe(
+    archive: Archive, start: dt.datetime | None = None, end: dt.datetime | None = None
+) -> dict:
+    """A summary of every store of the archive over the years ``start`` .. ``end`` touch
+    (what ``sdofm data info`` prints): only those years' headers are read."""
     out = {}
     for name in ("aia", "hmi"):
         store = getattr(archive, name)
         if store is not None:
-            out[name] = describe_image_store(store)
+            out[name] = describe_image_store(store, years=store.years_between(start, end))
     if archive.eve is not None:
         out["eve"] = describe_eve_store(archive.eve)
     return out
