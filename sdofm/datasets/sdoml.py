@@ -277,26 +277,6 @@ def clear_header_cache() -> None:
         _KEY_LOCKS.clear()
 
 
-def _top_level_list(text: str, key: str):
-    """The list under ``key`` of a flat JSON object, decoded alone; ``...`` when the key is
-    absent, None when it cannot be located unambiguously (then parse the whole document).
-
-    A real ``.zattrs`` is up to ~221 MB of JSON: decoding every one of its ~175 lists
-    took seconds and GBs of Python objects for the handful sdofm uses. In JSON text an
-    unescaped ``"KEY"`` followed by ``:`` can only be an object key.
-    """
-    hits = [m.end() for m in re.finditer(rf"\"{re.escape(key)}\"\s*:\s*", text)]
-    if not hits:
-        return ...
-    if len(hits) > 1:
-        return None
-    try:
-        value, _ = json.JSONDecoder().raw_decode(text, hits[0])
-    except ValueError:
-        return None
-    return value if isinstance(value, list) else None
-
-
 def _as_numbers(values: list) -> np.ndarray:
     out = np.full(len(values), np.nan)
     for i, v in enumerate(values):
@@ -306,18 +286,28 @@ def _as_numbers(values: list) -> np.ndarray:
 
 
 def parse_header(raw: bytes, keys: Sequence[str] = HEADER_KEYS) -> Header:
-    """Keep ``keys`` of a ``.zattrs`` document (``T_OBS`` as stored, the rest as float64)."""
+    """Keep ``keys`` of a ``.zattrs`` document (``T_OBS`` as stored, the rest as float64).
+
+    A real ``.zattrs`` is up to ~221 MB of JSON: decoding all of its ~175 lists takes
+    seconds and GBs of Python objects for the few sdofm uses. Each wanted list is
+    decoded alone, from where its key stands (in JSON text an unescaped ``"KEY"``
+    followed by ``:`` can only be an object key); a key found twice (a nested object)
+    falls back to decoding the whole document.
+    """
     text = raw.decode("utf-8")
+    names = "|".join(re.escape(k) for k in keys)
+    pattern = re.compile(rf'"({names})"\s*:\s*')
+    where: dict[str, list[int]] = {}
+    for m in pattern.finditer(text):
+        where.setdefault(m.group(1), []).append(m.end())
+    decoder = json.JSONDecoder()
     found: dict[str, Any] = {}
-    whole: dict | None = None
-    for k in keys:
-        v = _top_level_list(text, k)
-        if v is None:  # ambiguous: fall back to the whole document, once
-            if whole is None:
-                whole = json.loads(text)
-            v = whole.get(k, ...)
-        if v is not ...:
-            found[k] = v
+    if any(len(v) > 1 for v in where.values()):
+        whole = json.loads(text)
+        found = {k: whole[k] for k in keys if k in whole}
+    else:
+        for k, (pos,) in where.items():
+            found[k] = decoder.raw_decode(text, pos)[0]
     t_obs = found.pop("T_OBS", None)
     numbers = {k: _as_numbers(v) for k, v in found.items() if isinstance(v, list)}
     return Header(t_obs=t_obs, numbers=numbers, nbytes=len(raw))
