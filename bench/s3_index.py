@@ -39,6 +39,22 @@ from tests.s3 import MotoServer, Proxy, storage_options  # noqa: E402
 BUCKET = "sdofm-replica"
 ARRAY_HEADER = re.compile(r"/\d{4}/[^/]+/\.zattrs$")
 
+# Each command runs under this wrapper, which writes its own peak RSS (VmHWM: this
+# process's memory since exec, unlike a child's ru_maxrss, which starts from its parent's).
+MEASURED = """
+import atexit, os, runpy, sys
+def _peak():
+    kb = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    open(os.environ["SDOFM_BENCH_RSS"], "w").write(str(kb))
+atexit.register(_peak)
+sys.argv = sys.argv[1:]
+if sys.argv[0] == "-c":
+    code = sys.argv.pop(1)
+    exec(compile(code, "<reader>", "exec"), {"__name__": "__main__"})
+else:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+"""
+
 READER = """
 import json, sys
 from sdofm.config import load_config
@@ -54,18 +70,25 @@ print(json.dumps({"samples": len(batch["image"]), "skipped": len(bad)}))
 
 
 def run(cmd: list[str], proxy: Proxy) -> dict:
-    """Run ``cmd``; its seconds, what went over the wire, its own peak RSS."""
+    """Run ``cmd`` (a module and its arguments, or ``-c CODE ...``) in a fresh Python; its
+    seconds, what went over the wire, its own peak RSS."""
     import tempfile
 
     proxy.reset()
-    with tempfile.TemporaryFile("w+") as out:
+    with tempfile.TemporaryFile("w+") as out, tempfile.NamedTemporaryFile("r") as rss:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.run(
+            [sys.executable, "-c", MEASURED, *cmd],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "SDOFM_BENCH_RSS": rss.name},
+        )
         seconds = time.perf_counter() - t0
         out.seek(0)
         text = out.read()
+        peak_kb = int(rss.read() or 0)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:6])} failed:\n{text}")
     headers = Counter(r.key for r in proxy.gets(".zattrs") if ARRAY_HEADER.search(r.key))
@@ -78,7 +101,7 @@ def run(cmd: list[str], proxy: Proxy) -> dict:
         "header_mb": round(
             sum(r.bytes_out for r in proxy.gets(".zattrs") if r.key in headers) / 1e6, 1
         ),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_kb / 1024),
         "stdout": text.strip().splitlines()[-1] if text.strip() else "",
     }
 
@@ -146,12 +169,11 @@ def main() -> None:
             f"data.end={args.year}-12-31T23:59:59",
             f"data.cache_dir={cache}",
         ]
-        env_py = [sys.executable, "-m", "sdofm.cli", "data", "index", *overrides]
+        env_py = ["sdofm.cli", "data", "index", *overrides]
         first = run(env_py, proxy)
         reuse = run(env_py, proxy)
         reader = run(
             [
-                sys.executable,
                 "-c",
                 READER,
                 *overrides,
