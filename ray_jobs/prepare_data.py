@@ -4,8 +4,9 @@
         --config configs/data/sdoml_aws.yaml data.cache_dir=/mnt/shared/sdofm/cache
 
 The same package calls as ``sdofm data index`` and ``sdofm data stats``; both are
-reused while the stores and settings are unchanged. A local ``data.root`` holding no
-store gets the synthetic Sun first, as every sdofm command does.
+reused while the stores and settings are unchanged. The default ``data.root``
+(``data/synthetic``) holding no store gets the synthetic Sun first; any other root
+without stores is an error.
 """
 
 import argparse

@@ -15,6 +15,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
+
 app = typer.Typer(
     help="sdofm: foundation models of the Sun on SDO data (SDOML v2), with Ray and MLflow.",
     no_args_is_help=True,
@@ -92,7 +94,8 @@ def _friendly_errors():
     try:
         yield
     except (ConfigError, SDOMLError) as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+        # One line however long: a wrapped URL cannot be copied.
+        console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 
@@ -188,11 +191,10 @@ def run_index(cfg, rebuild: bool = False) -> None:
 
 
 def run_info(cfg, as_json: bool = False) -> None:
-    from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
     from sdofm.datasets.sdoml import Archive, describe
 
     archive = Archive.open(cfg.data, require=["aia"] if cfg.data.aia_channels else ["hmi"])
-    summary = describe(archive)
+    summary = describe(archive, cfg.data.start, cfg.data.end)
     if as_json:
         print(json.dumps(summary, indent=1))
         return
@@ -330,6 +332,43 @@ def data_synth(args: Args = None) -> None:
     """Write the synthetic Sun (AIA, HMI, EVE in the SDOML v2 layout + truth) to data.root."""
     with _friendly_errors():
         run_synth(_load(args))
+
+
+@data_app.command("replica")
+def data_replica(
+    out: Annotated[
+        str, typer.Argument(help="Folder or fsspec URL to write to.", show_default=False)
+    ],
+    years: Annotated[str, typer.Option(help="First and last year, e.g. 2013-2014.")] = "2013-2014",
+    aia: Annotated[str, typer.Option(help="AIA channels, comma-separated.")] = ",".join(
+        AIA_CHANNELS
+    ),
+    hmi: Annotated[
+        str, typer.Option(help="HMI channels, comma-separated ('' for none).")
+    ] = ",".join(HMI_CHANNELS),
+    size: Annotated[int, typer.Option(help="Frame size in pixels.")] = 512,
+) -> None:
+    """Write an archive-scale replica of SDOML v2: whole years, real-sized per-frame headers
+    (the full level-1 keyword set), only a few chunks holding pixels."""
+    from sdofm.archive.synthetic.replica import write_replica
+
+    first, _, last = years.partition("-")
+    t0 = time.perf_counter()
+    with _progress(f"replica -> {out}") as update:
+        report = write_replica(
+            out,
+            years=range(int(first), int(last or first) + 1),
+            aia_channels=[c for c in aia.split(",") if c],
+            hmi_channels=[c for c in hmi.split(",") if c],
+            size=size,
+            progress=update,
+        )
+    sizes = report.header_bytes.values()
+    console.print(
+        f"wrote {len(report.frames)} arrays, {sum(report.frames.values()):,} frames, to {out} in "
+        f"{time.perf_counter() - t0:.0f} s; headers {min(sizes) / 1e6:.0f} .. "
+        f"{max(sizes) / 1e6:.0f} MB per year and channel ({sum(sizes) / 1e9:.2f} GB in all)"
+    )
 
 
 @data_app.command("index")

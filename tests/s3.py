@@ -109,15 +109,20 @@ class MotoServer:
 
     def upload_tree(self, local: Path | str, bucket: str, prefix: str) -> int:
         """Copy every file under ``local`` to ``s3://bucket/prefix/...``; the number of files."""
+        from concurrent.futures import ThreadPoolExecutor
+
         c = self.client()
         local = Path(local)
-        n = 0
-        for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        extra = {"ACL": "public-read"} if bucket in self.public else {}
+        paths = sorted(p for p in local.rglob("*") if p.is_file())
+
+        def put(path: Path) -> None:
             key = prefix.strip("/") + "/" + path.relative_to(local).as_posix()
-            extra = {"ACL": "public-read"} if bucket in self.public else {}
             c.put_object(Bucket=bucket, Key=key, Body=path.read_bytes(), **extra)
-            n += 1
-        return n
+
+        with ThreadPoolExecutor(8) as pool:  # one request at a time took ~30 ms a file
+            list(pool.map(put, paths))
+        return len(paths)
 
 
 def storage_options(endpoint: str, anon: bool = False) -> dict:

@@ -47,6 +47,7 @@ class SplitPlan:
     time: np.ndarray  # (rows,) int64 ns
     year: dict[str, np.ndarray]  # channel -> (rows,) int16
     idx: dict[str, np.ndarray]  # channel -> (rows,) int32
+    deg_cor: dict[str, np.ndarray]  # channel -> (rows,) float32, from the index: no header reads
     eve_row: np.ndarray | None  # (rows,) int64
 
     @property
@@ -87,6 +88,7 @@ def plan_split(
         time=table["time"].to_numpy(dtype="datetime64[ns]").astype(np.int64),
         year={c: table[f"{c}_year"].to_numpy() for c in data.channels},
         idx={c: table[f"{c}_idx"].to_numpy() for c in data.channels},
+        deg_cor={c: table[f"{c}_deg"].to_numpy(np.float32) for c in data.channels},
         eve_row=table["eve_row"].to_numpy() if data.eve_lines else None,
     )
 
@@ -156,9 +158,9 @@ def frame_checks(frames: np.ndarray) -> list[str | None]:
 
 
 class BlockReader:
-    """Reads whole blocks of one split's ``plan``. The stores are opened, and their
-    headers parsed, once per reader; the Ray Data source keeps one per worker process
-    and pipeline, across epochs."""
+    """Reads whole blocks of one split's ``plan``. The stores are opened once per reader
+    and no header is read: frame positions and ``DEG_COR`` come with the plan. The Ray
+    Data source keeps one reader per worker process and pipeline, across epochs."""
 
     def __init__(
         self,
@@ -271,8 +273,7 @@ class BlockReader:
                     out[dest, ci, ti] = x  # every frame used once: no gather copy
                 else:
                     out[dest, ci, ti] = x[inv]
-                if store.instrument == "aia":
-                    deg[pos[ni], ci, ti] = store.header(str(y), c, "DEG_COR")[uniq][inv]
+                deg[pos[ni], ci, ti] = plan.deg_cor[c][rows[ni, ti]]
         sample_ids = np.empty(n, np.int64)
         sample_ids[pos] = samples
         times = np.empty((n, T), np.int64)

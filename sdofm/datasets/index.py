@@ -28,7 +28,7 @@ import sdofm
 from sdofm.config import DataConfig, dump_config
 from sdofm.datasets.sdoml import Archive, ImageStore, LayoutError
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2  # 2: DEG_COR of each AIA frame in the table
 _META_KEY = b"sdofm"
 _NS = 1_000_000_000
 SPLITS = ("train", "val", "test")
@@ -68,6 +68,7 @@ class _ChannelFrames:
     times: np.ndarray  # (N,) int64 ns
     year: np.ndarray  # (N,) int16
     index: np.ndarray  # (N,) int32
+    deg_cor: np.ndarray  # (N,) float32, 1 where the store records none (HMI)
 
 
 def _channel_frames(
@@ -78,7 +79,7 @@ def _channel_frames(
     bad: dict,
     examples: list[str],
 ) -> _ChannelFrames:
-    times, year_col, idx_col = [], [], []
+    times, year_col, idx_col, deg_col = [], [], [], []
     for year in years:
         ft = store.frame_times(year, channel)
         for reason, frames in ft.problems.items():
@@ -86,7 +87,7 @@ def _channel_frames(
             for i in frames[:2]:
                 examples.append(f"{store.url} {year}/{channel} frame {i}: {reason}")
             if cfg.on_bad_header == "raise" and frames:
-                raw = store.array(year, channel).attrs["T_OBS"]
+                raw = store.raw_header(year, channel).t_obs
                 value = raw[frames[0]] if frames[0] < len(raw) else "<no entry>"
                 raise LayoutError(
                     f"{store.url} {year}/{channel} frame {frames[0]}: {reason} (T_OBS = {value!r}); "
@@ -97,13 +98,24 @@ def _channel_frames(
         times.append(ft.times[ok].astype(np.int64))
         year_col.append(np.full(n, int(year), dtype=np.int16))
         idx_col.append(np.flatnonzero(ok).astype(np.int32))
+        deg_col.append(_deg_cor(store, year, channel)[ok])
     t = np.concatenate(times) if times else np.zeros(0, np.int64)
     order = np.argsort(t, kind="stable")
     return _ChannelFrames(
         t[order],
         np.concatenate(year_col)[order] if year_col else np.zeros(0, np.int16),
         np.concatenate(idx_col)[order] if idx_col else np.zeros(0, np.int32),
+        np.concatenate(deg_col)[order] if deg_col else np.zeros(0, np.float32),
     )
+
+
+def _deg_cor(store: ImageStore, year: str, channel: str) -> np.ndarray:
+    """``(N,) float32`` degradation factor of each frame: readers take it from the table, so
+    that no reader downloads a header. 1 where none is recorded (HMI, nulls)."""
+    n = store.array(year, channel).shape[0]
+    if store.instrument != "aia" or "DEG_COR" not in store.raw_header(year, channel).numbers:
+        return np.ones(n, np.float32)
+    return np.nan_to_num(store.header(year, channel, "DEG_COR"), nan=1.0).astype(np.float32)
 
 
 def nearest(
@@ -192,11 +204,16 @@ def index_path(cfg: DataConfig) -> Path:
 
 
 def fingerprints(archive: Archive, cfg: DataConfig) -> dict[str, str]:
+    """Digests of the stores' object metadata over the indexed years (no header is read)."""
     out = {}
     if archive.aia is not None and cfg.aia_channels:
-        out["aia"] = archive.aia.fingerprint(cfg.aia_channels)
+        out["aia"] = archive.aia.fingerprint(
+            cfg.aia_channels, archive.aia.years_between(cfg.start, cfg.end)
+        )
     if archive.hmi is not None and cfg.hmi_channels:
-        out["hmi"] = archive.hmi.fingerprint(cfg.hmi_channels)
+        out["hmi"] = archive.hmi.fingerprint(
+            cfg.hmi_channels, archive.hmi.years_between(cfg.start, cfg.end)
+        )
     if archive.eve is not None and cfg.eve_lines:
         out["eve"] = archive.eve.fingerprint()
     return out
@@ -217,19 +234,10 @@ def build_index(
 
     start_ns = _to_ns(cfg.start) if cfg.start else None
     end_ns = _to_ns(cfg.end) if cfg.end else None
-    y0 = _year_of(start_ns) if start_ns is not None else None
-    y1 = _year_of(end_ns) if end_ns is not None else None
     stores = list(dict.fromkeys(s for s, _ in selected))
     years: dict[str, list[str]] = {}
     for store in stores:
-        if y0 is not None and y1 is not None:  # an explicit span needs every year in it
-            years[store.url] = [str(y) for y in range(y0, y1 + 1)]
-        else:
-            years[store.url] = [
-                y
-                for y in store.years
-                if (y0 is None or int(y) >= y0) and (y1 is None or int(y) <= y1)
-            ]
+        years[store.url] = store.years_between(cfg.start, cfg.end)
         store.validate([c for s, c in selected if s is store], years[store.url])
 
     bad: dict[str, Counter] = {}
@@ -265,6 +273,7 @@ def build_index(
         any_data |= ok
         cols[f"{c}_year"] = f.year[pos] if len(f.times) else np.zeros(len(grid), np.int16)
         cols[f"{c}_idx"] = f.index[pos] if len(f.times) else np.zeros(len(grid), np.int32)
+        cols[f"{c}_deg"] = f.deg_cor[pos] if len(f.times) else np.ones(len(grid), np.float32)
         cols[f"{c}_dt"] = (
             ((f.times[pos] - grid) / _NS).astype(np.float32)
             if len(f.times)

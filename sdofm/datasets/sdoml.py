@@ -89,16 +89,44 @@ def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
                 raise StoreUnreachableError(f"no store at {url}: the path does not exist")
             store = LocalStore(path, read_only=read_only)
         else:
+            if read_only:
+                _probe(url, storage_options)
             store = FsspecStore.from_url(
                 url, read_only=read_only, storage_options=storage_options or {}
             )
-        return zarr.open_group(store, mode=mode, zarr_format=2)
+        # Never a consolidated .zmetadata: it would hold every array's headers at once.
+        return zarr.open_group(store, mode=mode, zarr_format=2, use_consolidated=False)
     except SDOMLError:
         raise
     except FileNotFoundError as e:
         raise StoreUnreachableError(f"no zarr group at {url}: {e}") from e
     except Exception as e:  # network, permission, DNS: say which URL
         raise StoreUnreachableError(f"cannot open {url}: {type(e).__name__}: {e}") from e
+
+
+def _probe(url: str, storage_options: dict | None) -> None:
+    """Fetch ``url``'s ``.zgroup`` once before zarr opens the group.
+
+    zarr fetches several metadata objects at once; when the endpoint is unreachable the
+    first failure abandons the other requests mid-flight, and at exit each prints an
+    ``Exception ignored ... was created in a different Context`` traceback. One plain
+    request fails alone, with the cause.
+    """
+    fs, path = _fs(url, storage_options)
+    try:
+        fs.cat_file(path.rstrip("/") + "/.zgroup")
+    except FileNotFoundError:
+        where = "the path does not exist" if not _exists(fs, path) else "it holds no .zgroup"
+        raise StoreUnreachableError(f"no zarr group at {url}: {where}") from None
+    except Exception as e:
+        raise StoreUnreachableError(f"cannot open {url}: {type(e).__name__}: {e}") from e
+
+
+def _exists(fs, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception:
+        return False
 
 
 def _exists_local(path: str) -> bool:
@@ -207,17 +235,38 @@ class FrameTimes:
         return int(np.isnat(self.times).sum())
 
 
-_HEADER_CACHE: dict[tuple[str, str, str, str], Any] = {}
+HEADER_KEYS = ("T_OBS", "DEG_COR", "EXPTIME", "QUALITY")
+"""The per-frame header keys sdofm keeps: the rest of a ``.zattrs`` (~175 keys) is never parsed."""
+
+
+@dataclass
+class Header:
+    """What sdofm keeps of one array's ``.zattrs``: ``T_OBS`` as stored and the numeric keys
+    of :data:`HEADER_KEYS` it has, each ``(len(list),) float64`` with NaN for nulls."""
+
+    t_obs: list | None
+    numbers: dict[str, np.ndarray]
+    nbytes: int  # size of the .zattrs document
+
+
+_HEADER_CACHE: dict[tuple, Any] = {}
 _HEADER_LOCK = threading.Lock()
+_KEY_LOCKS: dict[tuple, threading.Lock] = {}
 
 
-def _cached(key: tuple[str, str, str, str], make):
+def _cached(key: tuple, make):
+    """``make()`` once per process and key, also when threads ask at the same time."""
     with _HEADER_LOCK:
         if key in _HEADER_CACHE:
             return _HEADER_CACHE[key]
-    value = make()
-    with _HEADER_LOCK:
-        _HEADER_CACHE[key] = value
+        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
+    with lock:
+        with _HEADER_LOCK:
+            if key in _HEADER_CACHE:
+                return _HEADER_CACHE[key]
+        value = make()
+        with _HEADER_LOCK:
+            _HEADER_CACHE[key] = value
     return value
 
 
@@ -225,6 +274,43 @@ def clear_header_cache() -> None:
     """Forget parsed headers (after a store was rewritten in this process)."""
     with _HEADER_LOCK:
         _HEADER_CACHE.clear()
+        _KEY_LOCKS.clear()
+
+
+def _as_numbers(values: list) -> np.ndarray:
+    out = np.full(len(values), np.nan)
+    for i, v in enumerate(values):
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[i] = v
+    return out
+
+
+def parse_header(raw: bytes, keys: Sequence[str] = HEADER_KEYS) -> Header:
+    """Keep ``keys`` of a ``.zattrs`` document (``T_OBS`` as stored, the rest as float64).
+
+    A real ``.zattrs`` is up to ~221 MB of JSON: decoding all of its ~175 lists takes
+    seconds and GBs of Python objects for the few sdofm uses. Each wanted list is
+    decoded alone, from where its key stands (in JSON text an unescaped ``"KEY"``
+    followed by ``:`` can only be an object key); a key found twice (a nested object)
+    falls back to decoding the whole document.
+    """
+    text = raw.decode("utf-8")
+    names = "|".join(re.escape(k) for k in keys)
+    pattern = re.compile(rf'"({names})"\s*:\s*')
+    where: dict[str, list[int]] = {}
+    for m in pattern.finditer(text):
+        where.setdefault(m.group(1), []).append(m.end())
+    decoder = json.JSONDecoder()
+    found: dict[str, Any] = {}
+    if any(len(v) > 1 for v in where.values()):
+        whole = json.loads(text)
+        found = {k: whole[k] for k in keys if k in whole}
+    else:
+        for k, (pos,) in where.items():
+            found[k] = decoder.raw_decode(text, pos)[0]
+    t_obs = found.pop("T_OBS", None)
+    numbers = {k: _as_numbers(v) for k, v in found.items() if isinstance(v, list)}
+    return Header(t_obs=t_obs, numbers=numbers, nbytes=len(raw))
 
 
 # --------------------------------------------------------------------------- image stores
@@ -243,6 +329,7 @@ class ImageStore:
         self._arrays: dict[tuple[str, str], Any] = {}
         self._scratch_buf: np.ndarray | None = None  # one decoded chunk, reused
         self._fs_root: tuple | None = None  # (fsspec filesystem, root path)
+        self._listings: dict[str, list[str]] = {}
         self._check_is_sdoml()
 
     def __repr__(self) -> str:
@@ -264,26 +351,99 @@ class ImageStore:
                 f"{self.channels(year) or 'nothing'}, none of {', '.join(known)}"
             )
 
+    def _list(self, path: str) -> list[str]:
+        """Names of the folders directly under ``path`` (relative to the store), listed once."""
+        if path not in self._listings:
+            fs, root = self._filesystem()
+            try:
+                entries = fs.ls(f"{root}/{path}".rstrip("/"), detail=True)
+            except FileNotFoundError:
+                entries = []
+            self._listings[path] = sorted(
+                e["name"].rstrip("/").rsplit("/", 1)[-1]
+                for e in entries
+                if e.get("type") == "directory"
+                and not e["name"].rstrip("/").rsplit("/", 1)[-1].startswith(".")
+            )
+        return self._listings[path]
+
     @cached_property
     def years(self) -> list[str]:
-        return sorted(k for k, _ in self.group.groups() if _YEAR_RE.match(k))
+        return [k for k in self._list("") if _YEAR_RE.match(k)]
+
+    def years_between(self, start: dt.datetime | None, end: dt.datetime | None) -> list[str]:
+        """The years ``start`` .. ``end`` touch (None: open-ended); with both given, every year
+        of the span, held by the store or not (a missing one is an error where it is read)."""
+
+        def year(t: dt.datetime | None) -> int | None:
+            if t is not None and t.tzinfo is not None:
+                t = t.astimezone(dt.UTC)
+            return None if t is None else t.year
+
+        y0, y1 = year(start), year(end)
+        if y0 is not None and y1 is not None:
+            return [str(y) for y in range(y0, y1 + 1)]
+        return [
+            y for y in self.years if (y0 is None or int(y) >= y0) and (y1 is None or int(y) <= y1)
+        ]
 
     def channels(self, year: str) -> list[str]:
-        return sorted(k for k, _ in self.group[year].arrays())
+        """The channel arrays of ``year`` (a listing: no array is opened)."""
+        return self._list(year)
 
     def array(self, year: str, channel: str):
+        """The zarr array of ``year/channel``, opened from its ``.zarray`` alone.
+
+        zarr downloads and parses an array's whole ``.zattrs`` on every open, up to
+        ~221 MB in the real archive; sdofm reads the headers it needs once per process
+        (:meth:`frame_times`, :meth:`header`), so the array's ``attrs`` are empty here.
+        """
         key = (year, channel)
         if key not in self._arrays:
             if year not in self.years:
                 raise LayoutError(f"{self.url}: no year {year} (has {', '.join(self.years)})")
-            try:
-                self._arrays[key] = self.group[f"{year}/{channel}"]
-            except KeyError:
+            if channel not in self.channels(year):
                 raise LayoutError(
                     f"{self.url}: year {year} has no channel {channel} "
                     f"(has {', '.join(self.channels(year))})"
-                ) from None
+                )
+            self._arrays[key] = self._open_array(f"{year}/{channel}")
         return self._arrays[key]
+
+    def _open_array(self, path: str):
+        import zarr
+        from zarr.core.array import AsyncArray
+        from zarr.storage import StorePath
+
+        fs, root = self._filesystem()
+        try:
+            meta = json.loads(fs.cat_file(f"{root}/{path}/.zarray"))
+        except FileNotFoundError:
+            raise LayoutError(f"{self.url}: {path} is not a zarr v2 array (no .zarray)") from None
+        except Exception as e:
+            raise StoreUnreachableError(
+                f"cannot read {self.url}/{path}/.zarray: {type(e).__name__}: {e}"
+            ) from e
+        store_path = StorePath(self.group.store, f"{self.group.path}/{path}".lstrip("/"))
+        return zarr.Array(AsyncArray(metadata={**meta, "attributes": {}}, store_path=store_path))
+
+    def raw_header(self, year: str, channel: str) -> Header:
+        """The kept keys of ``year/channel``'s ``.zattrs``, downloaded and parsed once per process."""
+        self.array(year, channel)  # names a missing year or channel
+
+        def make() -> Header:
+            fs, root = self._filesystem()
+            try:
+                raw = fs.cat_file(f"{root}/{year}/{channel}/.zattrs")
+            except FileNotFoundError:
+                raw = b"{}"
+            except Exception as e:
+                raise StoreUnreachableError(
+                    f"cannot read {self.url}/{year}/{channel}/.zattrs: {type(e).__name__}: {e}"
+                ) from e
+            return parse_header(raw)
+
+        return _cached((self.url, year, channel, ".zattrs"), make)
 
     def validate(
         self, channels: Sequence[str], years: Sequence[str] | None = None
@@ -314,7 +474,7 @@ class ImageStore:
                     continue
                 if not np.issubdtype(a.dtype, np.floating):
                     problems.append(f"{year}/{c} has dtype {a.dtype}, expected float32")
-                if "T_OBS" not in a.attrs:
+                if self.raw_header(year, c).t_obs is None:
                     problems.append(f"{year}/{c} has no per-frame T_OBS attribute")
                 shapes.setdefault(tuple(a.shape[1:]), []).append(f"{year}/{c}")
         if len(shapes) > 1:
@@ -335,7 +495,7 @@ class ImageStore:
         a = self.array(year, channel)
 
         def make() -> FrameTimes:
-            raw = a.attrs.get("T_OBS")
+            raw = self.raw_header(year, channel).t_obs
             if not isinstance(raw, list):
                 raise LayoutError(f"{self.url} {year}/{channel}: T_OBS is not a per-frame list")
             n = a.shape[0]
@@ -356,19 +516,17 @@ class ImageStore:
         return _cached((self.url, year, channel, "T_OBS"), make)
 
     def header(self, year: str, channel: str, key: str) -> np.ndarray:
-        """One numeric per-frame header (``DEG_COR``, ``EXPTIME``, ``QUALITY`` ...) as float64, NaN where absent."""
-        a = self.array(year, channel)
-
-        def make() -> np.ndarray:
-            raw = a.attrs.get(key)
-            if raw is None:
-                raise LayoutError(f"{self.url} {year}/{channel}: no per-frame attribute {key}")
-            out = np.full(a.shape[0], np.nan)
-            vals = [np.nan if v is None else v for v in raw[: a.shape[0]]]
-            out[: len(vals)] = np.asarray(vals, dtype=np.float64)
-            return out
-
-        return _cached((self.url, year, channel, key), make)
+        """One numeric per-frame header of :data:`HEADER_KEYS` (``DEG_COR``, ``EXPTIME``,
+        ``QUALITY``) as ``(N,) float64``, NaN where a frame has none."""
+        if key not in HEADER_KEYS or key == "T_OBS":
+            raise ValueError(f"sdofm keeps the numeric headers {HEADER_KEYS[1:]}, not {key!r}")
+        n = self.array(year, channel).shape[0]
+        values = self.raw_header(year, channel).numbers.get(key)
+        if values is None:
+            raise LayoutError(f"{self.url} {year}/{channel}: no per-frame attribute {key}")
+        out = np.full(n, np.nan)
+        out[: min(n, len(values))] = values[:n]
+        return out
 
     def read_frames(
         self,
@@ -503,27 +661,31 @@ class ImageStore:
                 f"cannot decode chunk(s) holding frames {frames[0]}..{frames[-1]}: {type(e).__name__}: {e}",
             ) from e
 
-    def fingerprint(self, channels: Sequence[str] | None = None) -> str:
-        """A cheap digest of the store's metadata (shapes, chunks, header file sizes and dates)."""
-        fs, root = _fs(self.url, self.storage_options)
+    def fingerprint(
+        self, channels: Sequence[str] | None = None, years: Sequence[str] | None = None
+    ) -> str:
+        """A digest of the object metadata (size, ETag or modification time) of each array's
+        ``.zarray`` and ``.zattrs`` in ``years``: no header is downloaded."""
+        fs, root = self._filesystem()
         h = hashlib.sha256(self.url.encode())
-        for year in self.years:
+        for year in years if years is not None else self.years:
+            if year not in self.years:
+                continue
             for c in channels if channels is not None else self.channels(year):
                 if c not in self.channels(year):
                     continue
-                a = self.array(year, c)
-                info = fs.info(f"{root.rstrip('/')}/{year}/{c}/.zattrs")
-                stamp = (
-                    info.get("ETag")
-                    or info.get("mtime")
-                    or info.get("created")
-                    or info.get("LastModified")
-                )
-                h.update(
-                    json.dumps(
-                        [year, c, a.shape, a.chunks, str(a.dtype), info.get("size"), str(stamp)]
-                    ).encode()
-                )
+                for name in (".zarray", ".zattrs"):
+                    try:
+                        info = fs.info(f"{root}/{year}/{c}/{name}")
+                    except FileNotFoundError:
+                        info = {}
+                    stamp = (
+                        info.get("ETag")
+                        or info.get("mtime")
+                        or info.get("created")
+                        or info.get("LastModified")
+                    )
+                    h.update(json.dumps([year, c, name, info.get("size"), str(stamp)]).encode())
         return h.hexdigest()[:16]
 
 
@@ -657,11 +819,15 @@ class Archive:
             url = find_store(data_cfg.root, inst, name, opts)
             if url is None:
                 if inst in require:
+                    fs, path = _fs(data_cfg.root, opts)
                     raise LayoutError(
                         f"no {inst.upper()} store under {data_cfg.root} (looked for "
-                        f"{', '.join(STORE_NAMES[inst])}); set data.{inst}_store or data.root"
+                        f"{', '.join(STORE_NAMES[inst])})"
+                        + ("" if _exists(fs, path) else f": {data_cfg.root} does not exist")
+                        + f"; set data.{inst}_store or data.root"
                         + (
-                            "; or run `sdofm data synth` to write the synthetic Sun"
+                            f"; `sdofm data synth data.root={data_cfg.root}` writes the synthetic "
+                            "Sun there"
                             if "://" not in data_cfg.root
                             else ""
                         )
@@ -688,14 +854,17 @@ def _codec(a) -> str:
     )
 
 
-def describe_image_store(store: ImageStore, gap_factor: float = 1.5) -> dict:
-    """What an AIA/HMI store holds: per year and channel the frame count, span and gaps.
+def describe_image_store(
+    store: ImageStore, gap_factor: float = 1.5, years: Sequence[str] | None = None
+) -> dict:
+    """What an AIA/HMI store holds: per year (of ``years``, default all) and channel the
+    frame count, span and gaps.
 
     A gap is a spacing between consecutive frames over ``gap_factor`` times the
     channel's median spacing.
     """
     out: dict[str, Any] = {"url": store.url, "instrument": store.instrument.upper(), "years": {}}
-    for year in store.years:
+    for year in [y for y in store.years if years is None or y in years]:
         rows = {}
         for c in store.channels(year):
             a = store.array(year, c)
@@ -741,13 +910,16 @@ def describe_eve_store(store: EVEStore) -> dict:
     }
 
 
-def describe(archive: Archive) -> dict:
-    """A summary of every store of the archive (what ``sdofm data info`` prints)."""
+def describe(
+    archive: Archive, start: dt.datetime | None = None, end: dt.datetime | None = None
+) -> dict:
+    """A summary of every store of the archive over the years ``start`` .. ``end`` touch
+    (what ``sdofm data info`` prints): only those years' headers are read."""
     out = {}
     for name in ("aia", "hmi"):
         store = getattr(archive, name)
         if store is not None:
-            out[name] = describe_image_store(store)
+            out[name] = describe_image_store(store, years=store.years_between(start, end))
     if archive.eve is not None:
         out["eve"] = describe_eve_store(archive.eve)
     return out

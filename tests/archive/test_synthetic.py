@@ -8,10 +8,12 @@ import pytest
 from sdofm.archive.synthetic import (
     ActiveRegion,
     SyntheticSun,
+    ensure_data,
     read_truth,
     read_truth_frames,
     write_synthetic,
 )
+from sdofm.config import load_config
 from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
 from sdofm.datasets.sdoml import Archive, ImageStore, SDOMLError, open_group
 from tests.conftest import small_config
@@ -300,7 +302,9 @@ def test_pixel_values_in_archive_ranges(synth_root):
 def test_hmi_time_is_tai(synth_root):
     frames = read_truth_frames(str(synth_root))
     store = ImageStore(str(synth_root / "sdomlv2_hmi.zarr"), "hmi")
-    raw = store.array("2012", "Bz").attrs["T_OBS"]
+    raw = json.loads((synth_root / "sdomlv2_hmi.zarr" / "2012" / "Bz" / ".zattrs").read_text())[
+        "T_OBS"
+    ]
     t = store.frame_times("2012", "Bz").times
     truth = (
         frames[(frames.channel == "Bz")].sort_values("index").time.dt.tz_localize(None).to_numpy()
@@ -310,3 +314,21 @@ def test_hmi_time_is_tai(synth_root):
     assert t[i] == np.datetime64(
         dt.datetime(2012, 6, 29, 11, 59, 30)
     )  # TAI - 34 s, the grid minus 30 s
+
+
+def test_the_synthetic_sun_is_written_only_at_the_default_root(tmp_path, monkeypatch):
+    tiny = ["synth.resolution=16", "synth.periods=[{start: 2011-10-31, days: 1}]"]
+    typo = tmp_path / "sdoml-typo"
+    cfg = load_config(None, [*tiny, f"data.root={typo}"])
+    with pytest.raises(
+        SDOMLError,
+        match=rf"no AIA store under {typo} \(looked for sdomlv2\.zarr, sdomlv2_small\.zarr, "
+        rf"AIA\.zarr\): {typo} does not exist",
+    ):
+        ensure_data(cfg.data, cfg.synth)
+    assert not typo.exists()  # nothing fabricated
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, tiny)  # data.root: the default, data/synthetic
+    assert ensure_data(cfg.data, cfg.synth) is True
+    assert (tmp_path / "data" / "synthetic" / "sdomlv2.zarr" / "2011" / "171A").is_dir()
+    assert ensure_data(cfg.data, cfg.synth) is False

@@ -16,6 +16,7 @@ from sdofm.datasets.sdoml import (
     StoreUnreachableError,
     clear_header_cache,
     describe,
+    parse_header,
     parse_times,
     tai_to_utc,
 )
@@ -155,6 +156,26 @@ def test_header_length_mismatch_and_nulls_are_listed(synth_copy):
     assert ft.problems["header_length_mismatch"] == [n - 3, n - 2, n - 1]
     assert ft.problems["header_null"] == [5]
     assert ft.n_bad == 4 and np.isnat(ft.times[[5, n - 1]]).all()
+
+
+def test_parse_header_keeps_the_wanted_lists_as_json_reads_them():
+    attrs = {
+        "AAA": ["T_OBS"] * 3,  # a value that looks like a key
+        "DEG_COR": [0.9, None, 0.8],
+        "EXPTIME": [2.0, "2.0", 1.9],
+        "T_OBS": ["2012-06-29T00:00:00.12Z", None, "x"],
+        "ZZZ": [{"T_OBS": 1}],
+    }
+    flat = {k: v for k, v in attrs.items() if k != "ZZZ"}  # each key once: decoded alone
+    docs = [json.dumps(d, indent=i, sort_keys=True) for d in (attrs, flat) for i in (None, 4)]
+    for raw in docs:
+        h = parse_header(raw.encode())
+        assert h.t_obs == attrs["T_OBS"] and h.nbytes == len(raw)
+        np.testing.assert_array_equal(h.numbers["DEG_COR"], [0.9, np.nan, 0.8])
+        np.testing.assert_array_equal(h.numbers["EXPTIME"], [2.0, np.nan, 1.9])
+        assert "QUALITY" not in h.numbers
+    h = parse_header(json.dumps({"DEG_COR": [1.0]}).encode())
+    assert h.t_obs is None and list(h.numbers) == ["DEG_COR"]
 
 
 def test_headers_are_parsed_once_per_process(synth_root):

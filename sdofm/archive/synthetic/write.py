@@ -402,15 +402,31 @@ def write_synthetic(
     return report
 
 
+def is_synthetic_default(data: DataConfig) -> bool:
+    """Whether ``data.root`` is the built-in default (``data/synthetic``, relative to here)."""
+    import os
+
+    default = type(data).model_fields["root"].default
+    return "://" not in data.root and os.path.abspath(data.root) == os.path.abspath(default)
+
+
 def ensure_data(
     data: DataConfig, synth: SynthConfig, progress: Callable[[int, int], None] | None = None
 ) -> bool:
-    """Write the synthetic Sun on first use: when ``data.root`` is a local folder holding no
-    SDOML store at all. -> True if it was written. A URL is never written to."""
-    if "://" in data.root or any(
+    """Write the synthetic Sun on first use, at the synthetic default root only. -> True if
+    it was written.
+
+    Any other root must hold the stores the config selects: a mistyped path or URL is a
+    :class:`~sdofm.datasets.sdoml.LayoutError` naming what was looked for, never a
+    silently fabricated Sun to train on. ``sdofm data synth`` writes one anywhere.
+    """
+    from sdofm.datasets.sdoml import Archive
+
+    if is_synthetic_default(data) and not any(
         find_store(data.root, inst, name, data.storage_options)
         for inst, name in (("aia", data.aia_store), ("hmi", data.hmi_store))
     ):
-        return False
-    write_synthetic(synth, data.root, data.storage_options, progress)
-    return True
+        write_synthetic(synth, data.root, data.storage_options, progress)
+        return True
+    Archive.open(data)  # raises, naming the root and the store names it looked for
+    return False
