@@ -538,6 +538,12 @@ def run_finetune(cfg, task_name: str):
     result = finetune(cfg, task.name)
     title = f"{task.name} head {cfg.finetune.head!r}"
     console.print(_metrics_table(title, result.metrics, task.targets(cfg), task.columns))
+    m = result.metrics
+    for k in task.extra:
+        console.print(
+            f"{k}: "
+            + "   ".join(f"{s} {m[f'{s}/{k}']:.4f}" for s in ("val", "test") if f"{s}/{k}" in m)
+        )
     console.print(
         f"MLflow run id: {result.run_id}   model: {result.model_uri}   checkpoint: {result.checkpoint}"
     )
@@ -548,7 +554,9 @@ def run_finetune(cfg, task_name: str):
 def finetune_cmd(task: Task, args: Args = None, backbone: Backbone = None) -> None:
     """Train a science head on a pretrained backbone (one Ray Train run).
 
-    dimming: AIA autocalibration, predict each AIA channel's dimming factor alpha;
+    dimming: AIA autocalibration, predict each AIA channel's dimming factor alpha.
+    eve: virtual EVE, the MEGS-A line irradiances (data.eve_lines) from the images.
+    missing-channel: reconstruct finetune.held_out (default 94A) from the other channels.
     finetune.head=baseline_cnn trains the from-scratch baseline instead.
     """
     with _friendly_errors():

@@ -259,9 +259,14 @@ class TransformConfig(_Section):
     scaling: dict[
         str, tuple[Literal["linear", "log", "sqrt", "asinh"], float | None, float | None]
     ] = {}
-    """Per-channel (method, clip_min, clip_max) overriding the SDOML defaults (log for AIA, +-1500 G for HMI)."""
+    """Per-channel (method, clip_min, clip_max) overriding the SDOML defaults (log for AIA;
+    HMI clipped to +-1500 G and compressed with asinh(B / 50 G))."""
     zscore: bool = True
-    """Standardise each channel with the train-split statistics."""
+    """Standardise each channel with the train-split statistics (HMI: see ``magnetogram``)."""
+    magnetogram: Literal["fixed", "zscore"] = "fixed"
+    """HMI channels: ``fixed`` divides the scaled field by its value at the clip (1500 G), so
+    every period shares one physical scale in [-1, 1]; ``zscore`` standardises them with the
+    train statistics like AIA (a month of stronger fields then lies far outside them)."""
     dtype: Literal["float32", "float16"] = "float32"
     """Dtype of the emitted images (float16 halves the bytes moved)."""
     stats_samples: int = Field(2000, ge=1)
@@ -406,7 +411,8 @@ class TrackingConfig(_Section):
 
 
 class FinetuneConfig(_Section):
-    """A science head on a pretrained backbone (first task: AIA autocalibration, "dimming")."""
+    """A science head on a pretrained backbone (``sdofm.finetuning.tasks``: dimming, eve,
+    missing-channel)."""
 
     backbone: str | None = None
     """Pretrained encoder: an MLflow run id, a ``models:/`` URI or a checkpoint folder;
@@ -426,6 +432,9 @@ class FinetuneConfig(_Section):
     """Seed of the dimming factors (val and test factors are fixed, train ones change per epoch)."""
     success_tolerance: float = Field(0.05, gt=0)
     """A prediction succeeds when |alpha_hat - alpha| is below this."""
+    held_out: list[str] = ["94A"]
+    """missing-channel: the channels withheld from the input (set to 0, their train mean)
+    and reconstructed from the others."""
     epochs: int = Field(10, ge=1)
     """Passes over the train split."""
     lr: float = Field(1e-3, gt=0)
@@ -440,6 +449,17 @@ class FinetuneConfig(_Section):
     """Name of the run (checkpoints, MLflow)."""
     experiment: str = "sdofm-dimming"
     """MLflow experiment of finetuning runs and sweeps."""
+
+    @field_validator("held_out")
+    @classmethod
+    def _known_channels(cls, held_out: list[str]) -> list[str]:
+        known = (*AIA_CHANNELS, *HMI_CHANNELS)
+        for c in held_out:
+            if c not in known:
+                raise ValueError(f"unknown channel {c!r}; known: {', '.join(known)}")
+        if len(set(held_out)) != len(held_out):
+            raise ValueError("a channel is listed twice")
+        return held_out
 
 
 def _number(v: Any) -> Any:
@@ -470,7 +490,8 @@ class SweepConfig(_Section):
     search: Literal["random", "optuna"] = "random"
     """Random search, or Optuna's TPE (the ``optuna`` extra)."""
     metric: str = "val/mae"
-    """What the sweep minimises (mean absolute error of alpha on the val split)."""
+    """What the sweep minimises: dimming ``val/mae`` (of alpha), eve ``val/rel_error``,
+    missing-channel ``val/mse``."""
     grace_period: int = Field(2, ge=1)
     """ASHA: epochs every trial runs before it may be stopped."""
     reduction_factor: int = Field(2, ge=2)

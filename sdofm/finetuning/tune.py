@@ -167,6 +167,11 @@ def sweep(
         tc = cfg.tune
     space = search_space(cfg)  # invalid ranges were refused when the config was loaded
     task = get_task(task_name)
+    if tc.metric not in task.sweep_metrics:
+        raise ConfigError(
+            f"tune.metric {tc.metric!r} is not what a {task.name} sweep minimises: "
+            f"one of {', '.join(task.sweep_metrics)}"
+        )
     storage = storage_path(cfg.train.storage_path)
     path = f"{storage.rstrip('/')}/{tc.name}"
     if resume and not ray.tune.Tuner.can_restore(path):

@@ -27,6 +27,10 @@ class Task:
     """One line for ``--help``."""
     columns: tuple[str, ...] = ()
     """Per-target metrics, reported as ``{split}/{column}_{target}`` and ``{split}/{column}``."""
+    extra: tuple[str, ...] = ()
+    """Summary metrics beside the table, reported as ``{split}/{name}``."""
+    sweep_metrics: tuple[str, ...] = ()
+    """What a sweep may minimise (``tune.metric``)."""
 
     def check(self, cfg: Config) -> None:
         """Fail early, naming the setting, when the config cannot serve this task."""
@@ -67,11 +71,13 @@ class Task:
 
 def _registry() -> dict[str, Task]:
     from sdofm.finetuning.tasks.dimming import DimmingTask
+    from sdofm.finetuning.tasks.eve import EVETask
+    from sdofm.finetuning.tasks.missing_channel import MissingChannelTask
 
-    return {t.name: t for t in (DimmingTask(),)}
+    return {t.name: t for t in (DimmingTask(), EVETask(), MissingChannelTask())}
 
 
-TASK_NAMES = ("dimming",)
+TASK_NAMES = ("dimming", "eve", "missing-channel")
 """Task names, known without importing torch (the CLI's help lists them)."""
 
 

@@ -19,8 +19,9 @@ from torch import nn
 from sdofm.config import Config, ConfigError, TransformConfig
 from sdofm.datasets.blocks import make_preprocessor, physical_transform
 from sdofm.datasets.transforms import dim, sample_dimming_factors
-from sdofm.engine.objective import EvalContext, Evaluation, Objective, all_gather
+from sdofm.engine.objective import EvalContext, Evaluation, all_gather
 from sdofm.finetuning.tasks import Task
+from sdofm.finetuning.tasks.objective import HeadObjective
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
 
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -104,24 +105,16 @@ def scatter_figure(pred: np.ndarray, true: np.ndarray, names: list[str], title: 
     return fig
 
 
-class DimmingObjective(Objective):
+class DimmingObjective(HeadObjective):
     """Mean squared error of alpha; scored by its mean absolute error and the share of
     predictions within ``finetune.success_tolerance``, per channel."""
 
-    batch_format = "numpy"
     headline = ("val/mae", "val/success")
 
-    def __init__(self, cfg: Config, sample_shape: tuple, stats: dict | None, backbone):
-        self.cfg, self.sample_shape, self.backbone = cfg, tuple(sample_shape), backbone
-        self.dimming = Dimming(cfg, stats, sample_shape[2])
+    def __init__(self, task: Task, cfg: Config, prepared):
+        super().__init__(task, cfg, prepared)
+        self.dimming = Dimming(cfg, prepared.stats, self.sample_shape[2])
         self.names = [cfg.data.channels[i] for i in self.dimming.channels]
-
-    def build_model(self) -> nn.Module:
-        return DimmingTask().build_head(self.cfg, self.sample_shape, self.backbone)
-
-    def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return {"model": torch.optim.AdamW(params, weight_decay=self.cfg.finetune.weight_decay)}
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         x, alpha = self.dimming(batch["image"], batch["sample"], "train", info.epoch)
@@ -154,6 +147,7 @@ class DimmingTask(Task):
     name = "dimming"
     summary = "AIA autocalibration: predict each AIA channel's dimming factor alpha"
     columns = ("mae", "success")
+    sweep_metrics = ("val/mae",)
 
     def check(self, cfg: Config) -> None:
         dimmed_channels(cfg)
@@ -178,7 +172,7 @@ class DimmingTask(Task):
         )
 
     def objective(self, cfg: Config, prepared) -> DimmingObjective:
-        return DimmingObjective(cfg, prepared.sample_shape, prepared.stats, prepared.backbone)
+        return DimmingObjective(self, cfg, prepared)
 
     # Dos Santos et al. (2021) report the share of predictions within 0.05 and 0.1 of alpha.
     board = (("mae", False), ("success_0.05", True), ("success_0.1", True))
