@@ -29,7 +29,12 @@ from sdofm.config import DataConfig, LoaderConfig, TransformConfig
 from sdofm.constants import disk_radius_px
 from sdofm.datasets.index import make_windows
 from sdofm.datasets.sdoml import Archive, FrameError
-from sdofm.datasets.transforms import MAGNETOGRAM_CHANNELS, Preprocessor, scaling_params
+from sdofm.datasets.transforms import (
+    MAGNETOGRAM_CHANNELS,
+    Preprocessor,
+    scaled_clip,
+    scaling_params,
+)
 
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
 
@@ -102,18 +107,28 @@ def make_preprocessor(
     """The transform chain of ``transform`` for ``channels`` of frames stored at ``stored_size`` px.
 
     The z-score uses ``stats`` (``sdofm.datasets.stats``) when ``transform.zscore``
-    and they are given; frames are area-averaged to ``transform.size`` when it differs.
+    and they are given, except for magnetograms with ``transform.magnetogram: fixed``:
+    those are divided by their scaled clip value; frames are area-averaged to
+    ``transform.size`` when it differs.
     """
     t = transform
     channels = tuple(channels)
-    methods, lo, hi = (list(v) for v in scaling_params(channels))
+    methods, lo, hi, soft = (list(v) for v in scaling_params(channels))
     for i, c in enumerate(channels):
         if c in t.scaling:
             methods[i], lo[i], hi[i] = t.scaling[c]
     mean = std = None
     if t.zscore and stats is not None:
-        mean = tuple(float(stats["channels"][c]["mean"]) for c in channels)
-        std = tuple(float(stats["channels"][c]["std"]) for c in channels)
+        mean, std = [], []
+        for i, c in enumerate(channels):
+            if c in MAGNETOGRAM_CHANNELS and t.magnetogram == "fixed":
+                # One physical scale for every period: the clipped field, scaled, in [-1, 1].
+                mean.append(0.0)
+                std.append(scaled_clip(methods[i], lo[i], hi[i], soft[i]))
+            else:
+                mean.append(float(stats["channels"][c]["mean"]))
+                std.append(float(stats["channels"][c]["std"]))
+        mean, std = tuple(mean), tuple(std)
     out = t.size if t.size and t.size != stored_size else None
     return Preprocessor(
         channels=channels,
@@ -121,6 +136,7 @@ def make_preprocessor(
         clip_min=tuple(lo),
         clip_max=tuple(hi),
         is_magnetogram=tuple(c in MAGNETOGRAM_CHANNELS for c in channels),
+        softening=tuple(soft),
         mean=mean,
         std=std,
         limb=t.limb,

@@ -297,14 +297,16 @@ def build_index(
         row = eve_rows[order][pos] if len(et_ns) else np.zeros(len(grid), np.int64)
         dropped["missing EVE"] += int((~ok & keep).sum())
         keep &= ok
-        # EVE marks missing data with negative values: a step needs every selected line.
+        # EVE marks missing data with negative values: a step needs at least one valid
+        # selected line (whole-spectrum gaps are dropped); single missing lines stay as
+        # stored, and consumers mask them (the virtual EVE loss does).
         want = np.flatnonzero(keep)
         values = eve.read(cfg.eve_lines, np.unique(row[want])) if len(want) else np.zeros((0, 1))
         lookup = {r: i for i, r in enumerate(np.unique(row[want]))}
-        ok_vals = (values >= 0).all(axis=1) if len(want) else np.zeros(0, bool)
+        ok_vals = (values > 0).any(axis=1) if len(want) else np.zeros(0, bool)
         good = np.zeros(len(grid), bool)
         good[want] = ok_vals[[lookup[r] for r in row[want]]] if len(want) else False
-        dropped["EVE lines missing (-1)"] += int((keep & ~good).sum())
+        dropped["EVE spectrum missing (-1)"] += int((keep & ~good).sum())
         keep &= good
         cols["eve_row"] = row.astype(np.int64)
 

@@ -21,7 +21,7 @@ from sdofm.config import ConfigError, DataConfig, LoaderConfig, TransformConfig,
 from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.index import index_key
 from sdofm.datasets.pipeline import SDOMLPipeline
-from sdofm.datasets.transforms import Preprocessor
+from sdofm.datasets.transforms import Preprocessor, scaling_params
 
 N_BINS = 4096
 PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
@@ -30,13 +30,14 @@ PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
 def scaled_ranges(pre: Preprocessor) -> np.ndarray:
     """``(C, 2)`` range of each channel's scaled values (from its clip values)."""
     out = np.zeros((len(pre.channels), 2))
+    soft = pre.softening or (1.0,) * len(pre.channels)
     for i, (m, lo, hi) in enumerate(zip(pre.methods, pre.clip_min, pre.clip_max, strict=True)):
         lo = -1e4 if lo is None else lo
         hi = 1e4 if hi is None else hi
         f = {
             "log": np.log10,
             "sqrt": lambda v: np.sqrt(max(v, 0.0)),
-            "asinh": np.arcsinh,
+            "asinh": lambda v, s=soft[i]: np.arcsinh(v / s),
             "linear": float,
         }[m]
         out[i] = f(lo), f(hi)
@@ -97,6 +98,8 @@ def stats_provenance(data: DataConfig, transform: TransformConfig, table: pd.Dat
         "channels": list(data.channels),
         "num_frames": data.num_frames,
         "transform": {k: t[k] for k in ("size", "limb", "scaling", "stats_samples", "stats_seed")},
+        # the default scaling of each channel too: a change of it invalidates the statistics
+        "defaults": [list(v) for v in scaling_params(data.channels)],
         "split": "train",
     }
 

@@ -29,6 +29,10 @@ MAGNETOGRAM_CHANNELS = frozenset({"Bx", "By", "Bz"})
 
 STD_FLOOR = 1e-6  # z-score divides by max(std, STD_FLOOR) so constant channels stay finite
 
+MAGNETOGRAM_SOFTENING_G = 50.0
+"""asinh(B / 50 G): linear through the quiet network, logarithmic in active regions, so that
+a month of strong fields does not dominate a loss (Surya compresses HMI with a signed log)."""
+
 # channel -> (method, clip_min, clip_max), in DN/s for AIA and Gauss for HMI.
 DEFAULT_SCALING: dict[str, tuple[str, float, float]] = {
     "94A": ("log", 0.1, 800.0),
@@ -40,9 +44,9 @@ DEFAULT_SCALING: dict[str, tuple[str, float, float]] = {
     "335A": ("log", 0.4, 1000.0),
     "1600A": ("log", 10.0, 800.0),
     "1700A": ("log", 220.0, 5000.0),
-    "Bx": ("linear", -1500.0, 1500.0),
-    "By": ("linear", -1500.0, 1500.0),
-    "Bz": ("linear", -1500.0, 1500.0),
+    "Bx": ("asinh", -1500.0, 1500.0),
+    "By": ("asinh", -1500.0, 1500.0),
+    "Bz": ("asinh", -1500.0, 1500.0),
 }
 
 
@@ -119,10 +123,12 @@ def exposure_normalise(x: np.ndarray, exptime: PerChannel) -> np.ndarray:
 
 def scaling_params(
     channels: Sequence[str],
-) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...]]:
+) -> tuple[tuple[str, ...], tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
     """Look channel names up in DEFAULT_SCALING.
 
-    channels: (C,) names such as "171A" or "Bz" -> (methods, clip_min, clip_max), each (C,).
+    channels: (C,) names such as "171A" or "Bz" -> (methods, clip_min, clip_max, softening),
+    each (C,): the arguments of :func:`scale`. Softening is MAGNETOGRAM_SOFTENING_G for
+    magnetograms, 1 otherwise.
     """
     for ch in channels:
         if ch not in DEFAULT_SCALING:
@@ -132,7 +138,23 @@ def scaling_params(
         tuple(p[0] for p in params),
         tuple(p[1] for p in params),
         tuple(p[2] for p in params),
+        tuple(MAGNETOGRAM_SOFTENING_G if ch in MAGNETOGRAM_CHANNELS else 1.0 for ch in channels),
     )
+
+
+def scaled_clip(
+    method: str, clip_min: float | None, clip_max: float | None, softening: float = 1.0
+) -> float:
+    """The largest magnitude a channel's scaled values can reach: its clip bound, scaled.
+
+    A fixed physical scale to divide by (magnetograms: the same for every period, unlike
+    statistics of the train split)."""
+    if clip_min is None or clip_max is None:
+        raise ValueError(f"a fixed scale needs both clip bounds, got [{clip_min}, {clip_max}]")
+    bounds = np.array([[clip_min, clip_max]], np.float32)
+    plan = _scaling_plan(1, method, clip_min, clip_max, softening)
+    _scale_(bounds, plan)
+    return float(np.abs(bounds).max())
 
 
 def _scaling_plan(

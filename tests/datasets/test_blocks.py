@@ -67,8 +67,11 @@ def _reference(root: Path, cfg, plan: SplitPlan, sample: int, stats: dict | None
     cube = T.scale(cube, *T.scaling_params(channels))
     if stats is None:
         return cube
-    mean = [stats["channels"][c]["mean"] for c in channels]
-    std = [stats["channels"][c]["std"] for c in channels]
+    # AIA standardised with the statistics; HMI (transform.magnetogram: fixed) divided by
+    # its scaled clip value, asinh(1500 G / 50 G).
+    fixed = np.arcsinh(1500.0 / 50.0)
+    mean = [0.0 if c in T.MAGNETOGRAM_CHANNELS else stats["channels"][c]["mean"] for c in channels]
+    std = [fixed if c in T.MAGNETOGRAM_CHANNELS else stats["channels"][c]["std"] for c in channels]
     return T.zscore(cube, mean, std)
 
 

@@ -157,8 +157,8 @@ def test_eve_alignment_drops_missing_spectra(synth_copy, tmp_path):
         (after.time >= t0) & (after.time < t0 + pd.Timedelta("2h") - pd.Timedelta("6min"))
     ).any()
     assert len(after) < len(before)
-    assert prov2["dropped"]["EVE lines missing (-1)"] > prov["dropped"].get(
-        "EVE lines missing (-1)", 0
+    assert prov2["dropped"]["EVE spectrum missing (-1)"] > prov["dropped"].get(
+        "EVE spectrum missing (-1)", 0
     )
 
 

@@ -7,9 +7,19 @@ from sdofm.datasets import transforms as T
 from sdofm.datasets.blocks import make_preprocessor
 
 
-def _preprocessor(channels, size, stats=None, limb="keep_corona", out_size=None, dtype="float32"):
+def _preprocessor(
+    channels,
+    size,
+    stats=None,
+    limb="keep_corona",
+    out_size=None,
+    dtype="float32",
+    magnetogram="zscore",
+):
     """The chain for ``channels`` with the SDOML default scaling; ``stats``: {channel: {mean, std}}."""
-    transform = TransformConfig(size=out_size, limb=limb, dtype=dtype, zscore=stats is not None)
+    transform = TransformConfig(
+        size=out_size, limb=limb, dtype=dtype, zscore=stats is not None, magnetogram=magnetogram
+    )
     return make_preprocessor(
         channels, transform, size, None if stats is None else {"channels": stats}
     )
@@ -89,11 +99,12 @@ def test_scale_rejects_unknown_method_and_bad_lengths():
 def test_default_scaling_table_and_scaling_params():
     assert T.DEFAULT_SCALING["171A"] == ("log", 5.0, 3500.0)
     assert T.DEFAULT_SCALING["1700A"] == ("log", 220.0, 5000.0)
-    assert T.DEFAULT_SCALING["Bz"] == ("linear", -1500.0, 1500.0)
-    methods, lo, hi = T.scaling_params(["94A", "Bx", "304A"])
-    assert methods == ("log", "linear", "log")
+    assert T.DEFAULT_SCALING["Bz"] == ("asinh", -1500.0, 1500.0)
+    methods, lo, hi, softening = T.scaling_params(["94A", "Bx", "304A"])
+    assert methods == ("log", "asinh", "log")
     assert lo == (0.1, -1500.0, 0.1)
     assert hi == (800.0, 1500.0, 3500.0)
+    assert softening == (1.0, 50.0, 1.0)
     # every default log channel has a valid clip_min
     assert all(lo > 0 for m, lo, _ in T.DEFAULT_SCALING.values() if m == "log")
 
@@ -311,7 +322,36 @@ def test_preprocessor_keep_corona_no_stats_dtype_and_input_untouched():
     # EUV corona kept: off-disk values are the scaled inputs, not a constant fill
     expected = np.log10(np.clip(x[0][off], 20.0, 5500.0)).astype(np.float16)
     np.testing.assert_array_equal(out[0][off], expected)
-    np.testing.assert_allclose(out[2][~off], np.clip(x[2][~off], -1500, 1500).astype(np.float16))
+    hmi = np.arcsinh(np.clip(x[2][~off].astype(np.float64), -1500, 1500) / 50)
+    np.testing.assert_allclose(out[2][~off], hmi, rtol=2e-3, atol=2e-3)
+
+
+def test_magnetograms_get_one_fixed_physical_scale_whatever_the_statistics():
+    """HMI: asinh(clip(B, +-1500 G) / 50 G) / asinh(1500 / 50), in [-1, 1]; the statistics
+    (here absurd for Bz) only standardise AIA."""
+    rng = np.random.default_rng(3)
+    x = rng.uniform(1.0, 4000.0, size=(2, 1, 32, 32)).astype(np.float32)
+    x[1] = rng.normal(0, 800, size=(1, 32, 32))
+    x[1, 0, 16, 14:18] = [-5000.0, -1500.0, 1500.0, 5000.0]  # beyond and at the clip
+    stats = {"171A": {"mean": 2.5, "std": 0.4}, "Bz": {"mean": 40.0, "std": 3.0}}
+    out = _preprocessor(["171A", "Bz"], 32, stats=stats, magnetogram="fixed")(x)
+    b = np.clip(x[1].astype(np.float64), -1500, 1500)
+    on = T.disk_mask(32, disk_radius_px(32))
+    closed = np.where(on, np.arcsinh(b / 50.0) / np.arcsinh(1500.0 / 50.0), 0.0)
+    np.testing.assert_allclose(out[1], closed, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out[1, 0, 16, 14:18], [-1, -1, 1, 1], rtol=1e-6)
+    aia = (np.log10(np.clip(x[0].astype(np.float64), 5.0, 3500.0)) - 2.5) / 0.4
+    np.testing.assert_allclose(out[0], aia, rtol=1e-5, atol=1e-5)
+    # The same field gives the same input whatever month the statistics came from.
+    other = {"171A": stats["171A"], "Bz": {"mean": -7.0, "std": 90.0}}
+    np.testing.assert_array_equal(
+        out, _preprocessor(["171A", "Bz"], 32, other, magnetogram="fixed")(x)
+    )
+    # zscore: the statistics standardise Bz too.
+    z = _preprocessor(["171A", "Bz"], 32, stats=stats, magnetogram="zscore")(x)
+    np.testing.assert_allclose(
+        z[1], np.where(on, (np.arcsinh(b / 50.0) - 40.0) / 3.0, -40 / 3), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_preprocessor_output_nan_free_for_extreme_finite_input():

@@ -1,0 +1,126 @@
+"""Virtual EVE: gaps masked (counted by hand), metrics against hand-computed values, the
+loss, and a short run through the CLI on the session store, logged to MLflow."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+from torch import nn
+from typer.testing import CliRunner
+
+from sdofm.cli import app
+from sdofm.config import ConfigError, load_config
+from sdofm.finetuning.run import Prepared
+from sdofm.finetuning.tasks import TASK_NAMES, get_task
+from sdofm.finetuning.tasks.eve import EVEObjective, eve_metrics, line_statistics
+from sdofm.finetuning.tune import sweep
+from tests.conftest import SMALL
+from tests.finetuning.test_dimming import _checkpoint
+
+# Two lines, three samples: -1 (EVE's gap), NaN (a damaged store) and 0 are missing.
+EVE = np.array([[1e-4, -1.0], [2e-4, np.nan], [4e-4, 1e-3], [8e-4, 0.0]], np.float32)
+
+
+def test_metrics_mask_gaps_and_match_hand_computed_errors():
+    pred = np.log10([[1.1e-4, 5.0], [2e-4, 1.0], [3e-4, 1.2e-3], [8e-4, 7.0]])
+    clim = np.log10([2e-4, 1e-3])
+    m = eve_metrics(pred, EVE, ["A", "B"], clim, "test")
+    # line A: |1.1/1 - 1| = 0.1, 0, |3/4 - 1| = 0.25, 0; line B: only sample 3, 0.2
+    assert m["test/rel_error_A"] == pytest.approx(0.35 / 4)
+    assert m["test/rel_error_B"] == pytest.approx(0.2)
+    assert m["test/rel_error"] == pytest.approx((0.35 / 4 + 0.2) / 2)
+    assert m["test/rel_error_median"] == pytest.approx((0.35 / 4 + 0.2) / 2)
+    assert m["test/rel_error_worst"] == pytest.approx(0.2)
+    assert m["test/masked"] == 3  # -1, NaN and 0, counted by hand
+    # climatology: A |2/1 - 1|, 0, |2/4 - 1|, |2/8 - 1| -> 2.25 / 4; B: 0
+    assert m["test/climatology_rel_error"] == pytest.approx((2.25 / 4 + 0) / 2)
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_line_statistics_use_valid_entries_only_and_name_an_empty_line():
+    mean, std = line_statistics(EVE, ["A", "B"], "here")
+    a = np.log10([1e-4, 2e-4, 4e-4, 8e-4])
+    assert mean[0] == pytest.approx(a.mean()) and std[0] == pytest.approx(a.std())
+    assert mean[1] == pytest.approx(-3.0) and std[1] == pytest.approx(1e-6)
+    with pytest.raises(ConfigError, match="EVE line.* B have no valid value in here"):
+        line_statistics(np.array([[1e-4, -1.0]]), ["A", "B"], "here")
+
+
+class _Constant(nn.Module):
+    def __init__(self, value: np.ndarray):
+        super().__init__()
+        self.value = nn.Parameter(torch.tensor(value, dtype=torch.float32))
+
+    def forward(self, x):
+        return self.value.expand(len(x), -1)
+
+
+def test_loss_is_the_mse_of_valid_lines_only():
+    cfg = load_config(None, ["data.eve_lines=[He II, Fe IX]"])
+    prepared = Prepared((12, 1, 8, 8), None, None, {}, {}, "")
+    mean, std = np.array([-4.0, -3.0]), np.array([0.5, 0.25])
+    obj = EVEObjective(get_task("eve"), cfg, prepared, mean, std)
+    batch = {"image": np.zeros((4, 12, 1, 8, 8), np.float32), "eve": EVE[:, :, None]}
+    loss = obj.loss(_Constant(np.array([0.5, -1.0])), batch, None, "model", torch.device("cpu"))
+    z_a = (np.log10(EVE[:, 0]) + 4.0) / 0.5
+    z_b = (np.log10(1e-3) + 3.0) / 0.25
+    by_hand = (((z_a - 0.5) ** 2).sum() + (z_b + 1.0) ** 2) / 5  # 5 valid entries
+    assert loss.detach().item() == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_eve_needs_lines_and_sweeps_refuse_a_metric_the_task_does_not_report(tmp_path):
+    assert "eve" in TASK_NAMES and "missing-channel" in TASK_NAMES
+    with pytest.raises(ConfigError, match="eve needs EVE lines: set data.eve_lines"):
+        get_task("eve").check(load_config())
+    cfg = load_config(None, ["data.eve_lines=default", f"train.storage_path={tmp_path}"])
+    with pytest.raises(ConfigError, match="tune.metric 'val/mae' is not what a eve sweep"):
+        sweep(cfg, "eve")  # before any data is read or trial started
+
+
+def test_cli_finetune_eve_on_the_session_store(synth_root, tmp_path, ray_session):
+    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
+    db = tmp_path / "mlflow.db"
+    r = CliRunner().invoke(
+        app,
+        [
+            "finetune",
+            "eve",
+            *SMALL,
+            f"data.root={synth_root}",
+            "data.eve_lines=default",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            f"train.storage_path={tmp_path / 'runs'}",
+            f"tracking.uri=sqlite:///{db}",
+            "tracking.system_metrics=false",
+            "finetune.head=pool",
+            "finetune.freeze=full",
+            "finetune.epochs=4",
+            "finetune.batch_size=16",
+            "finetune.lr=2e-3",
+            "finetune.run_name=eve",
+            "loader.readers=1",
+            "scaling.cpus_per_worker=0.25",
+            "--backbone",
+            str(tmp_path / "backbone"),
+        ],
+        terminal_width=200,
+    )
+    assert r.exit_code == 0, r.output
+    assert "Fe XVIII" in r.output and "rel_error_worst" in r.output
+    client = MlflowClient(f"sqlite:///{db}")
+    (run,) = client.search_runs([client.get_experiment_by_name("sdofm-dimming").experiment_id])
+    m = run.data.metrics
+    print({k: round(v, 4) for k, v in m.items() if k.startswith("test/") and "_" not in k[5:]})
+    print({k: round(m[k], 4) for k in ("test/rel_error_median", "test/rel_error_worst")})
+    assert len([k for k in m if k.startswith("test/rel_error_") and k[15:] in EVE_LINES]) == 38
+    # The head must beat every line at its train mean (a climatology) on the test split.
+    assert m["test/rel_error"] < m["test/climatology_rel_error"], m
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert "spectra_test.png" in artifacts, artifacts
+
+
+EVE_LINES = set(load_config(None, ["data.eve_lines=default"]).data.eve_lines)
