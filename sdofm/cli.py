@@ -514,6 +514,13 @@ def _task_help() -> str:
 Task = Annotated[str, typer.Argument(help=_task_help(), show_default=False)]
 
 
+def _check_task(name: str, cfg) -> None:
+    """An unknown task, or a config the task cannot serve, is refused before Ray starts."""
+    from sdofm.finetuning.tasks import get_task
+
+    get_task(name).check(cfg)
+
+
 def _with_backbone(args: list[str] | None, backbone: str | None) -> list[str]:
     return [*(args or []), f"finetune.backbone={backbone}"] if backbone else list(args or [])
 
@@ -561,6 +568,7 @@ def finetune_cmd(task: Task, args: Args = None, backbone: Backbone = None) -> No
     """
     with _friendly_errors():
         cfg = _load(_with_backbone(args, backbone))
+        _check_task(task, cfg)
         _start_ray(dashboard=True)
         run_finetune(cfg, task)
     _where_logs()
@@ -611,6 +619,7 @@ def tune_cmd(
     """
     with _friendly_errors():
         cfg = _load(_with_backbone(args, backbone))
+        _check_task(task, cfg)
         _start_ray(dashboard=True)
         run_tune(cfg, task, num_samples, max_concurrent, resume)
     _where_logs()

@@ -53,7 +53,8 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     stats = (
         load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
     )
-    pipe = SDOMLPipeline(d, task.transform(cfg), cfg.loader, table, None)
+    transform = task.transform(cfg)
+    pipe = SDOMLPipeline(d, transform, cfg.loader, table, stats if transform.zscore else None)
     shape = pipe.sample_shape()
     uri = tracking_uri(cfg.tracking.uri)
     backbone = None

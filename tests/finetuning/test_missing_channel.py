@@ -147,6 +147,6 @@ def test_reconstructs_94a_better_than_the_train_mean(synth_root, tmp_path):
     print({k: round(v, 4) for k, v in m.items() if k.startswith(("test/", "val/"))})
     assert set(m) >= {"test/psnr_94A", "test/ssim_94A", "test/corr_94A", "val/mse"}
     assert m["test/mse"] < 0.5 * mean_guess_mse, (m["test/mse"], mean_guess_mse)
-    assert m["test/corr_94A"] > 0.8 and 0 < m["test/ssim_94A"] <= 1
+    assert m["test/corr_94A"] > 0.6 and 0 < m["test/ssim_94A"] <= 1
     figures = tmp_path / "runs" / "head" / "tracking" / "figures"  # no MLflow run: kept locally
     assert (figures / "reconstruction_test.png").exists()
