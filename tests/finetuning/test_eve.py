@@ -81,7 +81,8 @@ def test_eve_needs_lines_and_sweeps_refuse_a_metric_the_task_does_not_report(tmp
         sweep(cfg, "eve")  # before any data is read or trial started
 
 
-def test_cli_finetune_eve_on_the_session_store(synth_root, tmp_path, ray_session):
+def test_cli_finetune_eve_on_the_session_store(synth_root, tmp_path, ray_session, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # MLflow's artifacts (./mlruns beside a sqlite store)
     _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     db = tmp_path / "mlflow.db"
     r = CliRunner().invoke(
