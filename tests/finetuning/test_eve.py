@@ -16,7 +16,12 @@ from sdofm.cli import app
 from sdofm.config import ConfigError, load_config
 from sdofm.finetuning.run import Prepared
 from sdofm.finetuning.tasks import TASK_NAMES, get_task
-from sdofm.finetuning.tasks.eve import EVEObjective, eve_metrics, line_statistics
+from sdofm.finetuning.tasks.eve import (
+    EVEObjective,
+    eve_metrics,
+    line_statistics,
+    relative_errors,
+)
 from sdofm.finetuning.tune import sweep
 from tests.conftest import SMALL
 from tests.finetuning.test_dimming import _checkpoint
@@ -39,6 +44,15 @@ def test_metrics_mask_gaps_and_match_hand_computed_errors():
     # climatology: A |2/1 - 1|, 0, |2/4 - 1|, |2/8 - 1| -> 2.25 / 4; B: 0
     assert m["test/climatology_rel_error"] == pytest.approx((2.25 / 4 + 0) / 2)
     assert all(math.isfinite(v) for v in m.values())
+
+
+def test_scoreboard_summary_masks_gaps_like_the_metrics():
+    pred = np.log10([[1.1e-4, 5.0], [2e-4, 1.0], [3e-4, 1.2e-3], [8e-4, 7.0]])
+    rel, count = relative_errors(pred, EVE)
+    assert count.tolist() == [4, 1] and np.isnan(rel[[0, 1, 3], 1]).all()
+    board = get_task("eve").summarise(None, {"rel": rel})
+    assert board["rel_error"] == pytest.approx((0.35 / 4 + 0.2) / 2)
+    assert board["rel_error_worst"] == pytest.approx(0.2)
 
 
 def test_line_statistics_use_valid_entries_only_and_name_an_empty_line():

@@ -217,6 +217,34 @@ class EVETask(Task):
             backbone.encoder(), L, fc.head, fc.hidden, fc.freeze, fc.unfreeze_blocks, squash=False
         )
 
+    # Szenicer et al. (2019) report the median and worst line's relative error.
+    board = (("rel_error", False), ("rel_error_median", False), ("rel_error_worst", False))
+
+    @torch.no_grad()
+    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
+        """``rel``: (n, L) relative error of every test sample and line, NaN where missing."""
+        obj = self.objective(cfg, prepared)
+        model.eval()
+        preds, eves, ids = [], [], []
+        for batch in prepared.datasets["test"].iter_batches(batch_size=64, batch_format="numpy"):
+            z = model(torch.as_tensor(batch["image"]).float()).float().numpy()
+            preds.append(z * obj.std + obj.mean)
+            eves.append(batch["eve"][:, :, -1])
+            ids.append(batch["sample"])
+        order = np.argsort(np.concatenate(ids))
+        rel, _ = relative_errors(np.concatenate(preds)[order], np.concatenate(eves)[order])
+        return {"rel": rel}
+
+    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        rel = scores["rel"]
+        per_line = _line_means(rel, np.isfinite(rel).sum(axis=0))
+        per_line = per_line[np.isfinite(per_line)]
+        return {
+            "rel_error": float(per_line.mean()),
+            "rel_error_median": float(np.median(per_line)),
+            "rel_error_worst": float(per_line.max()),
+        }
+
     def objective(self, cfg: Config, prepared) -> EVEObjective:
         """The objective, with each line's log statistics over the train split."""
         train = prepared.datasets["train"].select_columns(["eve"])

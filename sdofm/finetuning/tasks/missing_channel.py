@@ -204,5 +204,27 @@ class MissingChannelTask(Task):
             backbone.encoder(), K, sample_shape, fc.hidden, fc.freeze, fc.unfreeze_blocks
         )
 
+    board = (("psnr", True), ("ssim", True), ("corr", True))
+
+    @torch.no_grad()
+    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
+        """``scores``: (n, K, 3) PSNR, SSIM and correlation of every test sample and channel."""
+        obj = self.objective(cfg, prepared)
+        model.eval()
+        scores, ids = [], []
+        for batch in prepared.datasets["test"].iter_batches(batch_size=32, batch_format="numpy"):
+            x, y = withhold(batch["image"], obj.held)
+            z = model(torch.from_numpy(x)).float()
+            scores.append(
+                image_scores(obj.scaled(z), obj.scaled(torch.from_numpy(y)), obj.data_range)
+            )
+            ids.append(batch["sample"])
+        order = np.argsort(np.concatenate(ids))
+        return {"scores": np.concatenate(scores)[order]}
+
+    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        s = scores["scores"]
+        return {c: float(np.nanmean(s[:, :, j])) for j, c in enumerate(("psnr", "ssim", "corr"))}
+
     def objective(self, cfg: Config, prepared) -> MissingChannelObjective:
         return MissingChannelObjective(self, cfg, prepared)
