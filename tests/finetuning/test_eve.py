@@ -132,9 +132,10 @@ def test_cli_finetune_eve_on_the_session_store(synth_root, tmp_path, ray_session
     summary = ("rel_error", "rel_error_median", "rel_error_worst", "climatology_rel_error")
     print({f"{s}/{k}": round(m[f"{s}/{k}"], 4) for s in ("val", "test") for k in summary})
     assert len([k for k in m if k.startswith("test/rel_error_") and k[15:] in EVE_LINES]) == 38
-    # It learns (the 1 % noise of the synthetic lines dominates three quiet days, so the
-    # loss of the standardised targets cannot fall far below 1), and the errors are
-    # percent-level (a unit or scaling slip gives errors of order 1 or more).
+    # It learns, if slowly: over three days the cool lines vary by under 2 % (a third of
+    # the variance is the generator's 1 % noise), so four epochs leave the loss of the
+    # standardised targets near 1. The errors are percent-level (a unit or scaling slip
+    # gives errors of order 1 or more).
     history = sorted(client.get_metric_history(run.info.run_id, "train/loss"), key=lambda x: x.step)
     assert len(history) == 4 and history[-1].value < 0.95 * history[0].value, history
     assert m["test/rel_error_worst"] < 0.2
