@@ -77,13 +77,13 @@ def _read_all(reader, plan):
     return images, skipped
 
 
-def test_a_share_of_failing_gets_is_retried_and_every_frame_arrives(
-    synth_root, s3_copy, s3_proxy
-):
+def test_a_share_of_failing_gets_is_retried_and_every_frame_arrives(synth_root, s3_copy, s3_proxy):
     local = _cfg(synth_root, "loader.read_retries=8")
     plan = _plan(synth_root, local)
     cfg = _on_s3(local, s3_copy, s3_proxy.url)
-    reader = BlockReader(cfg.data, physical_transform(cfg.transform, CHANNELS), cfg.loader, plan, None)
+    reader = BlockReader(
+        cfg.data, physical_transform(cfg.transform, CHANNELS), cfg.loader, plan, None
+    )
     reader.read_block(0, epoch=0)  # opens the arrays and reads DEG_COR before the faults
     s3_proxy.faults.rate, s3_proxy.faults.match = 0.3, "2012/171A/"
     images, skipped = _read_all(reader, plan)
@@ -162,6 +162,8 @@ def test_pipeline_over_s3_reports_a_dead_chunk_once_over_epochs(
     local = _cfg(
         synth_root,
         f"data.cache_dir={tmp_path}",
+        "data.aia_channels=[171A]",
+        "data.end=2012-06-30T00:00:00",  # one day: ~110 samples
         "transform.zscore=false",
         "loader.readers=1",
         "loader.shuffle_buffer=0",
@@ -183,4 +185,6 @@ def test_pipeline_over_s3_reports_a_dead_chunk_once_over_epochs(
     report = pipe.skipped()
     assert report.num_frames == len(lost) and report.num_samples("train") == len(lost)
     assert sorted(r["frame"] for r in report.rows()) == sorted(lost)
-    assert all(r["channel"] == "171A" and "cannot fetch chunk" in r["reason"] for r in report.rows())
+    assert all(
+        r["channel"] == "171A" and "cannot fetch chunk" in r["reason"] for r in report.rows()
+    )
