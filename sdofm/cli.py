@@ -597,6 +597,7 @@ def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=
             + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k.startswith("test/"))
             + f", MLflow run {result.best['run_id']}"
         )
+    _print_run_skipped(result.skipped, result.parent_run_id)
     console.print(
         f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"
         f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
