@@ -285,9 +285,9 @@ class BlockReader:
             errors=errors,
         )
         reasons = frame_checks(frames)
-        for j, i in enumerate(idx):
-            if errors and int(i) in errors:
-                reasons[j] = errors[int(i)]
+        if errors:  # unreadable: NaN in frames, the reason here
+            for j in np.flatnonzero(np.isin(idx, list(errors))):
+                reasons[j] = errors[int(idx[j])]
         return frames, reasons
 
     def read_block(
