@@ -363,6 +363,7 @@ class ImageStore:
         self._arrays: dict[tuple[str, str], Any] = {}
         self._scratch_buf: np.ndarray | None = None  # one decoded chunk, reused
         self._fs_root: tuple | None = None  # (fsspec filesystem, root path)
+        self._chunk_fs: tuple | None = None  # the same, for chunk GETs (see _chunk_filesystem)
         self._listings: dict[str, list[str]] = {}
         self._check_is_sdoml()
 
@@ -638,7 +639,7 @@ class ImageStore:
         (ct, cy, cx), (_, h, w) = a.chunks, a.shape
         sep = a.metadata.dimension_separator or "."
         tiles = [(j, k) for j in range(-(-h // cy)) for k in range(-(-w // cx))]
-        fs, root = self._filesystem()
+        _, root = self._chunk_filesystem()
         chunk_ids = frames // ct
         keys = np.unique(chunk_ids)
         name = {(t, j, k): f"{t}{sep}{j}{sep}{k}" for t in keys for j, k in tiles}
@@ -698,7 +699,7 @@ class ImageStore:
 
     def _cat(self, paths: list[str]) -> dict[str, bytes | BaseException]:
         """One attempt at each path, concurrently where the filesystem is asynchronous."""
-        fs, _ = self._filesystem()
+        fs, _ = self._chunk_filesystem()
         if not getattr(fs, "async_impl", False):
             return {p: _cat_or_error(fs, p) for p in paths}
         import asyncio
@@ -737,21 +738,28 @@ class ImageStore:
         return self._scratch_buf
 
     def _filesystem(self):
-        """The filesystem chunks are fetched with. On S3, botocore's and s3fs's own retries
-        are off (unless ``storage_options`` sets them): :meth:`_fetch` retries, as
-        ``loader.read_retries`` says, instead of up to 25 hidden attempts per GET."""
         if self._fs_root is None:
             fs, root = _fs(self.url, self.storage_options)
+            self._fs_root = (fs, root.rstrip("/"))
+        return self._fs_root
+
+    def _chunk_filesystem(self):
+        """The filesystem chunks are fetched with. On S3, botocore's and s3fs's own retries
+        are off (unless ``storage_options`` sets them): :meth:`_fetch` retries, as
+        ``loader.read_retries`` says, instead of up to 25 hidden attempts per GET.
+        Headers and listings keep the library retries (:meth:`_filesystem`)."""
+        if self._chunk_fs is None:
+            fs, root = self._filesystem()
             protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
             if "s3" in protocols:
                 opts = dict(self.storage_options)
                 config = dict(opts.get("config_kwargs") or {})
                 config.setdefault("retries", {"total_max_attempts": 1})
                 opts["config_kwargs"] = config
-                fs, root = _fs(self.url, {**opts, "skip_instance_cache": True})
+                fs, _ = _fs(self.url, {**opts, "skip_instance_cache": True})
                 fs.retries = 1  # s3fs's own loop (an instance of our own: not shared)
-            self._fs_root = (fs, root.rstrip("/"))
-        return self._fs_root
+            self._chunk_fs = (fs, root)
+        return self._chunk_fs
 
     def _zarr_read(
         self, year: str, channel: str, a, frames: np.ndarray, out: np.ndarray, errors: dict | None
