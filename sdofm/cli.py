@@ -298,6 +298,25 @@ def run_ingest(
             console.print(f"  ... and {len(report.skipped) - 50:,} more")
 
 
+def _print_skipped(headline: str, rows: list[dict], limit: int = 20) -> None:
+    """The unusable frames a run skipped (store, year, channel, frame, reason), each once."""
+    if not rows:
+        return
+    console.print(f"[bold yellow]warning:[/] {headline}", highlight=False)
+    table = Table("store", "year", "channel", "frame", "reason", title="skipped frames")
+    for r in rows[:limit]:
+        table.add_row(r["store"], str(r["year"]), r["channel"], str(r["frame"]), r["reason"])
+    console.print(table)
+    if len(rows) > limit:
+        console.print(f"  ... and {len(rows) - limit:,} more", highlight=False)
+
+
+def _print_run_skipped(report, run_id: str | None) -> None:
+    if report:
+        where = f"; the list is in MLflow run {run_id}'s skipped_frames.json" if run_id else ""
+        _print_skipped(report.summary() + where, report.rows())
+
+
 def run_stats(cfg, recompute: bool = False) -> None:
     from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.stats import load_or_compute_stats
@@ -311,6 +330,12 @@ def run_stats(cfg, recompute: bool = False) -> None:
         )
     console.print(
         f"statistics of {stats['samples']:,} train samples in {time.perf_counter() - t0:.1f} s: {stats['path']}"
+    )
+    skipped = stats.get("skipped") or {}
+    _print_skipped(
+        f"{len(skipped.get('frames', [])):,} unusable frame(s) skipped; {skipped.get('samples', 0):,} "
+        "train sample(s) left out of the statistics",
+        skipped.get("frames", []),
     )
     table_ = Table(
         "channel", "mean", "std", "min", "p0.5", "p50", "p99.5", "max", title="scaled values"
@@ -478,6 +503,7 @@ def run_pretrain(cfg):
     for k, v in rows:
         table.add_row(k, str(v))
     console.print(table)
+    _print_run_skipped(result.skipped, result.run_id)
     return result
 
 
@@ -554,6 +580,7 @@ def run_finetune(cfg, task_name: str):
     console.print(
         f"MLflow run id: {result.run_id}   model: {result.model_uri}   checkpoint: {result.checkpoint}"
     )
+    _print_run_skipped(result.skipped, result.run_id)
     return result
 
 
@@ -586,6 +613,7 @@ def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=
             + ", ".join(f"{k} {v:.4f}" for k, v in result.best.items() if k.startswith("test/"))
             + f", MLflow run {result.best['run_id']}"
         )
+    _print_run_skipped(result.skipped, result.parent_run_id)
     console.print(
         f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"
         f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"

@@ -295,9 +295,14 @@ class LoaderConfig(_Section):
     seed: int = 0
     """Seed of every shuffle: the same seed and epoch give the same order."""
     on_bad_frame: Literal["skip", "raise"] = "skip"
-    """A NaN, all-zero or wrong-shape frame, or an unreadable chunk: skip the sample and count it, or raise."""
+    """A NaN, all-zero or wrong-shape frame, or an unreadable chunk: skip the samples that use
+    it and report it at the end of the run, or stop with the frame named."""
     read_retries: int = Field(3, ge=0)
-    """Retries of a read that failed with a transient I/O error."""
+    """Retries of a chunk GET that failed with a transient error (timeout, connection, HTTP 5xx)."""
+    read_timeout: float = Field(120.0, gt=0)
+    """Seconds one chunk GET may take before it is abandoned (and retried)."""
+    read_backoff: float = Field(0.2, ge=0)
+    """Seconds before the first retry; doubled for each next one (jittered, at most 10 s)."""
 
 
 # --------------------------------------------------------------------------- training

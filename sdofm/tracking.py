@@ -213,6 +213,33 @@ def log_metrics(uri: str, run_id: str | None, metrics: dict[str, float], step: i
         warnings.warn(f"could not log metrics to MLflow run {run_id}: {e}", stacklevel=2)
 
 
+SKIPPED_TABLE = "skipped_frames.json"
+
+
+def log_skipped(uri: str, run_id: str | None, report) -> None:
+    """What a run's data readers skipped (a :class:`~sdofm.datasets.blocks.SkipReport`):
+    metrics ``data/skipped_frames`` and ``data/skipped_samples`` (0 when nothing was) and,
+    when something was, the table ``skipped_frames.json`` (store, year, channel, frame,
+    reason). Quietly does nothing when the store is unreachable."""
+    if run_id is None:
+        return
+    counts = {
+        "data/skipped_frames": report.num_frames,
+        "data/skipped_samples": report.num_samples(),
+    }
+    log_metrics(uri, run_id, counts)
+    if not report:
+        return
+    import pandas as pd
+    from mlflow import MlflowClient
+
+    try:
+        with _quick_http():
+            MlflowClient(uri).log_table(run_id, pd.DataFrame(report.rows()), SKIPPED_TABLE)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"could not log skipped frames to MLflow run {run_id}: {e}", stacklevel=2)
+
+
 def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> None:
     """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable)."""
     if run_id is None:

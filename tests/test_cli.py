@@ -114,3 +114,73 @@ def test_demo_runs_end_to_end(synth_root, tmp_path, ray_session):
     runs = {e.name: client.search_runs([e.experiment_id]) for e in client.search_experiments()}
     assert [x.info.status for x in runs["sdofm-pretrain"]] == ["FINISHED"]
     assert len(runs["sdofm-dimming"]) == 2  # the sweep's parent and its one trial
+
+
+def test_skipped_frames_are_counted_and_reported_by_stats_and_pretrain(
+    synth_copy, tmp_path, ray_session
+):
+    """A garbage chunk and NaN frames in a copy of the store: `data stats` counts the samples
+    it used, and `pretrain` prints and logs the frames it skipped, checked by hand."""
+    import numpy as np
+    import zarr
+    from mlflow import MlflowClient
+
+    from sdofm.datasets.index import build_index
+    from tests.conftest import SMALL as SESSION_STORE
+    from tests.conftest import small_config
+
+    window = ["data.end=2012-06-30T00:00:00", "data.aia_channels=[171A, 304A]"]
+    args = [
+        *SESSION_STORE,
+        *window,
+        f"data.root={synth_copy}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"train.storage_path={tmp_path / 'runs'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.system_metrics=false",
+        "tracking.log_model=false",
+        "model.name=mae_debug",
+        "loader.readers=1",
+        "loader.block_size=16",
+        "scaling.cpus_per_worker=0.25",
+        "train.epochs=1",
+        "train.val_every=1000",
+    ]
+    cfg = small_config(synth_copy, *window)
+    table, _ = build_index(cfg.data)
+    rows = table[(table["split"] == "train") & (table["171A_year"] == 2012)]
+    used = np.sort(rows["171A_idx"].to_numpy())
+    a = zarr.open_array(synth_copy / "sdomlv2.zarr" / "2012" / "171A", mode="r+", zarr_format=2)
+    nan_frames = [int(used[3]), int(used[30])]
+    for i in nan_frames:
+        lo = i // 8 * 8
+        block = a[lo : lo + 8]
+        block[i - lo] = np.nan
+        a[lo : lo + 8] = block
+    garbage = int(used[60]) // 8
+    (synth_copy / "sdomlv2.zarr" / "2012" / "171A" / f"{garbage}.0.0").write_bytes(b"garbage")
+    # By hand: the damaged frames the train split uses, and its samples (T=1: rows) using them.
+    bad = {int(i) for i in used if i in nan_frames or i // 8 == garbage}
+    n_train, lost = len(used), int(rows["171A_idx"].isin(bad).sum())
+    assert len(bad) >= 3 and lost >= len(bad)
+
+    r = runner.invoke(app, ["data", "stats", *args], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert f"statistics of {n_train - lost:,} train samples" in r.output
+    assert f"{len(bad)} unusable frame(s) skipped; {lost} train sample(s) left out" in r.output
+
+    r = runner.invoke(app, ["pretrain", *args], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert f"{len(bad)} unusable frame(s) skipped; {lost} sample(s) left out ({lost} train)" in (
+        r.output
+    )
+    assert "skipped frames" in r.output and f"cannot decode chunk {garbage}.0.0" in r.output
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == cfg.tracking.experiment]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.data.metrics["data/skipped_frames"] == len(bad)
+    assert run.data.metrics["data/skipped_samples"] == lost
+    path = client.download_artifacts(run.info.run_id, "skipped_frames.json", str(tmp_path))
+    logged = json.loads(open(path).read())
+    frames = [row[logged["columns"].index("frame")] for row in logged["data"]]
+    assert sorted(frames) == sorted(bad)

@@ -11,16 +11,17 @@ straight into the output array, shuffles the block's samples and returns
 * ``deg_cor``: ``(n, C, T)`` the degradation factor divided out (1 for HMI),
 * ``eve``: ``(n, L, T)`` when EVE lines are selected.
 
-Frames that are NaN, all zero or unreadable are skipped and reported (or raise,
-``loader.on_bad_frame``); nothing non-finite reaches a consumer. The Ray Data
-source that runs readers in parallel is :mod:`sdofm.datasets.pipeline`.
+Frames that are NaN, all zero or unreadable (after ``loader.read_retries``) are
+skipped, the samples that use them dropped, and each returned as a
+:class:`SkippedFrame` (or they raise, ``loader.on_bad_frame``); nothing non-finite
+reaches a consumer. The Ray Data source that runs readers in parallel, and gathers
+the skipped frames into one :class:`SkipReport`, is :mod:`sdofm.datasets.pipeline`.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -28,7 +29,7 @@ import pandas as pd
 from sdofm.config import DataConfig, LoaderConfig, TransformConfig
 from sdofm.constants import disk_radius_px
 from sdofm.datasets.index import make_windows
-from sdofm.datasets.sdoml import Archive, FrameError
+from sdofm.datasets.sdoml import Archive, FrameError, ReadPolicy
 from sdofm.datasets.transforms import (
     MAGNETOGRAM_CHANNELS,
     Preprocessor,
@@ -36,7 +37,77 @@ from sdofm.datasets.transforms import (
     scaling_params,
 )
 
-_TRANSIENT = (OSError, TimeoutError, ConnectionError)
+# --------------------------------------------------------------------------- skipped frames
+
+
+@dataclass(frozen=True)
+class SkippedFrame:
+    """One frame that could not be used, and the samples (ids in their split) it cost."""
+
+    store: str
+    year: str
+    channel: str
+    frame: int
+    reason: str
+    split: str = ""
+    samples: tuple[int, ...] = ()
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.store, self.year, self.channel, self.frame)
+
+    def error(self) -> FrameError:
+        return FrameError(self.store, self.year, self.channel, self.frame, self.reason)
+
+
+@dataclass
+class SkipReport:
+    """Distinct skipped frames and distinct lost samples per split, however often (epochs,
+    readers, samples sharing a frame) each was met."""
+
+    frames: dict[tuple[str, str, str, int], str] = field(default_factory=dict)  # key -> reason
+    samples: dict[str, set[int]] = field(default_factory=dict)  # split -> sample ids
+
+    def add(self, skipped: Iterable[SkippedFrame]) -> SkipReport:
+        for s in skipped:
+            self.frames.setdefault(s.key, s.reason)
+            self.samples.setdefault(s.split, set()).update(s.samples)
+        return self
+
+    def merge(self, other: SkipReport) -> SkipReport:
+        for k, why in other.frames.items():
+            self.frames.setdefault(k, why)
+        for split, ids in other.samples.items():
+            self.samples.setdefault(split, set()).update(ids)
+        return self
+
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    def num_samples(self, split: str | None = None) -> int:
+        """Distinct samples lost (in ``split``, or summed over the splits)."""
+        if split is not None:
+            return len(self.samples.get(split, ()))
+        return sum(len(v) for v in self.samples.values())
+
+    def rows(self) -> list[dict]:
+        """One row per frame, sorted: store, year, channel, frame, reason."""
+        return [
+            {"store": st, "year": y, "channel": c, "frame": f, "reason": why}
+            for (st, y, c, f), why in sorted(self.frames.items())
+        ]
+
+    def summary(self) -> str:
+        """One line: how many frames and samples were skipped."""
+        per = ", ".join(f"{len(v)} {k}" for k, v in sorted(self.samples.items()) if v)
+        return (
+            f"{self.num_frames} unusable frame(s) skipped; {self.num_samples()} sample(s) "
+            f"left out ({per or 'none'})"
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.frames)
 
 
 # --------------------------------------------------------------------------- plan
@@ -48,6 +119,7 @@ class SplitPlan:
 
     split: str
     windows: np.ndarray  # (n, T) row positions into the index table
+    ids: np.ndarray  # (n,) each sample's id in the whole split (``subset`` or 0..n-1)
     blocks: list[np.ndarray]  # sample ids per block, each in store order
     time: np.ndarray  # (rows,) int64 ns
     year: dict[str, np.ndarray]  # channel -> (rows,) int16
@@ -75,8 +147,9 @@ def plan_split(
     the stores keep one day order for all channels.
     """
     windows = make_windows(table, data.num_frames, data.effective_frame_step, split=split)
+    ids = np.arange(len(windows))
     if subset is not None:
-        windows = windows[np.asarray(subset)]
+        windows, ids = windows[np.asarray(subset)], ids[np.asarray(subset)]
     first = data.channels[0]
     last = windows[:, -1]
     key = (
@@ -89,6 +162,7 @@ def plan_split(
     return SplitPlan(
         split=split,
         windows=windows,
+        ids=ids,
         blocks=blocks,
         time=table["time"].to_numpy(dtype="datetime64[ns]").astype(np.int64),
         year={c: table[f"{c}_year"].to_numpy() for c in data.channels},
@@ -188,7 +262,8 @@ class BlockReader:
     ):
         self.data, self.transform, self.loader, self.plan = data, transform, loader, plan
         self._buffers: dict[str, np.ndarray] = {}
-        self.archive = Archive.open(data)
+        policy = ReadPolicy(loader.read_retries, loader.read_timeout, loader.read_backoff)
+        self.archive = Archive.open(data, read_policy=policy)
         self.stores = {c: self.archive.aia for c in data.aia_channels}
         self.stores.update({c: self.archive.hmi for c in data.hmi_channels})
         first = data.channels[0]
@@ -211,45 +286,31 @@ class BlockReader:
     def _read(
         self, channel: str, year: int, idx: np.ndarray
     ) -> tuple[np.ndarray, list[str | None]]:
-        """Frames ``idx`` (sorted, unique) of one year and channel, with a reason per unusable frame."""
-        store, lc = self.stores[channel], self.loader
-        for attempt in range(lc.read_retries + 1):
-            try:
-                shape = (len(idx), *store.array(str(year), channel).shape[1:])
-                frames = store.read_frames(
-                    str(year),
-                    channel,
-                    idx,
-                    check=False,
-                    out=self._buffer("frames", shape, np.float32),
-                )
-                return frames, frame_checks(frames)
-            except FrameError as e:
-                if isinstance(e.__cause__, _TRANSIENT) and attempt < lc.read_retries:
-                    time.sleep(0.2 * 2**attempt)
-                    continue
-                if lc.on_bad_frame == "raise":
-                    raise
-                break
-        # Find the bad chunk(s): read chunk by chunk, keep what decodes.
-        a = store.array(str(year), channel)
-        frames = np.zeros((len(idx), *a.shape[1:]), np.float32)
-        reasons: list[str | None] = [None] * len(idx)
-        for k in np.unique(idx // a.chunks[0]):
-            sel = np.flatnonzero(idx // a.chunks[0] == k)
-            try:
-                frames[sel] = store.read_frames(str(year), channel, idx[sel], check=False)
-                for j, why in zip(sel, frame_checks(frames[sel]), strict=True):
-                    reasons[j] = why
-            except FrameError as e:
-                for j in sel:
-                    reasons[j] = f"unreadable chunk ({e.reason})"
+        """Frames ``idx`` (sorted, unique) of one year and channel, with a reason per unusable
+        frame. The store retries failed chunk reads; a chunk still unreadable costs its frames
+        (or raises, with ``on_bad_frame=raise``)."""
+        store = self.stores[channel]
+        errors = None if self.loader.on_bad_frame == "raise" else {}
+        shape = (len(idx), *store.array(str(year), channel).shape[1:])
+        frames = store.read_frames(
+            str(year),
+            channel,
+            idx,
+            check=False,
+            out=self._buffer("frames", shape, np.float32),
+            errors=errors,
+        )
+        reasons = frame_checks(frames)
+        if errors:  # unreadable: NaN in frames, the reason here
+            for j in np.flatnonzero(np.isin(idx, list(errors))):
+                reasons[j] = errors[int(idx[j])]
         return frames, reasons
 
     def read_block(
         self, block_id: int, epoch: int
-    ) -> tuple[dict[str, np.ndarray], list[tuple[str, str, str]]]:
-        """``-> (batch, bad)``: the block's samples and (channel, where, reason) of those skipped.
+    ) -> tuple[dict[str, np.ndarray], list[SkippedFrame]]:
+        """``-> (batch, skipped)``: the block's usable samples, and each unusable frame with
+        the samples (ids in the split) dropped because of it.
 
         ``image`` may be the buffer the next call writes into: copy it to keep it.
         """
@@ -267,7 +328,8 @@ class BlockReader:
         shape = (n, len(data.channels), T, self.size, self.size)
         out = self._buffer("out", shape, self.transform.dtype)
         deg = np.ones((n, len(data.channels), T), np.float32)
-        bad: dict[int, tuple[str, str, str]] = {}
+        skipped: list[SkippedFrame] = []
+        dropped: set[int] = set()  # positions in the block
         for ci, c in enumerate(data.channels):
             store = self.stores[c]
             years, idxs = plan.year[c][rows], plan.idx[c][rows]
@@ -276,11 +338,16 @@ class BlockReader:
                 uniq, inv = np.unique(idxs[ni, ti], return_inverse=True)
                 frames, reasons = self._read(c, int(y), uniq)
                 for k in (k for k, why in enumerate(reasons) if why):
-                    where = f"{store.url} {y}/{c} frame {uniq[k]}"
                     if lc.on_bad_frame == "raise":
                         raise FrameError(store.url, str(y), c, int(uniq[k]), reasons[k])
-                    for j in ni[inv == k]:
-                        bad.setdefault(int(j), (c, where, reasons[k]))
+                    users = sorted({int(j) for j in ni[inv == k]})
+                    dropped.update(users)
+                    ids = tuple(int(i) for i in plan.ids[samples[users]])
+                    skipped.append(
+                        SkippedFrame(
+                            store.url, str(y), c, int(uniq[k]), reasons[k], plan.split, ids
+                        )
+                    )
                 pre = self.pre[ci]
                 # frames is ours: transform it in place unless it must be resized.
                 x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
@@ -300,8 +367,8 @@ class BlockReader:
             eve_rows[pos] = plan.eve_row[rows]
             eve = self.archive.eve.read(data.eve_lines, eve_rows.ravel())  # (n*T, L)
             batch["eve"] = eve.reshape(n, T, -1).transpose(0, 2, 1).copy()
-        if bad:
+        if dropped:
             keep = np.ones(n, bool)
-            keep[pos[list(bad)]] = False
+            keep[pos[sorted(dropped)]] = False
             batch = {k: v[keep] for k, v in batch.items()}
-        return batch, list(bad.values())
+        return batch, skipped

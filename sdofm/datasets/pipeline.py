@@ -3,7 +3,11 @@
 Each epoch the blocks of a split (:mod:`sdofm.datasets.blocks`) come in a new order
 (seeded by ``loader.seed`` and the epoch); a read task reads one block with a
 :class:`~sdofm.datasets.blocks.BlockReader` and emits it as one Ray Data block.
-Skipped samples are counted by a registry actor shared by the readers of a dataset.
+The frames a reader skips go to a registry actor shared by the readers of a dataset,
+which keeps each frame and each lost sample once (epochs repeat them); the driver
+reads it back with :meth:`SDOMLPipeline.skipped` to log and print it at the end of
+a run, and :meth:`SDOMLPipeline.frame_errors` turns a bad frame that stopped a run
+(``loader.on_bad_frame=raise``) into that frame's error, wherever in Ray it was raised.
 
 The readers live in Ray's pooled worker processes: each process opens the stores
 and parses their headers once and keeps them across epochs. (An ``ActorPoolStrategy``
@@ -17,6 +21,8 @@ Normalisation statistics come from the caller (``sdofm.datasets.stats``).
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,9 +30,9 @@ import numpy as np
 import pandas as pd
 
 from sdofm.config import DataConfig, LoaderConfig, TransformConfig
-from sdofm.datasets.blocks import BlockReader, SplitPlan, plan_split
+from sdofm.datasets.blocks import BlockReader, SkippedFrame, SkipReport, SplitPlan, plan_split
 from sdofm.datasets.index import load_or_build_index
-from sdofm.datasets.sdoml import Archive
+from sdofm.datasets.sdoml import Archive, FrameError
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,12 @@ def _registry_class():
 
     @ray.remote(num_cpus=0)
     class PipelineRegistry:
-        """Epoch bookkeeping and bad-frame counts shared by the readers of one dataset."""
+        """Epoch bookkeeping and the skipped frames of the readers of one dataset."""
 
         def __init__(self, n_blocks: int, first_epoch: int = 0):
             self.seen = np.full(n_blocks, first_epoch, np.int64)
-            self.bad: list[tuple[str, str, str]] = []
+            self.skipped = SkipReport()
+            self.fatal: SkippedFrame | None = None
 
         def next_epoch(self, block: int) -> int:
             self.seen[block] += 1
@@ -76,11 +83,14 @@ def _registry_class():
         def completed(self) -> int:
             return int(self.seen.min()) if len(self.seen) else 0
 
-        def record(self, items: list[tuple[str, str, str]]) -> None:
-            self.bad.extend(items)
+        def record(self, items: list[SkippedFrame]) -> None:
+            self.skipped.add(items)
 
-        def report(self) -> list[tuple[str, str, str]]:
-            return list(self.bad)
+        def stop(self, frame: SkippedFrame) -> None:
+            self.fatal = self.fatal or frame
+
+        def report(self) -> tuple[SkipReport, SkippedFrame | None]:
+            return self.skipped, self.fatal
 
     return PipelineRegistry
 
@@ -94,9 +104,14 @@ def _read_blocks(spec: _ReadSpec, blocks: np.ndarray, epoch: int | None):
     handle = ray.get_actor(spec.registry)
     for b in blocks:
         e = epoch if epoch is not None else ray.get(handle.next_epoch.remote(int(b)))
-        batch, bad = reader.read_block(int(b), e)
-        if bad:
-            handle.record.remote(bad)
+        try:
+            batch, skipped = reader.read_block(int(b), e)
+        except FrameError as err:  # on_bad_frame=raise: name the frame to the driver first
+            frame = SkippedFrame(err.store, err.year, err.channel, err.index, err.reason)
+            ray.get(handle.stop.remote(frame))
+            raise
+        if skipped:  # waited for: recorded before the block can be consumed
+            ray.get(handle.record.remote(skipped))
         yield BlockAccessor.batch_to_block(batch)
 
 
@@ -171,7 +186,7 @@ class SDOMLPipeline:
         self.data, self.transform, self.loader = data, transform, loader
         self.table = table if table is not None else load_or_build_index(data)[0]
         self.stats = stats
-        self._registries: dict[str, object] = {}  # split -> registry actor handle
+        self._registries: list[object] = []  # one registry actor per dataset made
 
     def plan(self, split: str, subset: np.ndarray | None = None) -> SplitPlan:
         return plan_split(self.data, self.loader, self.table, split, subset)
@@ -216,7 +231,7 @@ class SDOMLPipeline:
         key = uuid.uuid4().hex[:12]
         name = f"sdofm-pipeline-{split}-{key}"
         # The handle keeps the registry alive as long as this pipeline object.
-        self._registries[split] = (
+        self._registries.append(
             _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
         )
         lc = self.loader
@@ -230,8 +245,31 @@ class SDOMLPipeline:
         ds.context.execution_options.preserve_order = True
         return ds
 
-    def bad_frames(self, split: str) -> list[tuple[str, str, str]]:
-        """(channel, where, reason) of every sample skipped so far in ``split``."""
+    def _reports(self) -> list[tuple[SkipReport, SkippedFrame | None]]:
         import ray
 
-        return ray.get(self._registries[split].report.remote())
+        return ray.get([r.report.remote() for r in self._registries])
+
+    def skipped(self, split: str | None = None) -> SkipReport:
+        """The distinct frames skipped so far by this pipeline's datasets (of ``split``, or
+        all), each once, with the distinct samples they cost per split."""
+        out = SkipReport()
+        for report, _ in self._reports():
+            if split is None or split in report.samples:
+                out.merge(report)
+        return out
+
+    @contextmanager
+    def frame_errors(self) -> Iterator[None]:
+        """Re-raise a failure that a bad frame caused in a reader (``on_bad_frame=raise``;
+        Ray wraps it in its own errors, in a Train worker or a Data task) as that frame's
+        :class:`FrameError`, naming store, year, channel and frame."""
+        try:
+            yield
+        except FrameError:
+            raise
+        except Exception as e:
+            fatal = next((f for _, f in self._reports() if f is not None), None)
+            if fatal is None:
+                raise
+            raise fatal.error() from e

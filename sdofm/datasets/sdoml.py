@@ -11,8 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import random
 import re
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -58,6 +60,31 @@ class FrameError(SDOMLError):
             reason,
         )
         super().__init__(f"{store} {year}/{channel} frame {index}: {reason}")
+
+    def __reduce__(self):  # raised in Ray workers: rebuilt from its fields, not its message
+        return (type(self), (self.store, self.year, self.channel, self.index, self.reason))
+
+
+@dataclass(frozen=True)
+class ReadPolicy:
+    """How chunk reads meet a flaky network (``loader.read_retries``, ``read_timeout``,
+    ``read_backoff``): each chunk GET is bounded in time and retried on a transient error
+    (timeout, connection, HTTP 5xx) after a jittered, doubling pause."""
+
+    retries: int = 3
+    timeout: float = 120.0
+    backoff: float = 0.2
+
+    def pause(self, attempt: int) -> float:
+        """Seconds to wait before retry ``attempt`` (1, 2, ...): doubling, jittered, at most 10 s."""
+        return min(10.0, self.backoff * 2 ** (attempt - 1)) * (0.5 + random.random())
+
+
+def transient(e: BaseException) -> bool:
+    """Whether a failed read may succeed when tried again (not a missing or forbidden object)."""
+    if isinstance(e, FileNotFoundError | PermissionError | IsADirectoryError | NotADirectoryError):
+        return False
+    return isinstance(e, OSError | TimeoutError | ConnectionError)
 
 
 # --------------------------------------------------------------------------- opening
@@ -319,16 +346,24 @@ def parse_header(raw: bytes, keys: Sequence[str] = HEADER_KEYS) -> Header:
 class ImageStore:
     """An AIA or HMI store: year groups of ``(N, H, W)`` float32 channel arrays."""
 
-    def __init__(self, url: str, instrument: str, storage_options: dict | None = None):
+    def __init__(
+        self,
+        url: str,
+        instrument: str,
+        storage_options: dict | None = None,
+        read_policy: ReadPolicy | None = None,
+    ):
         if instrument not in INSTRUMENT_CHANNELS:
             raise ValueError(f"instrument must be aia or hmi, not {instrument!r}")
         self.url = url
         self.instrument = instrument
         self.storage_options = storage_options or {}
+        self.read_policy = read_policy or ReadPolicy()
         self.group = open_group(url, self.storage_options)
         self._arrays: dict[tuple[str, str], Any] = {}
         self._scratch_buf: np.ndarray | None = None  # one decoded chunk, reused
         self._fs_root: tuple | None = None  # (fsspec filesystem, root path)
+        self._chunk_fs: tuple | None = None  # the same, for chunk GETs (see _chunk_filesystem)
         self._listings: dict[str, list[str]] = {}
         self._check_is_sdoml()
 
@@ -535,13 +570,19 @@ class ImageStore:
         indices: Sequence[int],
         check: bool = True,
         out: np.ndarray | None = None,
+        errors: dict[int, str] | None = None,
     ) -> np.ndarray:
         """Read frames ``indices`` of ``year/channel`` decoding each chunk once.
 
-        ``-> (len(indices), H, W) float32`` in the order asked for. With ``check``,
-        a frame that is not finite everywhere raises :class:`FrameError`. ``out``, a
-        C-contiguous float32 array of that shape, is filled instead of a new array
-        when the indices are sorted and unique (a reused buffer: no page faults).
+        ``-> (len(indices), H, W) float32`` in the order asked for. Any chunking is read:
+        several frames per chunk, or tiles of frames (``(k, h, w)`` chunks). With
+        ``check``, a frame that is not finite everywhere raises :class:`FrameError`.
+        ``out``, a C-contiguous float32 array of that shape, is filled instead of a new
+        array when the indices are sorted and unique (a reused buffer: no page faults).
+
+        A chunk that cannot be fetched (after ``read_policy``'s retries) or decoded
+        raises :class:`FrameError` naming its first frame; given an ``errors`` dict, its
+        frames are NaN instead and ``errors[frame] = reason`` says why.
         """
         a = self.array(year, channel)
         idx = np.asarray(indices, dtype=np.int64)
@@ -558,9 +599,9 @@ class ImageStore:
             out if out is not None and direct else np.empty((len(uniq), *a.shape[1:]), np.float32)
         )
         if self._raw_codec(a) is not None:
-            self._decode_chunks(year, channel, a, uniq, dest)
+            self._decode_chunks(year, channel, a, uniq, dest, errors)
         else:
-            self._zarr_read(year, channel, a, uniq, dest)
+            self._zarr_read(year, channel, a, uniq, dest, errors)
         out = dest if direct else dest[inv]
         if check:
             for j, i in enumerate(idx):
@@ -585,55 +626,113 @@ class ImageStore:
         return m.compressor
 
     def _decode_chunks(
-        self, year: str, channel: str, a, frames: np.ndarray, out: np.ndarray
+        self, year: str, channel: str, a, frames: np.ndarray, out: np.ndarray, errors: dict | None
     ) -> None:
         """Fetch the chunks holding ``frames`` (sorted, unique) and decode each once into ``out``.
 
         zarr's own read path cost twice the CPU of the decode itself here (its async
-        machinery and extra copies); a chunk holding one frame is decoded straight
-        into ``out``, others into a scratch buffer reused between calls.
+        machinery and extra copies); a chunk of whole frames that are all wanted is
+        decoded straight into ``out``, any other (a tile, a partly wanted chunk) into a
+        scratch buffer reused between calls and copied from there.
         """
         codec = self._raw_codec(a)
-        per_chunk = a.chunks[0]
+        (ct, cy, cx), (_, h, w) = a.chunks, a.shape
         sep = a.metadata.dimension_separator or "."
-        fs, root = self._filesystem()
-        chunk_ids = frames // per_chunk
+        tiles = [(j, k) for j in range(-(-h // cy)) for k in range(-(-w // cx))]
+        _, root = self._chunk_filesystem()
+        chunk_ids = frames // ct
         keys = np.unique(chunk_ids)
-        paths = [f"{root}/{year}/{channel}/{k}{sep}0{sep}0" for k in keys]
-        raw = (
-            fs.cat(paths, on_error="return")
-            if len(paths) > 1
-            else {paths[0]: _cat_or_error(fs, paths[0])}
+        name = {(t, j, k): f"{t}{sep}{j}{sep}{k}" for t in keys for j, k in tiles}
+        raw = self._fetch([f"{root}/{year}/{channel}/{n}" for n in name.values()])
+        for t in keys:
+            sel = np.flatnonzero(chunk_ids == t)
+            span = f"frames {frames[sel[0]]}..{frames[sel[-1]]}"
+            # Whole frames, all of the chunk's wanted, in order: decode in place.
+            in_place = len(tiles) == 1 and len(sel) == ct and out.flags.c_contiguous
+            for j, k in tiles:
+                key = name[t, j, k]
+                data = raw[f"{root}/{year}/{channel}/{key}"]
+                y0, x0 = j * cy, k * cx
+                y1, x1 = min(y0 + cy, h), min(x0 + cx, w)
+                if isinstance(data, FileNotFoundError):  # never written: zarr's fill value
+                    out[sel, y0:y1, x0:x1] = a.metadata.fill_value or 0.0
+                    continue
+                if isinstance(data, BaseException):
+                    tries = self.read_policy.retries + 1 if transient(data) else 1
+                    why = f"cannot fetch chunk {key} ({span}, {tries} attempt(s))"
+                    self._unreadable(year, channel, frames[sel], out, sel, errors, why, data)
+                    break
+                target = out[sel[0] : sel[0] + ct] if in_place else self._scratch(a)
+                try:
+                    codec.decode(data, out=target)
+                except Exception as e:
+                    why = f"cannot decode chunk {key} ({span})"
+                    self._unreadable(year, channel, frames[sel], out, sel, errors, why, e)
+                    break
+                if not in_place:
+                    out[sel, y0:y1, x0:x1] = target[frames[sel] - t * ct, : y1 - y0, : x1 - x0]
+
+    def _unreadable(self, year, channel, frames, out, sel, errors, why: str, e: BaseException):
+        """Frames ``frames`` (at ``out[sel]``) of a chunk that failed: raise, or NaN and note why."""
+        reason = f"{why}: {type(e).__name__}: {e}"
+        if errors is None:
+            raise FrameError(self.url, year, channel, int(frames[0]), reason) from e
+        out[sel] = np.nan
+        for i in frames:
+            errors[int(i)] = reason
+
+    def _fetch(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        """The bytes of each path, or the error that ended its last attempt.
+
+        Each GET is bounded by ``read_policy.timeout`` and retried on a transient error
+        (:func:`transient`) up to ``read_policy.retries`` times after a growing pause.
+        """
+        policy, got, todo = self.read_policy, {}, list(paths)
+        for attempt in range(policy.retries + 1):
+            if attempt:
+                time.sleep(policy.pause(attempt))
+            got.update(self._cat(todo))
+            todo = [p for p in todo if isinstance(got[p], BaseException) and transient(got[p])]
+            if not todo:
+                break
+        return got
+
+    def _cat(self, paths: list[str]) -> dict[str, bytes | BaseException]:
+        """One attempt at each path, concurrently where the filesystem is asynchronous."""
+        fs, _ = self._chunk_filesystem()
+        if not getattr(fs, "async_impl", False):
+            return {p: _cat_or_error(fs, p) for p in paths}
+        import asyncio
+        import inspect
+
+        from fsspec.asyn import sync
+
+        # s3fs would first HEAD each object to split large ones into ranged GETs.
+        kw = (
+            {"max_concurrency": 1}
+            if "max_concurrency" in inspect.signature(fs._cat_file).parameters
+            else {}
         )
-        for k, path in zip(keys, paths, strict=True):
-            sel = np.flatnonzero(chunk_ids == k)
-            data = raw.get(path, raw.get(path.lstrip("/"), FileNotFoundError(path)))
-            where = f"cannot decode chunk(s) holding frames {frames[sel[0]]}..{frames[sel[-1]]}"
-            if isinstance(data, FileNotFoundError):  # never written: zarr's fill value
-                out[sel] = a.metadata.fill_value or 0.0
-                continue
-            if isinstance(data, BaseException):
-                raise FrameError(
-                    self.url, year, channel, int(frames[sel[0]]), f"{where}: {data!r}"
-                ) from data
-            # The whole chunk, in order (frames are sorted and unique): decode in place.
-            in_place = per_chunk == len(sel) and out.flags.c_contiguous
-            target = out[sel[0] : sel[0] + per_chunk] if in_place else self._scratch(a)
-            try:
-                codec.decode(data, out=target)
-            except Exception as e:
-                raise FrameError(
-                    self.url,
-                    year,
-                    channel,
-                    int(frames[sel[0]]),
-                    f"{where}: {type(e).__name__}: {e}",
-                ) from e
-            if not in_place:
-                out[sel] = target[frames[sel] - k * per_chunk]
+        timeout = self.read_policy.timeout
+
+        async def fetch_all():
+            gate = asyncio.Semaphore(32)
+
+            async def one(path):
+                async with gate:
+                    try:
+                        return await asyncio.wait_for(fs._cat_file(path, **kw), timeout)
+                    except TimeoutError:
+                        return TimeoutError(f"no answer within {timeout:g} s")
+                    except Exception as e:  # returned, like fs.cat(on_error="return")
+                        return e
+
+            return await asyncio.gather(*(one(p) for p in paths))
+
+        return dict(zip(paths, sync(fs.loop, fetch_all), strict=True))
 
     def _scratch(self, a) -> np.ndarray:
-        shape = (a.chunks[0], *a.shape[1:])
+        shape = tuple(a.chunks)
         if self._scratch_buf is None or self._scratch_buf.shape != shape:
             self._scratch_buf = np.empty(shape, np.float32)
         return self._scratch_buf
@@ -644,22 +743,51 @@ class ImageStore:
             self._fs_root = (fs, root.rstrip("/"))
         return self._fs_root
 
-    def _zarr_read(self, year: str, channel: str, a, frames: np.ndarray, out: np.ndarray) -> None:
-        """Any other array: zarr's orthogonal selection (decodes each needed chunk once)."""
+    def _chunk_filesystem(self):
+        """The filesystem chunks are fetched with. On S3, botocore's and s3fs's own retries
+        are off (unless ``storage_options`` sets them): :meth:`_fetch` retries, as
+        ``loader.read_retries`` says, instead of up to 25 hidden attempts per GET.
+        Headers and listings keep the library retries (:meth:`_filesystem`)."""
+        if self._chunk_fs is None:
+            fs, root = self._filesystem()
+            protocols = fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+            if "s3" in protocols:
+                opts = dict(self.storage_options)
+                config = dict(opts.get("config_kwargs") or {})
+                config.setdefault("retries", {"total_max_attempts": 1})
+                opts["config_kwargs"] = config
+                fs, _ = _fs(self.url, {**opts, "skip_instance_cache": True})
+                fs.retries = 1  # s3fs's own loop (an instance of our own: not shared)
+            self._chunk_fs = (fs, root)
+        return self._chunk_fs
+
+    def _zarr_read(
+        self, year: str, channel: str, a, frames: np.ndarray, out: np.ndarray, errors: dict | None
+    ) -> None:
+        """Any other array: zarr's orthogonal selection, one chunk of frames at a time
+        (a failure is then one chunk's), retried as :meth:`_fetch` retries."""
         from zarr.core.buffer.cpu import NDBuffer
 
-        try:
-            a.get_orthogonal_selection(
-                (frames, slice(None), slice(None)), out=NDBuffer.from_numpy_array(out)
-            )
-        except Exception as e:
-            raise FrameError(
-                self.url,
-                year,
-                channel,
-                int(frames[0]),
-                f"cannot decode chunk(s) holding frames {frames[0]}..{frames[-1]}: {type(e).__name__}: {e}",
-            ) from e
+        policy, ct = self.read_policy, a.chunks[0]
+        chunk_ids = frames // ct
+        for t in np.unique(chunk_ids):
+            sel = np.flatnonzero(chunk_ids == t)
+            part = np.empty((len(sel), *a.shape[1:]), np.float32)
+            for attempt in range(policy.retries + 1):
+                try:
+                    a.get_orthogonal_selection(
+                        (frames[sel], slice(None), slice(None)),
+                        out=NDBuffer.from_numpy_array(part),
+                    )
+                    out[sel] = part
+                    break
+                except Exception as e:
+                    if transient(e) and attempt < policy.retries:
+                        time.sleep(policy.pause(attempt + 1))
+                        continue
+                    why = f"cannot read chunk {t} (frames {frames[sel[0]]}..{frames[sel[-1]]})"
+                    self._unreadable(year, channel, frames[sel], out, sel, errors, why, e)
+                    break
 
     def fingerprint(
         self, channels: Sequence[str] | None = None, years: Sequence[str] | None = None
@@ -793,11 +921,17 @@ class Archive:
     eve: EVEStore | None
 
     @classmethod
-    def open(cls, data_cfg, require: Sequence[str] | None = None) -> Archive:
+    def open(
+        cls,
+        data_cfg,
+        require: Sequence[str] | None = None,
+        read_policy: ReadPolicy | None = None,
+    ) -> Archive:
         """Open the stores the config selects; :class:`LayoutError` if one is missing.
 
         ``require`` defaults to what the config selects: AIA if it lists AIA
-        channels, HMI if HMI channels, EVE if EVE lines.
+        channels, HMI if HMI channels, EVE if EVE lines. ``read_policy``: how the
+        image stores retry frame reads (the loader's settings).
         """
         if require is None:
             require = [
@@ -834,7 +968,9 @@ class Archive:
                     )
                 stores[inst] = None
                 continue
-            stores[inst] = EVEStore(url, opts) if inst == "eve" else ImageStore(url, inst, opts)
+            stores[inst] = (
+                EVEStore(url, opts) if inst == "eve" else ImageStore(url, inst, opts, read_policy)
+            )
         return cls(**stores)
 
 

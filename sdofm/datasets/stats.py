@@ -1,8 +1,9 @@
 """Per-channel normalisation statistics of the scaled values, over the train split, with Ray Data.
 
-Each reader batch is reduced where it was read (count, sum, sum of squares,
-min, max and a fixed-range histogram per channel); the driver only adds the
-partial results. Percentiles come from the histogram (4096 bins spanning the
+Each reader batch is reduced where it was read (samples, count, sum, sum of
+squares, min, max and a fixed-range histogram per channel); the driver only adds
+the partial results. The samples counted are the samples used: those with an
+unusable frame are skipped, and the statistics name the skipped frames. Percentiles come from the histogram (4096 bins spanning the
 channel's clip range in scaled units, so their resolution is 1/4096 of it).
 """
 
@@ -45,13 +46,18 @@ def scaled_ranges(pre: Preprocessor) -> np.ndarray:
 
 
 def partial_stats(batch: dict[str, np.ndarray], ranges: np.ndarray) -> dict[str, np.ndarray]:
-    """Reduce images ``(n, C, T, H, W)`` to per-channel count, sums, extremes and a histogram (one row)."""
+    """Reduce images ``(n, C, T, H, W)`` to the sample count and per-channel count, sums,
+    extremes and a histogram (one row)."""
     x = batch["image"]
     c = x.shape[1]
-    row = {k: np.zeros(c) for k in ("sum", "sumsq", "min", "max")}
+    row = {k: np.zeros(c) for k in ("sum", "sumsq")}
+    row["min"], row["max"] = np.full(c, np.inf), np.full(c, -np.inf)
     row["count"] = np.zeros(c, np.int64)
     row["hist"] = np.zeros((c, N_BINS), np.int64)
-    for i in range(c):  # one channel at a time: a float64 copy of a whole block is GBs
+    row["samples"] = np.array(len(x), np.int64)
+    # One channel at a time: a float64 copy of a whole block is GBs. (A block may have
+    # lost all its samples to bad frames.)
+    for i in range(c if len(x) else 0):
         v = np.ascontiguousarray(x[:, i]).ravel().astype(np.float64)
         row["count"][i], row["sum"][i], row["sumsq"][i] = v.size, v.sum(), np.dot(v, v)
         row["min"][i], row["max"][i] = v.min(), v.max()
@@ -130,12 +136,15 @@ def compute_stats(
         )
     ranges = scaled_ranges(make_preprocessor(data.channels, raw, 0, None))
     ds = pipe.dataset("train", epoch=0, subset=subset)
-    parts = ds.map_batches(
-        partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25
-    ).take_all()
+    with pipe.frame_errors():
+        parts = ds.map_batches(
+            partial_stats, fn_kwargs={"ranges": ranges}, batch_size=None, num_cpus=0.25
+        ).take_all()
+    skipped = pipe.skipped("train")
     return {
         "channels": combine(parts, list(data.channels), ranges),
-        "samples": int(n if subset is None else len(subset)),
+        "samples": int(sum(int(p["samples"]) for p in parts)),  # those used
+        "skipped": {"samples": skipped.num_samples("train"), "frames": skipped.rows()},
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
 

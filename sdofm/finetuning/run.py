@@ -6,7 +6,8 @@ Shared by ``sdofm finetune TASK``, ``ray_jobs/finetune.py`` and every trial of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import nn
@@ -16,6 +17,9 @@ from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
 from sdofm.engine.checkpoint import MODEL_FILE
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
+
+if TYPE_CHECKING:
+    from sdofm.datasets.blocks import SkipReport
 
 
 @dataclass
@@ -28,7 +32,10 @@ class Prepared:
     datasets: dict
     """split -> a materialised Ray Dataset, in the task's transform."""
     counts: dict[str, int]
+    """split -> samples delivered (those with an unusable frame are skipped)."""
     tracking_uri: str
+    skipped: SkipReport | None = None
+    """The unusable frames the readers skipped, each once, and the samples they cost."""
 
 
 @dataclass
@@ -37,6 +44,7 @@ class FinetuneResult:
     metrics: dict
     checkpoint: str | None
     model_uri: str | None = None
+    skipped: SkipReport | None = field(default=None, repr=False)
 
 
 def prepare(cfg: Config, task: Task) -> Prepared:
@@ -71,9 +79,10 @@ def prepare(cfg: Config, task: Task) -> Prepared:
         if split == "train" and limit and limit < n:
             subset = np.sort(np.random.default_rng(cfg.finetune.dim_seed).permutation(n)[:limit])
             n = limit
-        datasets[split] = pipe.dataset(split, epoch=0, subset=subset).materialize()
-        counts[split] = n
-    return Prepared(shape, stats, backbone, datasets, counts, uri)
+        with pipe.frame_errors():
+            datasets[split] = pipe.dataset(split, epoch=0, subset=subset).materialize()
+        counts[split] = datasets[split].count()  # n, less the samples skipped
+    return Prepared(shape, stats, backbone, datasets, counts, uri, pipe.skipped())
 
 
 def train_head(
@@ -169,6 +178,8 @@ def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags) as run_id:
         fitted = train_head(cfg, task, prepared, run_id, name, storage)
         result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
+        result.skipped = prepared.skipped
+        tracking.log_skipped(uri, run_id, prepared.skipped)
         if run_id is not None and fitted.checkpoint:
             model = load_head(cfg, task, prepared, fitted.checkpoint)
             example = np.zeros((1, *prepared.sample_shape), np.float32)

@@ -137,6 +137,8 @@ class SweepResult:
     path: str
     interrupted: bool = False
     """Stopped (Ctrl-C) before every trial ended: continue it with ``resume=True``."""
+    skipped: object = None
+    """The unusable frames skipped while the splits were read (a ``SkipReport``)."""
 
 
 def sweep(
@@ -189,6 +191,7 @@ def sweep(
         {**run_params(cfg, prepared), "tune.search_space": str(tc.space)},
         tags={"sdofm.task": f"tune-{task.name}"},
     )
+    tracking.log_skipped(uri, parent, prepared.skipped)
     trainable = ray.tune.with_resources(
         ray.tune.with_parameters(
             head_trial,
@@ -270,7 +273,7 @@ def sweep(
                 tracking.end_run(uri, row["run_id"] or None, "KILLED")
         tracking.end_run(uri, parent, "KILLED")
         say(f"sweep {tc.name!r} interrupted; continue it with --resume (finished trials are kept)")
-        return SweepResult(parent, table, None, None, path, interrupted=True)
+        return SweepResult(parent, table, None, None, path, True, prepared.skipped)
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
     if best is not None and parent is not None and best.get("checkpoint"):
@@ -282,7 +285,7 @@ def sweep(
         model_uri = tracking.log_model(uri, parent, model, example, "best_head")
         tracking.set_tags(uri, parent, {"sdofm.best_run_id": best["run_id"]})
     tracking.end_run(uri, parent, "FINISHED")
-    return SweepResult(parent, table, best, model_uri, path)
+    return SweepResult(parent, table, best, model_uri, path, skipped=prepared.skipped)
 
 
 def _trial_id(path: str | None) -> str:

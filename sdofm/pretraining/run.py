@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +17,9 @@ from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint_state
 from sdofm.engine.progress import say
 from sdofm.pretraining.objective import make_objective
+
+if TYPE_CHECKING:
+    from sdofm.datasets.blocks import SkipReport
 
 
 @dataclass
@@ -32,6 +36,8 @@ class PretrainResult:
     """The MLflow run (None when the tracking store could not be reached)."""
     model_uri: str | None
     """The encoder logged as an MLflow model."""
+    skipped: SkipReport | None = None
+    """The unusable frames the readers skipped, each once, and the samples they cost."""
 
 
 def effective_batch(cfg: Config) -> int:
@@ -142,16 +148,19 @@ def pretrain(cfg: Config) -> PretrainResult:
             fallback_dir=str(tracking.fallback_dir(storage, tc.run_name)),
             system_metrics=cfg.tracking.system_metrics,
         )
-        result = fit(
-            tc.run_name,
-            storage,
-            objective,
-            loop,
-            datasets,
-            sc,
-            max_failures=tc.max_failures,
-            keep_checkpoints=tc.keep_checkpoints,
-        )
+        with pipe.frame_errors():
+            result = fit(
+                tc.run_name,
+                storage,
+                objective,
+                loop,
+                datasets,
+                sc,
+                max_failures=tc.max_failures,
+                keep_checkpoints=tc.keep_checkpoints,
+            )
+        skipped = pipe.skipped()
+        tracking.log_skipped(uri, run_id, skipped)
         if result.checkpoint is None:
             raise RuntimeError(f"run {tc.run_name!r} finished without a checkpoint")
         model_uri = None
@@ -176,4 +185,5 @@ def pretrain(cfg: Config) -> PretrainResult:
         tracking_uri=uri,
         run_id=run_id,
         model_uri=model_uri,
+        skipped=skipped,
     )

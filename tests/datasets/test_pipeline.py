@@ -7,6 +7,7 @@ import zarr
 from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.index import build_index, load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.sdoml import FrameError
 from sdofm.datasets.stats import load_or_compute_stats
 from tests.conftest import small_config
 
@@ -109,7 +110,8 @@ def test_streaming_split_is_disjoint_and_complete(synth_root, tmp_path):
 
 
 def _damage(root, table):
-    """NaN, all-zero and corrupt-chunk frames among those the index uses; returns the hit rows."""
+    """NaN, all-zero and corrupt-chunk frames among those the index uses; returns the hit
+    rows and, by frame, the reason each should be skipped for."""
     used = np.sort(table.loc[table["171A_year"] == 2012, "171A_idx"].to_numpy())
     nan_idx, zero_idx, chunk = int(used[1]), int(used[2]), int(used[40]) // 8
     a = zarr.open_array(root / "sdomlv2.zarr" / "2012" / "171A", mode="r+", zarr_format=2)
@@ -120,41 +122,56 @@ def _damage(root, table):
         a[lo : lo + 8] = block
     (root / "sdomlv2.zarr" / "2012" / "171A" / f"{chunk}.0.0").write_bytes(b"corrupt")
     idx = table["171A_idx"]
-    return set(
+    hit = set(
         np.flatnonzero(
             (table["171A_year"] == 2012) & (idx.isin([nan_idx, zero_idx]) | (idx // 8 == chunk))
         )
     )
+    why = {int(i): f"cannot decode chunk {chunk}.0.0" for i in idx.iloc[sorted(hit)]}
+    why.update({nan_idx: "non-finite pixels", zero_idx: "all zero"})
+    return hit, why
 
 
-def test_bad_frames_are_skipped_and_counted(synth_copy, tmp_path):
+def test_bad_frames_are_skipped_and_reported_once(synth_copy, tmp_path):
     cfg = _cfg(synth_copy, tmp_path, "transform.zscore=false")
     table, _ = build_index(cfg.data)
-    hit = _damage(synth_copy, table)
+    hit, why = _damage(synth_copy, table)
+    # By hand: the damaged frames the index points at, and the samples (T=1: rows) per split.
+    frames = set(table.loc[sorted(hit), "171A_idx"].tolist())
+    assert frames == set(why)
+    lost = table.loc[sorted(hit), "split"].astype(str).value_counts().to_dict()
     pipe = _pipe(cfg, table)
     total, delivered = 0, 0
     for split in ("train", "val", "test"):
         total += pipe.num_samples(split)
-        for b in pipe.dataset(split).iter_batches(batch_size=8):
-            delivered += len(b["image"])
-            assert np.isfinite(b["image"]).all()
+        ds = pipe.dataset(split)
+        for _ in range(2 if split == "train" else 1):  # two epochs of train: no duplicates
+            n = 0
+            for b in ds.iter_batches(batch_size=8):
+                n += len(b["image"])
+                assert np.isfinite(b["image"]).all()
+            assert n == pipe.num_samples(split) - lost.get(split, 0)
+        delivered += n
     assert len(hit) >= 4 and delivered == total - len(hit)
-    bad = [x for s in ("train", "val", "test") for x in pipe.bad_frames(s)]
-    assert len(bad) == len(hit)
-    reasons = {w.split(" (")[0] for _, _, w in bad}
-    assert reasons == {"non-finite pixels", "all zero", "unreadable chunk"}
-    assert all(c == "171A" and "2012/171A frame" in where for c, where, _ in bad)
+    report = pipe.skipped()
+    assert report.num_frames == len(frames) and {k[3] for k in report.frames} == frames
+    assert all(k[1:3] == ("2012", "171A") for k in report.frames)
+    assert report.num_samples() == len(hit)
+    assert {s: report.num_samples(s) for s in lost} == lost
+    assert pipe.skipped("val").num_samples() == lost.get("val", 0)
+    assert all(r["reason"].startswith(why[r["frame"]]) for r in report.rows())
 
 
 def test_bad_frames_raise_when_asked(synth_copy, tmp_path):
     cfg = _cfg(synth_copy, tmp_path, "transform.zscore=false", "loader.on_bad_frame=raise")
     table, _ = build_index(cfg.data)
-    _damage(synth_copy, table)
+    hit, _ = _damage(synth_copy, table)
     pipe = _pipe(cfg, table)
-    with pytest.raises(Exception, match=r"2012/171A frame \d+"):
+    with pytest.raises(FrameError, match=r"2012/171A frame \d+") as e, pipe.frame_errors():
         for split in ("train", "val", "test"):
             for _ in pipe.dataset(split).iter_batches(batch_size=8):
                 pass
+    assert e.value.index in set(table.loc[sorted(hit), "171A_idx"].tolist())
 
 
 def test_torch_trainer_workers_get_disjoint_shards(synth_root, tmp_path):

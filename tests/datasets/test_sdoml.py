@@ -207,7 +207,7 @@ def test_corrupt_and_truncated_chunks_name_store_channel_and_frame(synth_copy):
     assert store.read_frames("2012", "131A", [0, 7]).shape == (2, 32, 32)  # other chunks still read
     with pytest.raises(
         FrameError,
-        match=r"sdomlv2.zarr 2012/131A frame 9: cannot decode chunk\(s\) holding frames 9\.\.9",
+        match=r"sdomlv2.zarr 2012/131A frame 9: cannot decode chunk 1\.0\.0 \(frames 9\.\.9\)",
     ) as e:
         store.read_frames("2012", "131A", [9])
     assert (e.value.year, e.value.channel, e.value.index) == ("2012", "131A", 9)
@@ -281,3 +281,86 @@ def test_frames_read_the_same_through_fsspec(synth_root, scheme):
     np.testing.assert_array_equal(
         local.read_frames("2012", "304A", idx), a.get_orthogonal_selection((np.array(idx),))
     )
+
+
+# --------------------------------------------------------------------------- chunk layouts
+
+N_FRAMES = 250  # not a multiple of 15 or 120: the last chunk is partly used
+
+
+def _layout_store(root: Path, chunks: tuple, separator: str = ".", filters=None) -> np.ndarray:
+    """An AIA store whose 2012/171A has ``chunks``, written by zarr; returns its pixels."""
+    from sdofm.archive.writer import compressor
+
+    rng = np.random.default_rng(sum(chunks))
+    pixels = rng.gamma(2.0, 50.0, (N_FRAMES, 32, 32)).astype(np.float32)
+    year = zarr.open_group(root / "sdomlv2.zarr", mode="w", zarr_format=2).require_group("2012")
+    a = year.create_array(
+        "171A",
+        shape=pixels.shape,
+        chunks=chunks,
+        dtype="float32",
+        compressors=compressor(),
+        filters=filters,
+        fill_value=0.0,
+        chunk_key_encoding={"name": "v2", "separator": separator},
+    )
+    a[:] = pixels
+    a.attrs["T_OBS"] = [f"2012-01-01T00:{i // 60:02d}:{i % 60:02d}Z" for i in range(N_FRAMES)]
+    return pixels
+
+
+@pytest.mark.parametrize(
+    "chunks,separator,filters",
+    [
+        ((1, 32, 32), ".", None),  # one frame per chunk
+        ((15, 32, 32), ".", None),  # the SDOML v2 converter's chunks
+        ((120, 32, 32), ".", None),  # the published sdomlv2_small stores'
+        ((2, 16, 16), ".", None),  # tiles of frames
+        ((1, 16, 16), "/", None),  # tiles, nested keys
+        ((7, 20, 12), ".", None),  # tiles cut at the frame's edge
+        ((15, 32, 32), ".", "shuffle"),  # a filter: read through zarr itself
+    ],
+)
+def test_every_chunk_layout_reads_as_zarr_reads_it(tmp_path, chunks, separator, filters):
+    import numcodecs
+
+    filt = [numcodecs.Shuffle(elementsize=4)] if filters else None
+    pixels = _layout_store(tmp_path, chunks, separator, filt)
+    arr = tmp_path / "sdomlv2.zarr" / "2012" / "171A"
+    ct, cy, cx = chunks
+    (arr / separator.join([str(130 // ct), "0", "0"])).unlink()  # never written: fill value
+    expect = pixels.copy()
+    expect[130 // ct * ct : (130 // ct + 1) * ct, :cy, :cx] = 0
+    a = zarr.open_array(arr, mode="r", zarr_format=2)
+    store = ImageStore(str(tmp_path / "sdomlv2.zarr"), "aia")
+    rng = np.random.default_rng(ct)
+    edges = [0, ct - 1, ct, ct + 1, N_FRAMES - ct, N_FRAMES - 1, 130]
+    for idx in (
+        np.array(edges + list(rng.integers(0, N_FRAMES, 40))),  # unsorted, repeats
+        np.sort(rng.choice(N_FRAMES, 60, replace=False)),
+        np.arange(ct, min(3 * ct, N_FRAMES)),  # whole chunks, decoded in place
+        np.array([N_FRAMES - 1, N_FRAMES - 1, 0]),
+    ):
+        want = a.get_orthogonal_selection((idx,))  # zarr's own read
+        got = store.read_frames("2012", "171A", idx, check=False)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(want, expect[idx])
+    buf = np.full((2 * ct, 32, 32), -1, np.float32)
+    idx = np.arange(2 * ct)
+    assert store.read_frames("2012", "171A", idx, out=buf) is buf
+    np.testing.assert_array_equal(buf, a[: 2 * ct])
+
+    # A corrupt chunk: its frames are named and NaN, the others still read.
+    t = 60 // ct
+    (arr / separator.join([str(t), "0", "0"])).write_bytes(b"garbage")
+    errors: dict[int, str] = {}
+    idx = np.arange(max(0, t * ct - 2), min(N_FRAMES, (t + 1) * ct + 2))
+    got = store.read_frames("2012", "171A", idx, check=False, errors=errors)
+    hit = (idx // ct) == t
+    assert sorted(errors) == idx[hit].tolist()
+    assert all(f"chunk {t}" in why for why in errors.values())
+    assert np.isnan(got[hit]).all()
+    np.testing.assert_array_equal(got[~hit], a.get_orthogonal_selection((idx[~hit],)))
+    with pytest.raises(FrameError, match=rf"2012/171A frame {idx[hit][0]}: cannot"):
+        store.read_frames("2012", "171A", idx)
