@@ -117,6 +117,39 @@ def test_kl_balancing_during_warm_up_only() -> None:
     torch.testing.assert_close(out["loss"], out["recon"] + out["kl"].sum())
 
 
+def test_free_bits_floor_each_groups_kl() -> None:
+    """Below `free_bits` nats per latent variable a group's KL costs nothing: with a floor
+    above every group's KL the loss is the reconstruction plus the floors, counted by hand."""
+    model = get_model("nvae_debug")
+    imgs = batch_for(model, 4)
+    out = model(imgs, free_bits=50.0)
+    # latents per group (coarsest first): 4 channels x 8 x 8, 4 x 8 x 8, 4 x 16 x 16 twice
+    floors = 50.0 * torch.tensor([256.0, 256.0, 1024.0, 1024.0]) / (12 * 32 * 32)
+    assert (out["kl"] < floors).all()
+    torch.testing.assert_close(out["loss"], out["recon"] + floors.sum())
+    torch.testing.assert_close(out["elbo"], -(out["recon"] + out["kl"].sum()))  # the true KL
+
+    out = model(imgs, free_bits=0.0)
+    torch.testing.assert_close(out["loss"], out["recon"] + out["kl"].sum())
+
+
+def test_top_group_prior_is_standard_normal() -> None:
+    model = get_model("nvae_debug").eval()
+    zs = model.decoder_net(None, 256)[3]
+    z0 = zs[0]  # (256, 4, 8, 8): 65536 draws
+    assert abs(float(z0.mean())) < 0.02 and abs(float(z0.std()) - 1.0) < 0.02
+    assert torch.equal(model.decoder_net(None, 2, temperature=0.0)[3][0], torch.zeros(2, 4, 8, 8))
+    # the group's KL is against N(0, 1): KL(q || N(0, 1)) from the posterior head by hand
+    imgs = batch_for(model, 3)
+    with torch.no_grad():
+        feature = model.bottom_up(imgs)[-1]
+        state = model.decoder_net.const.expand(3, -1, -1, -1)
+        dmu, dlogsig = model.decoder_net.posterior[0](torch.cat([feature, state], 1)).chunk(2, 1)
+        kl = kl_divergence(Normal(dmu, dlogsig.exp()), Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
+        out = model(imgs)
+    torch.testing.assert_close(out["kl"][0], kl.mean() / model.num_dims)
+
+
 def test_recon_is_gaussian_nll_per_dimension() -> None:
     """With the output head zeroed the decoder predicts mean 0, log-scale 0 (then 5, clamped
     to 2) whatever the latents: the NLL per dim is known in closed form."""
