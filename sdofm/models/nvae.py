@@ -13,7 +13,12 @@ bottom-up feature after a group's encoder cells conditions that group's posterio
 Training, as the paper: minimise ``out["loss"] + lambda_sr * model.spectral_loss()`` with
 ``out = model(x, kl_weight=kl_warmup_weight(step, total_steps))``; the KL weight rises from
 1e-4 to 1 over the first 30 % of steps (SDO-FM's ``kl_anneal_portion``), and during that rise
-the per-group KL terms are balanced (:func:`kl_balance_coeffs`) so that no group collapses.
+the per-group KL terms are balanced (:func:`kl_balance_coeffs`) so that no group collapses;
+``free_bits`` (Kingma et al. 2016) keeps a floor of KL per group free of cost throughout.
+The top group's prior is N(0, I); each lower group's is computed from the state above it.
+
+Posterior collapse is counted with :func:`active_units` over samples that differ: the Sun
+changes little within a day, so a single day's posterior means vary too little to count.
 
 Left out of the paper's recipe: normalising flows, weight normalisation with its norm
 penalty (the spectral term is kept), and the batch-norm statistics re-estimation before

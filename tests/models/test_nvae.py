@@ -17,6 +17,7 @@ from sdofm.models.nvae import (
     Conv2d,
     NVAEEncoder,
     active_units,
+    active_units_from_moments,
     kl_balance_coeffs,
     kl_normal,
     kl_warmup_weight,
@@ -214,6 +215,13 @@ def test_active_units_counts_varying_channels() -> None:
     second = torch.ones(100, 4, 2, 2)
     assert active_units([first, second]).tolist() == [3, 0]
     assert active_units([first], threshold=10.0).tolist() == [0]
+
+    # Running moments summed over batches (and workers) count as the whole set does.
+    sums = [b.double().sum(0) for b in (first[:30], first[30:70], first[70:])]
+    squares = [(b.double() ** 2).sum(0) for b in (first[:30], first[30:70], first[70:])]
+    assert active_units_from_moments([sum(sums)], [sum(squares)], 100).tolist() == [3]
+    variance = first.double().var(0, unbiased=False).mean(dim=(1, 2))  # by hand
+    assert variance[[0, 2, 4]].min() > 0.5 and variance[[1, 3]].max() < 2e-4
 
 
 def test_spectral_loss_estimates_the_largest_singular_values() -> None:
