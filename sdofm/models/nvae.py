@@ -90,8 +90,11 @@ def kl_warmup_weight(
 
 def active_units(means: list[Tensor], threshold: float = 0.01) -> Tensor:
     """means: per group (N, c, h, w) posterior means of N samples -> (G,) int64: the latent
-    channels whose variance across samples, averaged over positions, exceeds `threshold`
-    (Burda et al. 2016).
+    variables (of c * h * w per group) whose posterior mean varies across the samples with a
+    variance above `threshold` (Burda et al. 2016: each latent dimension is a unit).
+
+    Every position counts on its own: the Sun's changes are local (active regions, flares),
+    and a channel averaged over the whole map, corners of empty sky included, would hide them.
     """
     sums = [m.double().sum(0) for m in means]
     squares = [(m.double() ** 2).sum(0) for m in means]
@@ -105,10 +108,7 @@ def active_units_from_moments(
     batches and workers): per group the sum and the sum of squares over ``n`` samples of
     the posterior means, each (c, h, w) -> (G,) int64."""
     return torch.stack(
-        [
-            ((q / n - (s / n) ** 2).mean(dim=(1, 2)) > threshold).sum()
-            for s, q in zip(sums, squares, strict=True)
-        ]
+        [((q / n - (s / n) ** 2) > threshold).sum() for s, q in zip(sums, squares, strict=True)]
     )
 
 

@@ -123,8 +123,8 @@ class MaskedReconstruction(BackboneObjective):
 
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-"""A latent unit is active when its posterior mean varies across samples by more than this
-(variance, Burda et al. 2016)."""
+"""A latent unit (one latent variable: a channel at a position) is active when its posterior
+mean varies across samples by more than this (variance, Burda et al. 2016)."""
 
 
 class ELBO(BackboneObjective):

@@ -194,9 +194,11 @@ def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, ca
     metrics = client.get_run(result.run_id).data.metrics
     groups = 4  # nvae_debug: 2 scales x 2 groups
     active = [metrics[f"val/active_units_g{g}"] for g in range(groups)]
-    # No posterior collapse: every group has a latent channel (of 4) whose posterior mean
-    # varies across the validation samples by more than 0.01 (Burda et al. 2016).
-    assert all(1 <= a <= 4 for a in active), active
+    # No posterior collapse: in every group some latent variables (of 4 x 8 x 8 or 4 x 16 x
+    # 16) have posterior means that vary across the validation samples with a variance
+    # above 0.01 (Burda et al. 2016).
+    sizes = [256, 256, 1024, 1024]
+    assert all(1 <= a <= n for a, n in zip(active, sizes, strict=True)), active
     for g in range(groups):
         assert metrics[f"val/kl_g{g}"] > 0
     assert sum(metrics[f"val/kl_g{g}"] for g in range(groups)) == pytest.approx(
