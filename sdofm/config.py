@@ -318,6 +318,9 @@ class ModelConfig(_Section):
     ``img_size``, ``in_chans`` and ``num_frames`` follow the data unless set here."""
     kl_warmup: float = Field(0.3, ge=0, le=1)
     """VAE backbones: share of the run's steps over which the KL weight rises from 0 to 1."""
+    free_bits: float = Field(0.05, ge=0)
+    """VAE backbones: nats per latent variable that each group's KL may hold without cost
+    (free bits, Kingma et al. 2016), so that no group collapses; 0 trains the plain ELBO."""
     spectral_weight: float = Field(1e-4, ge=0)
     """VAE backbones: weight of the spectral regulariser (sum of the convolutions' largest
     singular values) against the loss in nats per input dimension."""

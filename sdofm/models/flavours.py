@@ -133,7 +133,7 @@ FLAVOURS: dict[str, Flavour] = {
         },
     ),
     # SDO-FM's 21.4 M NVAE at 512 px, 12 channels (9 AIA + 3 HMI): 4 scales (256 to 32 px,
-    # 32 to 256 channels) x 4 groups of 24 latents, 2 cells per group; 21.32 M parameters.
+    # 32 to 256 channels) x 4 groups of 24 latents, 2 cells per group; 21.21 M parameters.
     "nvae_21m": Flavour(
         "nvae",
         {

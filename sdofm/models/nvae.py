@@ -13,7 +13,12 @@ bottom-up feature after a group's encoder cells conditions that group's posterio
 Training, as the paper: minimise ``out["loss"] + lambda_sr * model.spectral_loss()`` with
 ``out = model(x, kl_weight=kl_warmup_weight(step, total_steps))``; the KL weight rises from
 1e-4 to 1 over the first 30 % of steps (SDO-FM's ``kl_anneal_portion``), and during that rise
-the per-group KL terms are balanced (:func:`kl_balance_coeffs`) so that no group collapses.
+the per-group KL terms are balanced (:func:`kl_balance_coeffs`) so that no group collapses;
+``free_bits`` (Kingma et al. 2016) keeps a floor of KL per group free of cost throughout.
+The top group's prior is N(0, I); each lower group's is computed from the state above it.
+
+Posterior collapse is counted with :func:`active_units` over samples that differ: the Sun
+changes little within a day, so a single day's posterior means vary too little to count.
 
 Left out of the paper's recipe: normalising flows, weight normalisation with its norm
 penalty (the spectral term is kept), and the batch-norm statistics re-estimation before
@@ -85,8 +90,11 @@ def kl_warmup_weight(
 
 def active_units(means: list[Tensor], threshold: float = 0.01) -> Tensor:
     """means: per group (N, c, h, w) posterior means of N samples -> (G,) int64: the latent
-    channels whose variance across samples, averaged over positions, exceeds `threshold`
-    (Burda et al. 2016).
+    variables (of c * h * w per group) whose posterior mean varies across the samples with a
+    variance above `threshold` (Burda et al. 2016: each latent dimension is a unit).
+
+    Every position counts on its own: the Sun's changes are local (active regions, flares),
+    and a channel averaged over the whole map, corners of empty sky included, would hide them.
     """
     sums = [m.double().sum(0) for m in means]
     squares = [(m.double() ** 2).sum(0) for m in means]
@@ -100,10 +108,7 @@ def active_units_from_moments(
     batches and workers): per group the sum and the sum of squares over ``n`` samples of
     the posterior means, each (c, h, w) -> (G,) int64."""
     return torch.stack(
-        [
-            ((q / n - (s / n) ** 2).mean(dim=(1, 2)) > threshold).sum()
-            for s, q in zip(sums, squares, strict=True)
-        ]
+        [((q / n - (s / n) ** 2) > threshold).sum() for s, q in zip(sums, squares, strict=True)]
     )
 
 
@@ -340,6 +345,10 @@ class TopDown(nn.Module):
     ``prior[l]``: state -> (mu_p, logsig_p), ``posterior[l]``: (bottom-up feature, state) ->
     (dmu, dlogsig), ``combine[l]``: (state, z) -> state, then ``up[l]`` (an up cell after the
     last group of a scale, else identity). ``post`` and ``out`` map H/2 to H and the pixels.
+
+    The top group's prior is N(0, I), as the paper's: a learned prior there could shrink
+    or shift freely (the decoder absorbs any scale), which would leave the group's KL and
+    its active-unit count without a fixed unit; ``prior[0]`` is an identity placeholder.
     """
 
     def __init__(
@@ -356,6 +365,7 @@ class TopDown(nn.Module):
     ) -> None:
         super().__init__()
         S, g, L = len(scale_channels), groups_per_scale, latent_channels
+        self.latent_channels = L
         self.const = nn.Parameter(torch.randn(1, scale_channels[-1], *grid))
         self.cells, self.prior, self.posterior = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         self.combine, self.up = nn.ModuleList(), nn.ModuleList()
@@ -370,7 +380,11 @@ class TopDown(nn.Module):
                         *(DecoderCell(c, expand, res_scale) for _ in range(cells_per_group))
                     )
                 )
-                self.prior.append(nn.Sequential(nn.ELU(), Conv2d(c, 2 * L, 3, padding=1)))
+                self.prior.append(
+                    nn.Identity()
+                    if first
+                    else nn.Sequential(nn.ELU(), Conv2d(c, 2 * L, 3, padding=1))
+                )
                 self.posterior.append(nn.Sequential(nn.ELU(), Conv2d(2 * c, 2 * L, 3, padding=1)))
                 self.combine.append(Conv2d(c + L, c, 1))
                 last_of_scale = i == g - 1 and s > 0
@@ -405,8 +419,12 @@ class TopDown(nn.Module):
         top_first = None if features is None else features[::-1]
         for g in range(len(self.prior)):
             h = self.cells[g](h)
-            mu_p, logsig_p = self.prior[g](h).float().chunk(2, dim=1)
-            logsig_p = logsig_p.clamp(lo, hi)
+            if g == 0:  # N(0, I)
+                shape = (batch_size, self.latent_channels, *h.shape[2:])
+                mu_p = logsig_p = torch.zeros(shape, device=h.device)
+            else:
+                mu_p, logsig_p = self.prior[g](h).float().chunk(2, dim=1)
+                logsig_p = logsig_p.clamp(lo, hi)
             if top_first is None:
                 z = mu_p + temperature * logsig_p.exp() * torch.randn_like(mu_p)
             else:
@@ -491,13 +509,18 @@ class NVAE(NVAEEncoder):
         """x: (B, C * T, H, W) -> (B, C, T, H, W); the inverse of stack_frames."""
         return x.reshape(x.shape[0], self.in_chans, self.num_frames, *self.img_size)
 
-    def forward(self, x: Tensor, kl_weight: float = 1.0) -> dict[str, Tensor]:
+    def forward(
+        self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0
+    ) -> dict[str, Tensor]:
         """x: (B, C, T, H, W) -> {"loss": (), "recon": (), "kl": (G,), "elbo": (),
         "x_hat": (B, C, T, H, W), "kl_coeffs": (G,)}.
 
-        loss = recon + kl_weight * sum_l kl_coeffs[l] * kl[l]; the coefficients are the KL
-        balancing ones while kl_weight < 1 (the warm-up) and ones at kl_weight = 1. All terms
-        are nats per input dimension, batch means; ``kl`` is unbalanced.
+        loss = recon + kl_weight * sum_l kl_coeffs[l] * max(kl[l], free_l); the coefficients
+        are the KL balancing ones while kl_weight < 1 (the warm-up) and ones at kl_weight = 1.
+        ``free_l`` is `free_bits` nats per latent variable of group l (Kingma et al. 2016's
+        free bits on the batch-mean KL of each group): below it a group's KL costs nothing,
+        so no group is pushed to zero information. All terms are nats per input dimension,
+        batch means; ``kl`` and ``elbo`` are the true (unbalanced, unfloored) values.
         """
         mu, logsig, kls, _ = self.decoder_net(self.bottom_up(x), x.shape[0])
         target = self.stack_frames(x)
@@ -509,7 +532,8 @@ class NVAE(NVAEEncoder):
             coeffs = kl_balance_coeffs(per_latent, self.group_sizes)
         else:
             coeffs = torch.ones_like(kl)
-        loss = recon + kl_weight * (coeffs * kl).sum()
+        floor = free_bits * self.latent_channels * self.group_sizes / D
+        loss = recon + kl_weight * (coeffs * torch.maximum(kl, floor)).sum()
         return {
             "loss": loss,
             "recon": recon,

@@ -123,14 +123,15 @@ class MaskedReconstruction(BackboneObjective):
 
 
 ACTIVE_UNIT_THRESHOLD = 0.01
-"""A latent unit is active when its posterior mean varies across samples by more than this
-(variance, Burda et al. 2016)."""
+"""A latent unit (one latent variable: a channel at a position) is active when its posterior
+mean varies across samples by more than this (variance, Burda et al. 2016)."""
 
 
 class ELBO(BackboneObjective):
     """A hierarchical VAE's objective (NVAE): the negative ELBO in nats per input dimension,
     with the KL weight warmed up linearly over the first ``kl_warmup`` share of the steps
-    (KL-balanced by the model meanwhile) and a spectral regulariser. Validation reports the
+    (KL-balanced by the model meanwhile), ``free_bits`` nats per latent variable of each
+    group free of cost, and a spectral regulariser. Validation reports the
     ELBO, its reconstruction term, the KL and the number of active latent units per group,
     reconstructions and samples from the prior.
 
@@ -150,15 +151,18 @@ class ELBO(BackboneObjective):
         seed: int,
         kl_warmup: float,
         spectral_weight: float,
+        free_bits: float = 0.0,
     ):
         super().__init__(model_name, kwargs, channels, weight_decay, betas, seed)
         self.kl_warmup, self.spectral_weight = kl_warmup, spectral_weight
+        self.free_bits = free_bits
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         from sdofm.models.nvae import kl_warmup_weight
 
         x = batch["image"].to(device, non_blocking=True).float()
-        out = model(x, kl_weight=kl_warmup_weight(info.step, info.total_steps, self.kl_warmup))
+        weight = kl_warmup_weight(info.step, info.total_steps, self.kl_warmup)
+        out = model(x, kl_weight=weight, free_bits=self.free_bits)
         core = getattr(model, "module", model)
         return out["loss"] + self.spectral_weight * core.spectral_loss()
 
@@ -252,5 +256,5 @@ def make_objective(cfg, sample_shape: tuple) -> Objective:
     if family == "mae":
         return MaskedReconstruction(*common)
     if family == "nvae":
-        return ELBO(*common, mc.kl_warmup, mc.spectral_weight)
+        return ELBO(*common, mc.kl_warmup, mc.spectral_weight, mc.free_bits)
     raise ConfigError(f"model.name {mc.name!r}: no pretraining objective for family {family!r}")

@@ -17,6 +17,7 @@ from sdofm.models.nvae import (
     Conv2d,
     NVAEEncoder,
     active_units,
+    active_units_from_moments,
     kl_balance_coeffs,
     kl_normal,
     kl_warmup_weight,
@@ -117,6 +118,39 @@ def test_kl_balancing_during_warm_up_only() -> None:
     torch.testing.assert_close(out["loss"], out["recon"] + out["kl"].sum())
 
 
+def test_free_bits_floor_each_groups_kl() -> None:
+    """Below `free_bits` nats per latent variable a group's KL costs nothing: with a floor
+    above every group's KL the loss is the reconstruction plus the floors, counted by hand."""
+    model = get_model("nvae_debug")
+    imgs = batch_for(model, 4)
+    out = model(imgs, free_bits=50.0)
+    # latents per group (coarsest first): 4 channels x 8 x 8, 4 x 8 x 8, 4 x 16 x 16 twice
+    floors = 50.0 * torch.tensor([256.0, 256.0, 1024.0, 1024.0]) / (12 * 32 * 32)
+    assert (out["kl"] < floors).all()
+    torch.testing.assert_close(out["loss"], out["recon"] + floors.sum())
+    torch.testing.assert_close(out["elbo"], -(out["recon"] + out["kl"].sum()))  # the true KL
+
+    out = model(imgs, free_bits=0.0)
+    torch.testing.assert_close(out["loss"], out["recon"] + out["kl"].sum())
+
+
+def test_top_group_prior_is_standard_normal() -> None:
+    model = get_model("nvae_debug").eval()
+    zs = model.decoder_net(None, 256)[3]
+    z0 = zs[0]  # (256, 4, 8, 8): 65536 draws
+    assert abs(float(z0.mean())) < 0.02 and abs(float(z0.std()) - 1.0) < 0.02
+    assert torch.equal(model.decoder_net(None, 2, temperature=0.0)[3][0], torch.zeros(2, 4, 8, 8))
+    # the group's KL is against N(0, 1): KL(q || N(0, 1)) from the posterior head by hand
+    imgs = batch_for(model, 3)
+    with torch.no_grad():
+        feature = model.bottom_up(imgs)[-1]
+        state = model.decoder_net.const.expand(3, -1, -1, -1)
+        dmu, dlogsig = model.decoder_net.posterior[0](torch.cat([feature, state], 1)).chunk(2, 1)
+        kl = kl_divergence(Normal(dmu, dlogsig.exp()), Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
+        out = model(imgs)
+    torch.testing.assert_close(out["kl"][0], kl.mean() / model.num_dims)
+
+
 def test_recon_is_gaussian_nll_per_dimension() -> None:
     """With the output head zeroed the decoder predicts mean 0, log-scale 0 (then 5, clamped
     to 2) whatever the latents: the NLL per dim is known in closed form."""
@@ -175,12 +209,20 @@ def test_posterior_means_per_group() -> None:
     assert active_units(means).shape == (4,)
 
 
-def test_active_units_counts_varying_channels() -> None:
+def test_active_units_counts_varying_latent_variables() -> None:
     first = 1e-2 * torch.randn(100, 5, 3, 3)  # variance 1e-4: inactive
-    first[:, [0, 2, 4]] += torch.randn(100, 3, 1, 1)  # variance ~1 on three channels
+    first[:, [0, 2, 4]] += torch.randn(100, 3, 1, 1)  # variance ~1: 3 channels x 9 positions
+    first[:, 1, 0, 2] += 0.5 * torch.randn(100)  # variance ~0.25 at one position only
     second = torch.ones(100, 4, 2, 2)
-    assert active_units([first, second]).tolist() == [3, 0]
+    assert active_units([first, second]).tolist() == [28, 0]
     assert active_units([first], threshold=10.0).tolist() == [0]
+
+    # Running moments summed over batches (and workers) count as the whole set does.
+    sums = [b.double().sum(0) for b in (first[:30], first[30:70], first[70:])]
+    squares = [(b.double() ** 2).sum(0) for b in (first[:30], first[30:70], first[70:])]
+    assert active_units_from_moments([sum(sums)], [sum(squares)], 100).tolist() == [28]
+    variance = first.double().var(0, unbiased=False)  # by hand
+    assert int((variance > 0.01).sum()) == 28 and variance[3].max() < 2e-4
 
 
 def test_spectral_loss_estimates_the_largest_singular_values() -> None:
