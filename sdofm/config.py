@@ -328,7 +328,12 @@ class TrainConfig(_Section):
     run_name: str = "pretrain"
     """Name of the run; re-running with the same name continues from its last checkpoint."""
     storage_path: str = "ray_results"
-    """Where checkpoints go: a local folder (made absolute) or a URI Ray accepts (``gs://...``)."""
+    """Where checkpoints, Tune state and a lost tracking server's metrics go: a local folder
+    (made absolute) or an object-store URL (``s3://bucket/prefix``, ``gs://...``)."""
+    storage_options: dict[str, Any] = {}
+    """fsspec options that reach ``storage_path``, used by Ray and sdofm alike (an
+    S3-compatible endpoint: ``{client_kwargs: {endpoint_url: http://...}, key: ..,
+    secret: ..}``); empty: the cloud's default credentials."""
     epochs: int = Field(1, ge=1)
     """Passes over the train split (ignored once ``max_steps`` is reached)."""
     max_steps: int | None = Field(None, ge=1)
@@ -366,8 +371,9 @@ class TrainConfig(_Section):
     """Validate (loss per channel, reconstruction figure) every this many steps and at the end."""
     val_samples: int = Field(64, ge=1)
     """Validation samples (a fixed seeded subset of the val split)."""
-    max_failures: int = Field(0, ge=-1)
-    """Worker-group restarts from the last checkpoint after a failure (-1: unlimited)."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts from the newest complete checkpoint after a failure (a lost
+    node, a killed worker; -1: unlimited). 0: fail at once."""
     fail_at_step: int | None = Field(None, ge=1)
     """Fault injection (tests, drills): rank 0 raises at this step, once per run."""
 

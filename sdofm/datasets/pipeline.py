@@ -73,6 +73,10 @@ def _registry_class():
             self.seen[block] += 1
             return int(self.seen[block] - 1)
 
+        def set_epoch(self, epoch: int) -> None:
+            """The next pass is ``epoch`` (a train worker resuming from a checkpoint)."""
+            self.seen[:] = epoch
+
         def completed(self) -> int:
             return int(self.seen.min()) if len(self.seen) else 0
 
@@ -229,6 +233,10 @@ class SDOMLPipeline:
         # same seed and epoch give the same sample order.
         ds.context.execution_options.preserve_order = True
         return ds
+
+    def registry(self, split: str):
+        """The epoch bookkeeping actor of ``split``'s dataset (it has ``set_epoch``)."""
+        return self._registries[split]
 
     def bad_frames(self, split: str) -> list[tuple[str, str, str]]:
         """(channel, where, reason) of every sample skipped so far in ``split``."""

@@ -13,7 +13,7 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
-from sdofm.engine.checkpoint import MODEL_FILE
+from sdofm.engine.checkpoint import MODEL_FILE, open_storage
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
 
@@ -58,7 +58,9 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     uri = tracking_uri(cfg.tracking.uri)
     backbone = None
     if cfg.finetune.head != "baseline_cnn":
-        backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment)
+        backbone = resolve_backbone(
+            cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
+        )
         backbone.check(cfg, shape)
     datasets, counts = {}, {}
     for split in ("train", "val", "test"):
@@ -87,8 +89,6 @@ def train_head(
 ):
     """One Ray Train run of the task's head on the prepared splits: validated and
     checkpointed every epoch, scored on the test split at the end."""
-    from sdofm.tracking import fallback_dir
-
     fc, sc = cfg.finetune, cfg.scaling
     per_epoch = -(-(prepared.counts["train"] // sc.num_workers) // fc.batch_size)
     loop = LoopConfig(
@@ -109,7 +109,6 @@ def train_head(
         torch_threads=sc.torch_threads,
         tracking_uri=prepared.tracking_uri,
         run_id=run_id,
-        fallback_dir=str(fallback_dir(storage, name)),
         label=label,
     )
     objective = task.objective(cfg, prepared)
@@ -123,6 +122,7 @@ def train_head(
         max_failures=cfg.train.max_failures,
         keep_checkpoints=1,
         callbacks=callbacks,
+        storage_options=cfg.train.storage_options,
     )
 
 
@@ -139,12 +139,12 @@ def run_params(cfg: Config, prepared: Prepared) -> dict:
 
 
 def load_head(cfg: Config, task: Task, prepared: Prepared, checkpoint: str) -> nn.Module:
-    """The trained head of a finished run's checkpoint (a folder or URI)."""
-    import fsspec
+    """The trained head of a finished run's checkpoint (a folder or URL on the storage)."""
     import torch
 
     model = task.build_head(cfg, prepared.sample_shape, prepared.backbone)
-    with fsspec.open(f"{checkpoint}/{MODEL_FILE}", "rb") as f:
+    fs, path = open_storage(f"{checkpoint}/{MODEL_FILE}", cfg.train.storage_options)
+    with fs.open(path, "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu"))
     return model.eval()
 
@@ -165,7 +165,8 @@ def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     }
     uri, name = prepared.tracking_uri, cfg.finetune.run_name
     params = run_params(cfg, prepared)
-    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags) as run_id:
+    options = cfg.train.storage_options
+    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags, options) as run_id:
         fitted = train_head(cfg, task, prepared, run_id, name, storage)
         result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
         if run_id is not None and fitted.checkpoint:
