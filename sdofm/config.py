@@ -375,7 +375,9 @@ class TrainConfig(_Section):
     """Worker-group restarts from the newest complete checkpoint after a failure (a lost
     node, a killed worker; -1: unlimited). 0: fail at once."""
     fail_at_step: int | None = Field(None, ge=1)
-    """Fault injection (tests, drills): rank 0 raises at this step, once per run."""
+    """Fault injection (tests, drills): rank 0 fails at this step, once per run."""
+    fail_how: Literal["raise", "kill"] = "raise"
+    """How ``fail_at_step`` fails: raise an error, or SIGKILL rank 0's process (a lost worker)."""
 
 
 class WorkersConfig(_Section):
@@ -442,6 +444,10 @@ class FinetuneConfig(_Section):
     """Samples per batch and worker."""
     max_train_samples: int | None = Field(None, ge=1)
     """Use a seeded subset of the train split of at most this many samples."""
+    materialize_max_gb: float = Field(2.0, ge=0)
+    """Keep the prepared splits in Ray's object store (read once, shared by every trial)
+    when together they take at most this many GB; else each run streams them from the
+    store with bounded memory."""
     run_name: str = "dimming"
     """Name of the run (checkpoints, MLflow)."""
     experiment: str = "sdofm-dimming"

@@ -182,6 +182,10 @@ class Worker:
         """Forward and backward of one micro-batch; an optimiser step after the last micro-batch
         of an accumulation (-> True)."""
         lc, state = self.lc, self.state
+        # The objective's draws (masks, noise) follow the step, so a resumed run repeats
+        # exactly what an uninterrupted one would have drawn.
+        micro = self.micro % lc.grad_accum
+        torch.manual_seed(((lc.seed * 1_000_003 + state.step) * 1024 + micro) * 4096 + self.rank)
         self.micro += 1
         last_micro = self.micro % lc.grad_accum == 0
         several = len(self.optimizers) > 1
@@ -224,6 +228,11 @@ class Worker:
             if not fs.exists(marker):  # once per run, whichever attempt gets here first
                 fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
                 fs.touch(marker)
+                if lc.fail_how == "kill":
+                    import os
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
         return True
 

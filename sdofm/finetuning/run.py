@@ -6,7 +6,8 @@ Shared by ``sdofm finetune TASK``, ``ray_jobs/finetune.py`` and every trial of a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -26,9 +27,14 @@ class Prepared:
     stats: dict | None
     backbone: Backbone | None
     datasets: dict
-    """split -> a materialised Ray Dataset, in the task's transform."""
+    """split -> a Ray Dataset in the task's transform (materialised when small)."""
     counts: dict[str, int]
     tracking_uri: str
+    pipeline: Any = field(default=None, repr=False, compare=False)
+    """The driver's pipeline while the datasets stream (its registry actors must live)."""
+
+    def __getstate__(self):
+        return {**self.__dict__, "pipeline": None}  # trials hold the datasets, not the pipeline
 
 
 @dataclass
@@ -40,8 +46,9 @@ class FinetuneResult:
 
 
 def prepare(cfg: Config, task: Task) -> Prepared:
-    """Index, statistics, backbone and the three splits in the task's transform, materialised
-    once (small finetuning sets; the trials of a sweep share them through the object store)."""
+    """Index, statistics, backbone and the three splits in the task's transform; materialised
+    once when they fit ``finetune.materialize_max_gb`` (the trials of a sweep then share them
+    through the object store), else streamed by every run."""
     from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.pipeline import SDOMLPipeline
     from sdofm.datasets.stats import load_or_compute_stats
@@ -63,6 +70,7 @@ def prepare(cfg: Config, task: Task) -> Prepared:
         )
         backbone.check(cfg, shape)
     datasets, counts = {}, {}
+    subsets = {}
     for split in ("train", "val", "test"):
         n = pipe.num_samples(split)
         if n == 0:
@@ -72,9 +80,22 @@ def prepare(cfg: Config, task: Task) -> Prepared:
         if split == "train" and limit and limit < n:
             subset = np.sort(np.random.default_rng(cfg.finetune.dim_seed).permutation(n)[:limit])
             n = limit
-        datasets[split] = pipe.dataset(split, epoch=0, subset=subset).materialize()
+        subsets[split] = subset
         counts[split] = n
-    return Prepared(shape, stats, backbone, datasets, counts, uri)
+    # float32 samples as the task's transform hands them over
+    gb = sum(counts.values()) * int(np.prod(shape)) * 4 / 1e9
+    materialize = gb <= cfg.finetune.materialize_max_gb
+    for split in ("train", "val", "test"):
+        ds = pipe.dataset(split, epoch=0, subset=subsets[split])
+        datasets[split] = ds.materialize() if materialize else ds
+    if not materialize:
+        from sdofm.engine.progress import say
+
+        say(
+            f"the splits take {gb:.1f} GB (> finetune.materialize_max_gb "
+            f"{cfg.finetune.materialize_max_gb:g}): every run streams them from {d.root}"
+        )
+    return Prepared(shape, stats, backbone, datasets, counts, uri, None if materialize else pipe)
 
 
 def train_head(

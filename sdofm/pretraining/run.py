@@ -140,6 +140,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             compile=tc.compile,
             torch_threads=sc.torch_threads,
             fail_at_step=tc.fail_at_step,
+            fail_how=tc.fail_how,
             figures=cfg.tracking.figures,
             tracking_uri=uri,
             run_id=run_id,
