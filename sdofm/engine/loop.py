@@ -69,8 +69,10 @@ class LoopConfig:
     compile: bool = False
     torch_threads: int | None = None
     fail_at_step: int | None = None
-    """Fault injection: rank 0 raises once per run at this step (a marker in the run's
+    """Fault injection: rank 0 fails once per run at this step (a marker in the run's
     storage folder records that it did)."""
+    fail_how: str = "raise"
+    """``raise`` an error, or ``kill`` rank 0's process with SIGKILL (a lost worker)."""
     figures: int = 1
     """Figures rank 0 draws at each evaluation."""
     label: str = ""
@@ -127,7 +129,7 @@ class Worker:
         if self.rank == 0:
             from sdofm.tracking import Tracker
 
-            self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir)
+            self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir, lc.storage_options)
             if lc.system_metrics:
                 self.tracker.start_system_metrics()
             if latest is not None:
@@ -319,7 +321,7 @@ def report_and_checkpoint(w: Worker, log: bool, val: bool, save: bool, final: bo
     if val:
         metrics.update(validate(w, final))
     if w.rank == 0:
-        w.pending.setdefault(state.step, {}).update(metrics)
+        w.pending.setdefault(state.step, {"time": int(time.time() * 1000)}).update(metrics)
         say(_progress_line(w, metrics))
     w._reset_window()
     if not (val or save):
