@@ -67,6 +67,7 @@ def _registry_class():
 
         def __init__(self, n_blocks: int, first_epoch: int = 0):
             self.seen = np.full(n_blocks, first_epoch, np.int64)
+            self.pinned: int | None = None
             self.bad: list[tuple[str, str, str]] = []
 
         def next_epoch(self, block: int) -> int:
@@ -74,11 +75,20 @@ def _registry_class():
             return int(self.seen[block] - 1)
 
         def set_epoch(self, epoch: int) -> None:
-            """The next pass is ``epoch`` (a train worker resuming from a checkpoint)."""
+            """The next pass is ``epoch``, whatever was read before (a train worker sets it
+            from its checkpoint: a killed attempt's read tasks may still be counting)."""
             self.seen[:] = epoch
+            self.pinned = epoch
 
         def completed(self) -> int:
             return int(self.seen.min()) if len(self.seen) else 0
+
+        def pass_epoch(self) -> tuple[int, bool]:
+            """The epoch of the pass that starts now, and whether it was set (then every
+            block of the pass is read with it)."""
+            if self.pinned is not None:
+                return self.pinned, True
+            return self.completed(), False
 
         def record(self, items: list[tuple[str, str, str]]) -> None:
             self.bad.extend(items)
@@ -122,10 +132,10 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             import ray
 
-            e = (
-                epoch
+            e, fixed = (
+                (epoch, True)
                 if epoch is not None
-                else ray.get(ray.get_actor(spec.registry).completed.remote())
+                else ray.get(ray.get_actor(spec.registry).pass_epoch.remote())
             )
             order = (
                 np.random.default_rng([seed, e]).permutation(n_blocks)
@@ -136,7 +146,7 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
             parts = [p for p in np.array_split(order, min(4096, n_blocks)) if len(p)]
             return [
                 ReadTask(
-                    (lambda p=p: _read_blocks(spec, p, epoch)),
+                    (lambda p=p: _read_blocks(spec, p, e if fixed else None)),
                     BlockMetadata(
                         num_rows=int(sizes[p].sum()),
                         size_bytes=int(sizes[p].sum() * row_bytes),

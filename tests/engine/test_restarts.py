@@ -66,11 +66,19 @@ def _cfg(root, tmp_path, *extra):
     )
 
 
+@pytest.fixture
+def relay(ray_session):
+    """Workers' and the controller's progress lines printed by this process (as the CLI does)."""
+    from sdofm.engine.progress import start_relay
+
+    start_relay()
+
+
 def _history(uri, run_id, key="train/loss"):
     return [(m.step, m.value) for m in MlflowClient(uri).get_metric_history(run_id, key)]
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("relay")
 def test_a_killed_worker_restarts_exactly_from_the_newest_checkpoint(synth_root, tmp_path, capfd):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"
     ref_dir.mkdir()
@@ -136,7 +144,7 @@ def _stop(proc):
         proc.wait(30)
 
 
-@pytest.mark.usefixtures("ray_session")
+@pytest.mark.usefixtures("relay")
 def test_a_tracking_server_that_dies_mid_run_is_synced_once_it_is_back(synth_root, tmp_path, capfd):
     port = free_port()
     db, artifacts = tmp_path / "server.db", tmp_path / "artifacts"
