@@ -735,8 +735,17 @@ def embed_cmd(
     _where_logs()
 
 
-@app.command("mlflow")
+mlflow_app = typer.Typer(
+    help="MLflow: a tracking server (no sub-command), or sync a run that lost its server.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(mlflow_app, name="mlflow")
+
+
+@mlflow_app.callback()
 def mlflow_cmd(
+    ctx: typer.Context,
     host: Annotated[
         str, typer.Option(help="Address to bind; 0.0.0.0 only behind a firewall.")
     ] = "127.0.0.1",
@@ -753,6 +762,8 @@ def mlflow_cmd(
 
     Point jobs at it with MLFLOW_TRACKING_URI=http://HOST:PORT.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     import os
     import sys
 
@@ -774,6 +785,45 @@ def mlflow_cmd(
         f"MLflow server on http://{host}:{port} (export MLFLOW_TRACKING_URI=http://{host}:{port})"
     )
     os.execv(sys.executable, cmd)
+
+
+@mlflow_app.command("sync")
+def mlflow_sync(
+    folder: Annotated[
+        str,
+        typer.Argument(
+            help="The run's tracking folder, <train.storage_path>/<run name>/tracking, as "
+            "printed when the server was lost (a folder or URL).",
+            show_default=False,
+        ),
+    ],
+    args: Args = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="Send to this server instead of the one the run used."),
+    ] = None,
+) -> None:
+    """Merge what a run kept locally while its MLflow server was down (metrics, figures,
+    tags) into its run, and close the run with the status it ended with.
+
+    Steps the run already holds are not sent again. ARGS (train.storage_options=...) reach
+    an object store; run it once the server is back.
+    """
+    from sdofm.tracking import sync
+
+    with _friendly_errors():
+        cfg = _load(args)
+        try:
+            done = sync(folder, cfg.train.storage_options, tracking_uri)
+        except (FileNotFoundError, ValueError) as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(2) from None
+    console.print(
+        f"run {done['run_id']} at {done['tracking_uri']}: {done['metric_steps']} steps of "
+        f"metrics, {done['figures']} figures, {done['tags']} tags sent; "
+        f"status {done['status'] or 'left as it was'}",
+        highlight=False,
+    )
 
 
 @app.command("demo")

@@ -341,7 +341,12 @@ class TrainConfig(_Section):
     run_name: str = "pretrain"
     """Name of the run; re-running with the same name continues from its last checkpoint."""
     storage_path: str = "ray_results"
-    """Where checkpoints go: a local folder (made absolute) or a URI Ray accepts (``gs://...``)."""
+    """Where checkpoints, Tune state and a lost tracking server's metrics go: a local folder
+    (made absolute) or an object-store URL (``s3://bucket/prefix``, ``gs://...``)."""
+    storage_options: dict[str, Any] = {}
+    """fsspec options that reach ``storage_path``, used by Ray and sdofm alike (an
+    S3-compatible endpoint: ``{client_kwargs: {endpoint_url: http://...}, key: ..,
+    secret: ..}``); empty: the cloud's default credentials."""
     epochs: int = Field(1, ge=1)
     """Passes over the train split (ignored once ``max_steps`` is reached)."""
     max_steps: int | None = Field(None, ge=1)
@@ -379,10 +384,13 @@ class TrainConfig(_Section):
     """Validate (loss per channel, reconstruction figure) every this many steps and at the end."""
     val_samples: int = Field(64, ge=1)
     """Validation samples (a fixed seeded subset of the val split)."""
-    max_failures: int = Field(0, ge=-1)
-    """Worker-group restarts from the last checkpoint after a failure (-1: unlimited)."""
+    max_failures: int = Field(3, ge=-1)
+    """Worker-group restarts from the newest complete checkpoint after a failure (a lost
+    node, a killed worker; -1: unlimited). 0: fail at once."""
     fail_at_step: int | None = Field(None, ge=1)
-    """Fault injection (tests, drills): rank 0 raises at this step, once per run."""
+    """Fault injection (tests, drills): rank 0 fails at this step, once per run."""
+    fail_how: Literal["raise", "kill"] = "raise"
+    """How ``fail_at_step`` fails: raise an error, or SIGKILL rank 0's process (a lost worker)."""
 
 
 class WorkersConfig(_Section):
@@ -453,6 +461,10 @@ class FinetuneConfig(_Section):
     """Samples per batch and worker."""
     max_train_samples: int | None = Field(None, ge=1)
     """Use a seeded subset of the train split of at most this many samples."""
+    materialize_max_gb: float = Field(2.0, ge=0)
+    """Keep the prepared splits in Ray's object store (read once, shared by every trial)
+    when together they take at most this many GB; else each run streams them from the
+    store with bounded memory."""
     run_name: str = "dimming"
     """Name of the run (checkpoints, MLflow)."""
     experiment: str = "sdofm-dimming"

@@ -38,12 +38,25 @@ def tracking_uri(configured: str | None = None) -> str:
     return uri
 
 
-def fallback_dir(storage: str, run_name: str) -> Path:
-    """Where a run keeps its metrics when MLflow cannot be reached: beside its checkpoints
-    for local storage, else under ``~/.sdofm/tracking``."""
-    if "://" in storage:
-        return Path.home() / ".sdofm" / "tracking" / run_name
-    return Path(storage) / run_name / "tracking"
+def fallback_dir(storage: str, run_name: str) -> str:
+    """Where a run keeps its metrics and figures while MLflow cannot be reached: beside its
+    checkpoints (a folder or URL that every node and ``sdofm mlflow sync`` can read)."""
+    return f"{storage.rstrip('/')}/{run_name}/tracking"
+
+
+BOUNDED_HTTP = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+"""MLflow's HTTP limits in a training worker, where the user set none: a dead server costs
+seconds per call (MLflow's defaults retry for minutes, also in the system-metrics thread)."""
+
+
+def bound_http_retries() -> None:
+    """Apply :data:`BOUNDED_HTTP` to this process (a worker's, not the user's driver)."""
+    for k, v in BOUNDED_HTTP.items():
+        os.environ.setdefault(k, v)
 
 
 @contextmanager
@@ -165,10 +178,10 @@ def start_run(
         return None
 
 
-def set_tags(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
-    """Tag a run from the driver (quietly does nothing when unreachable)."""
+def set_tags(uri: str, run_id: str | None, tags: dict[str, str]) -> bool:
+    """Tag a run from the driver (a warning when unreachable) -> whether it was tagged."""
     if run_id is None:
-        return
+        return False
     from mlflow import MlflowClient
 
     try:
@@ -176,8 +189,23 @@ def set_tags(uri: str, run_id: str | None, tags: dict[str, str]) -> None:
             client = MlflowClient(uri)
             for k, v in tags.items():
                 client.set_tag(run_id, k, v)
+        return True
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"could not tag MLflow run {run_id}: {e}", stacklevel=2)
+        return False
+
+
+def tag_run(
+    uri: str,
+    run_id: str | None,
+    tags: dict[str, str],
+    folder: str,
+    storage_options: dict | None = None,
+) -> None:
+    """Tag a run from the driver; when the server is unreachable the tags wait in the run's
+    tracking ``folder`` for ``sdofm mlflow sync``."""
+    if run_id is not None and not set_tags(uri, run_id, tags):
+        keep_for_sync(folder, uri, run_id, tags=tags, storage_options=storage_options)
 
 
 def log_text(uri: str, run_id: str | None, text: str, artifact_file: str) -> None:
@@ -240,47 +268,118 @@ def log_skipped(uri: str, run_id: str | None, report) -> None:
         warnings.warn(f"could not log skipped frames to MLflow run {run_id}: {e}", stacklevel=2)
 
 
-def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> None:
-    """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable)."""
+def end_run(uri: str, run_id: str | None, status: str = "FINISHED") -> bool:
+    """Mark the run FINISHED / FAILED / KILLED (a warning when the store is unreachable)
+    -> whether it was marked."""
     if run_id is None:
-        return
+        return False
     from mlflow import MlflowClient
 
     try:
         with _quick_http():
             MlflowClient(uri).set_terminated(run_id, status=status)
+        return True
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"could not mark MLflow run {run_id} {status}: {e}", stacklevel=2)
+        return False
+
+
+def keep_for_sync(
+    folder: str,
+    uri: str,
+    run_id: str,
+    status: str | None = None,
+    tags: dict[str, str] | None = None,
+    storage_options: dict | None = None,
+) -> None:
+    """Record in a run's tracking folder what the driver could not tell MLflow (the final
+    status, tags) for ``sdofm mlflow sync``."""
+    from sdofm.engine.checkpoint import open_storage
+
+    fs, root = open_storage(folder, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    run = {"tracking_uri": uri, "run_id": run_id}
+    if fs.exists(f"{root}/{LOCAL_RUN}"):
+        with fs.open(f"{root}/{LOCAL_RUN}") as f:
+            run.update(json.load(f))
+    if status:
+        run["status"] = status
+    with fs.open(f"{root}/{LOCAL_RUN}", "w") as f:
+        json.dump(run, f)
+    if tags:
+        kept = {}
+        if fs.exists(f"{root}/{LOCAL_TAGS}"):
+            with fs.open(f"{root}/{LOCAL_TAGS}") as f:
+                kept = json.load(f)
+        with fs.open(f"{root}/{LOCAL_TAGS}", "w") as f:
+            json.dump({**kept, **tags}, f)
+
+
+def kept_locally(folder: str, storage_options: dict | None = None) -> bool:
+    """Whether a run's rank 0 switched to local files (its folder holds ``run.json``)."""
+    from sdofm.engine.checkpoint import open_storage
+
+    fs, root = open_storage(folder, storage_options)
+    return fs.exists(f"{root}/{LOCAL_RUN}")
+
+
+LOCAL_METRICS = "metrics.jsonl"
+LOCAL_TAGS = "tags.json"
+LOCAL_RUN = "run.json"
+LOCAL_FIGURES = "figures"
 
 
 class Tracker:
     """Logging from one process (the rank-0 worker) into one MLflow run.
 
-    ``run_id`` None, or any failure of the store, switches to local files under
-    ``fallback_dir``; the switch is announced once.
+    ``run_id`` None, or any failure of the store, switches to files under ``fallback_dir``
+    (a folder or URL, reached with ``storage_options``): ``metrics.jsonl``, ``tags.json``,
+    ``figures/`` and ``run.json`` (which run they belong to), the input of
+    ``sdofm mlflow sync``. The switch is announced once, on the driver's console.
     """
 
-    def __init__(self, uri: str, run_id: str | None, fallback_dir: str | Path):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str | None,
+        fallback_dir: str | Path,
+        storage_options: dict | None = None,
+    ):
         self.uri, self.run_id = uri, run_id
-        self.fallback_dir = Path(fallback_dir)
+        self.fallback_dir = str(fallback_dir)
+        self.storage_options = storage_options or {}
         self._client = None
         self._monitor = None
+        self._local: list[dict] | None = None  # records kept locally (read back once)
         if run_id is not None:
             from mlflow import MlflowClient
 
+            bound_http_retries()
             self._client = MlflowClient(uri)
 
     @property
     def local(self) -> bool:
         return self._client is None
 
+    def _fs(self):
+        from sdofm.engine.checkpoint import open_storage
+
+        return open_storage(self.fallback_dir, self.storage_options)
+
     def _fail(self, what: str, e: Exception) -> None:
-        warnings.warn(
-            f"MLflow ({self.uri}) failed while logging {what} ({type(e).__name__}: {e}); "
-            f"from now on metrics are kept in {self.fallback_dir}",
-            stacklevel=3,
+        from sdofm.engine.progress import say
+
+        say(
+            f"warning: MLflow ({self.uri}) failed while logging {what} ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:160]}); from now on metrics and figures are kept in "
+            f"{self.fallback_dir}: `sdofm mlflow sync {self.fallback_dir}` sends them to the run "
+            "once the server is back"
         )
         self._client = None
+        self._write_json(LOCAL_RUN, {"tracking_uri": self.uri, "run_id": self.run_id})
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            monitor.finish()
 
     def _call(self, what: str, fn) -> bool:
         if self._client is None:
@@ -293,21 +392,57 @@ class Tracker:
             self._fail(what, e)
             return False
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
+    def _write_json(self, name: str, obj) -> None:
+        fs, root = self._fs()
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(f"{root}/{name}", "w") as f:
+            json.dump(obj, f)
 
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        if not self._call("metrics", lambda c: c.log_batch(self.run_id, metrics=items)):
-            self.fallback_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.fallback_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "time": now, **metrics}) + "\n")
+    def _keep_locally(self, records: list[dict]) -> None:
+        fs, root = self._fs()
+        if self._local is None:
+            self._local = read_local_metrics(self.fallback_dir, self.storage_options)
+        self._local.extend(records)
+        fs.makedirs(root, exist_ok=True)
+        with fs.open(f"{root}/{LOCAL_METRICS}", "w") as f:  # whole: object stores cannot append
+            f.write("".join(json.dumps(r) + "\n" for r in self._local))
+
+    def logged_steps(self) -> set[int]:
+        """Steps the run already holds (MLflow's ``step`` metric, or the local file)."""
+        if not self.local:
+            got: set[int] = set()
+            if self._call(
+                "metrics",
+                lambda c: got.update(m.step for m in c.get_metric_history(self.run_id, "step")),
+            ):
+                return got
+        return {r["step"] for r in read_local_metrics(self.fallback_dir, self.storage_options)}
+
+    def log_records(self, records: list[dict], missing: bool = False) -> None:
+        """``records``: ``{"step": s, "time": ms, metric: value, ...}``; ``missing``: only
+        the steps the run does not hold yet."""
+        if missing and records:
+            done = self.logged_steps()
+            records = [r for r in records if r["step"] not in done]
+        if not records:
+            return
+        if not self._call("metrics", lambda c: send_records(c, self.run_id, records)):
+            self._keep_locally(records)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        self.log_records([{"step": step, "time": int(time.time() * 1000), **metrics}])
 
     def log_figure(self, fig, artifact_file: str) -> None:
         if not self._call("a figure", lambda c: c.log_figure(self.run_id, fig, artifact_file)):
-            path = self.fallback_dir / "figures" / artifact_file
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(path, dpi=100)
+            import io
+
+            fs, root = self._fs()
+            path = f"{root}/{LOCAL_FIGURES}/{artifact_file}"
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            buf = io.BytesIO()
+            fig.savefig(buf, dpi=100, format=Path(artifact_file).suffix[1:] or "png")
+            with fs.open(path, "wb") as f:
+                f.write(buf.getvalue())
         import matplotlib.pyplot as plt
 
         plt.close(fig)
@@ -318,9 +453,12 @@ class Tracker:
                 c.set_tag(self.run_id, k, v)
 
         if not self._call("tags", send):
-            self.fallback_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.fallback_dir / "tags.jsonl", "a") as f:
-                f.write(json.dumps(tags) + "\n")
+            fs, root = self._fs()
+            kept = {}
+            if fs.exists(f"{root}/{LOCAL_TAGS}"):
+                with fs.open(f"{root}/{LOCAL_TAGS}") as f:
+                    kept = json.load(f)
+            self._write_json(LOCAL_TAGS, {**kept, **tags})
 
     def start_system_metrics(self) -> None:
         """CPU, memory (and GPU when present) sampled every 10 s into the run."""
@@ -340,6 +478,94 @@ class Tracker:
         if self._monitor is not None:
             self._monitor.finish()
             self._monitor = None
+
+
+def send_records(client, run_id: str, records: list[dict]) -> None:
+    """Log metric records (``{"step", "time", metric: value}``) in MLflow's batches of 1000."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    items = [
+        Metric(k, float(v), int(r.get("time", now)), int(r["step"]))
+        for r in records
+        for k, v in r.items()
+        if k != "time" and isinstance(v, int | float)
+    ]
+    for i in range(0, len(items), 1000):
+        client.log_batch(run_id, metrics=items[i : i + 1000])
+
+
+def read_local_metrics(folder: str, storage_options: dict | None = None) -> list[dict]:
+    """The records a run kept in ``folder`` while MLflow was unreachable."""
+    from sdofm.engine.checkpoint import open_storage
+
+    fs, root = open_storage(folder, storage_options)
+    try:
+        with fs.open(f"{root}/{LOCAL_METRICS}") as f:
+            return [json.loads(x) for x in f.read().decode().splitlines() if x]
+    except FileNotFoundError:
+        return []
+
+
+def sync(folder: str, storage_options: dict | None = None, uri: str | None = None) -> dict:
+    """Send what a run kept in ``folder`` (its ``tracking`` folder) while MLflow was
+    unreachable: the metrics of steps the run does not hold, the figures, the tags; then
+    close the run with the status it ended with. -> what was sent."""
+    from mlflow import MlflowClient
+
+    from sdofm.engine.checkpoint import open_storage
+
+    fs, root = open_storage(folder, storage_options)
+    try:
+        with fs.open(f"{root}/{LOCAL_RUN}") as f:
+            run = json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{folder} holds no {LOCAL_RUN}: not the tracking folder of a run that lost its "
+            "MLflow server (<storage>/<run name>/tracking)"
+        ) from None
+    uri = uri or run["tracking_uri"]
+    if not run.get("run_id"):
+        raise ValueError(
+            f"{folder}: the run never reached MLflow (no run id); nothing to merge into"
+        )
+    client = MlflowClient(uri)
+    run_id = run["run_id"]
+    done = {m.step for m in client.get_metric_history(run_id, "step")}
+    records = [r for r in read_local_metrics(folder, storage_options) if r["step"] not in done]
+    send_records(client, run_id, records)
+    figures = 0
+    fig_root = f"{root}/{LOCAL_FIGURES}"
+    if fs.exists(fig_root):
+        import tempfile
+
+        for path in fs.find(fig_root):
+            rel = path[len(fig_root) + 1 :]
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(tmp) / Path(rel).name
+                fs.get(path, str(local))
+                parent = str(Path(rel).parent)
+                client.log_artifact(run_id, str(local), None if parent == "." else parent)
+            figures += 1
+    tags = {}
+    if fs.exists(f"{root}/{LOCAL_TAGS}"):
+        with fs.open(f"{root}/{LOCAL_TAGS}") as f:
+            tags = json.load(f)
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+    status = run.get("status")
+    if status:
+        client.set_terminated(run_id, status=status)
+    client.set_tag(run_id, "sdofm.synced_from", folder)
+    fs.mv(f"{root}/{LOCAL_RUN}", f"{root}/{LOCAL_RUN}.synced")
+    return {
+        "run_id": run_id,
+        "tracking_uri": uri,
+        "metric_steps": len({r["step"] for r in records}),
+        "figures": figures,
+        "tags": len(tags),
+        "status": status,
+    }
 
 
 # --------------------------------------------------------------------------- figures
@@ -409,9 +635,26 @@ def samples_figure(samples: np.ndarray, channels: list[str], title: str = ""):
     return fig
 
 
+def model_code(dest: Path) -> Path:
+    """A copy of the sdofm package (sources only) under ``dest``, shipped with a logged model
+    so that it loads where sdofm is not installed (no registry serves ``sdofm``)."""
+    import shutil
+
+    import sdofm
+
+    target = dest / "sdofm"
+    shutil.copytree(
+        Path(sdofm.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc")
+    )
+    return target
+
+
 def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "encoder") -> str:
-    """Log a torch module -> model URI. The signature maps ``example`` through
-    ``model.forward_features`` when the model has one (encoders), else ``model``."""
+    """Log a torch module, with sdofm's code, -> model URI. The signature maps ``example``
+    through ``model.forward_features`` when the model has one (encoders), else ``model``."""
+    import tempfile
+
+    import cloudpickle
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -421,12 +664,22 @@ def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "en
         out = fn(torch.from_numpy(example)).numpy()
     # Pickle is chosen knowingly (see below); MLflow's warning about it is noise here.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with use_tracking_uri(uri), _quick_http(), mlflow.start_run(run_id=run_id):
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        use_tracking_uri(uri),
+        _quick_http(),
+        mlflow.start_run(run_id=run_id),
+    ):
         info = mlflow.pytorch.log_model(
             model,
             name=name,
             signature=infer_signature(example, out),
             serialization_format="pickle",  # the encoder's masking is not traceable by pt2
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "sdofm"],
+            code_paths=[str(model_code(Path(tmp)))],
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"cloudpickle=={cloudpickle.__version__}",
+                f"numpy=={np.__version__}",
+            ],
         )
     return info.model_uri

@@ -227,6 +227,30 @@ def test_k8s_rayjob_entrypoint(job):
     load_config(config, overrides)
 
 
+def test_k8s_sweep_fits_the_backbone_of_the_pretraining_job():
+    """The sweep's data gives the shipped pretraining job's backbone what it was trained on:
+    the same channels, image size and frames, from the same archive and cache; and streams
+    the real archive's splits rather than holding them in memory."""
+    from sdofm.config import load_config
+
+    jobs = {d["metadata"]["name"]: d for _, d in _k8s_docs() if d["kind"] == "RayJob"}
+    cfgs = {}
+    for name in ("sdofm-pretrain", "sdofm-tune-dimming"):
+        argv = shlex.split(jobs[name]["spec"]["entrypoint"])
+        cfgs[name] = load_config(REPO / argv[3].removeprefix(IMAGE_ROOT), argv[4:])
+    pre, tune = cfgs["sdofm-pretrain"], cfgs["sdofm-tune-dimming"]
+    assert tune.data.channels == pre.data.channels and len(pre.data.channels) == 9
+    assert tune.transform.size == pre.transform.size and tune.data.num_frames == pre.data.num_frames
+    assert tune.data.model_dump() == pre.data.model_dump()  # root, stores, split, cache
+    assert tune.transform.model_dump() == pre.transform.model_dump()
+    assert tune.tracking.experiment == pre.tracking.experiment  # where the backbone is found
+    assert tune.train.storage_path == pre.train.storage_path
+    assert tune.finetune.head != "baseline_cnn" and tune.finetune.backbone is None
+    # 20000 train samples of 9 x 512 x 512 float32 alone are ~190 GB: streamed, not held.
+    sample_gb = len(tune.data.channels) * tune.data.num_frames * 512 * 512 * 4 / 1e9
+    assert tune.finetune.max_train_samples * sample_gb > tune.finetune.materialize_max_gb
+
+
 def test_dockerfile_base_image_pins_ray():
     text = (CLUSTER / "Dockerfile").read_text()
     bases = re.findall(r"^FROM\s+(\S+)", text, re.M)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ def test_a_run_is_reopened_by_name_and_storage(tmp_path):
     assert MlflowClient(uri).get_run(first).info.status == "FINISHED"
 
 
-def test_tracker_logs_to_mlflow_and_falls_back_to_files_when_the_store_dies(tmp_path):
+def test_tracker_logs_to_mlflow_and_falls_back_to_files_when_the_store_dies(tmp_path, capfd):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     run_id = tracking.start_run(uri, "exp", "r", "/s", {})
     t = tracking.Tracker(uri, run_id, tmp_path / "local")
@@ -52,8 +53,11 @@ def test_tracker_logs_to_mlflow_and_falls_back_to_files_when_the_store_dies(tmp_
 
     (tmp_path / "mlflow.db").unlink()  # the store goes away mid-run
     (tmp_path / "mlflow.db").mkdir()  # ... and cannot come back as a file
-    with pytest.warns(UserWarning, match="from now on metrics are kept in"):
-        t.log_metrics({"loss": 1.0}, step=2)
+    t.log_metrics({"loss": 1.0}, step=2)
+    assert (
+        f"from now on metrics and figures are kept in {tmp_path / 'local'}"
+        in capfd.readouterr().out
+    )
     t.log_metrics({"loss": 0.5}, step=3)
     t.log_figure(tracking.reconstruction_figure(img, img, img, ["171A", "Bz"]), "f/two.png")
     lines = [json.loads(x) for x in (tmp_path / "local" / "metrics.jsonl").read_text().splitlines()]
@@ -64,3 +68,61 @@ def test_tracker_logs_to_mlflow_and_falls_back_to_files_when_the_store_dies(tmp_
 def test_unreachable_server_is_a_warning_not_an_error():
     with pytest.warns(UserWarning, match="cannot be reached"):
         assert tracking.start_run("http://127.0.0.1:9", "exp", "r", "/s", {}) is None
+
+
+LOAD_ELSEWHERE = """
+import sys
+# torch and mlflow, without site's .pth files: sdofm's editable install is not on the path
+sys.path.append(sys.argv[4])
+try:
+    import sdofm
+    raise SystemExit(f"sdofm is importable from {sdofm.__file__}")
+except ModuleNotFoundError:
+    pass
+import mlflow.pytorch, numpy as np, torch
+mlflow.set_tracking_uri(sys.argv[1])
+model = mlflow.pytorch.load_model(sys.argv[2])
+x = torch.from_numpy(np.load(sys.argv[3] + "/x.npy"))
+np.save(sys.argv[3] + "/y.npy", model.forward_features(x).detach().numpy())
+print(type(model).__module__, sys.modules["sdofm"].__file__)
+"""
+
+
+def test_a_logged_model_loads_in_a_python_without_sdofm(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import sysconfig
+
+    import torch
+
+    from sdofm.models import get_model
+
+    encoder = get_model("mae_debug").encoder().eval()
+    x = np.random.default_rng(0).normal(size=(1, 12, 1, 32, 32)).astype(np.float32)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, "exp", "r", "/s", {})
+    model_uri = tracking.log_model(uri, run_id, encoder, x)
+    np.save(tmp_path / "x.npy", x)
+    site = sysconfig.get_paths()["purelib"]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", LOAD_ELSEWHERE, uri, model_uri, str(tmp_path), site],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    module, code = out.stdout.split()[-2:]
+    assert module == "sdofm.models.mae" and "/code/sdofm/" in code  # the code shipped with it
+    with torch.no_grad():
+        expected = encoder.forward_features(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
+    import mlflow.artifacts
+
+    with tracking.use_tracking_uri(uri):
+        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    names = [line.split("==")[0] for line in (Path(local) / "requirements.txt").read_text().split()]
+    assert "torch" in names and "sdofm" not in names

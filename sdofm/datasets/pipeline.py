@@ -75,13 +75,27 @@ def _registry_class():
             self.seen = np.full(n_blocks, first_epoch, np.int64)
             self.skipped = SkipReport()
             self.fatal: SkippedFrame | None = None
+            self.pinned: int | None = None
 
         def next_epoch(self, block: int) -> int:
             self.seen[block] += 1
             return int(self.seen[block] - 1)
 
+        def set_epoch(self, epoch: int) -> None:
+            """The next pass is ``epoch``, whatever was read before (a train worker sets it
+            from its checkpoint: a killed attempt's read tasks may still be counting)."""
+            self.seen[:] = epoch
+            self.pinned = epoch
+
         def completed(self) -> int:
             return int(self.seen.min()) if len(self.seen) else 0
+
+        def pass_epoch(self) -> tuple[int, bool]:
+            """The epoch of the pass that starts now, and whether it was set (then every
+            block of the pass is read with it)."""
+            if self.pinned is not None:
+                return self.pinned, True
+            return self.completed(), False
 
         def record(self, items: list[SkippedFrame]) -> None:
             self.skipped.add(items)
@@ -133,10 +147,10 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
         def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
             import ray
 
-            e = (
-                epoch
+            e, fixed = (
+                (epoch, True)
                 if epoch is not None
-                else ray.get(ray.get_actor(spec.registry).completed.remote())
+                else ray.get(ray.get_actor(spec.registry).pass_epoch.remote())
             )
             order = (
                 np.random.default_rng([seed, e]).permutation(n_blocks)
@@ -147,7 +161,7 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
             parts = [p for p in np.array_split(order, min(4096, n_blocks)) if len(p)]
             return [
                 ReadTask(
-                    (lambda p=p: _read_blocks(spec, p, epoch)),
+                    (lambda p=p: _read_blocks(spec, p, e if fixed else None)),
                     BlockMetadata(
                         num_rows=int(sizes[p].sum()),
                         size_bytes=int(sizes[p].sum() * row_bytes),
@@ -187,6 +201,7 @@ class SDOMLPipeline:
         self.table = table if table is not None else load_or_build_index(data)[0]
         self.stats = stats
         self._registries: list[object] = []  # one registry actor per dataset made
+        self._latest: dict[str, object] = {}  # split -> the registry of its newest dataset
 
     def plan(self, split: str, subset: np.ndarray | None = None) -> SplitPlan:
         return plan_split(self.data, self.loader, self.table, split, subset)
@@ -231,9 +246,9 @@ class SDOMLPipeline:
         key = uuid.uuid4().hex[:12]
         name = f"sdofm-pipeline-{split}-{key}"
         # The handle keeps the registry alive as long as this pipeline object.
-        self._registries.append(
-            _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
-        )
+        registry = _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
+        self._registries.append(registry)
+        self._latest[split] = registry
         lc = self.loader
         spec = _ReadSpec(
             key, self.data, self.transform, lc, ray.put(plan), self.stats, registry=name
@@ -244,6 +259,10 @@ class SDOMLPipeline:
         # same seed and epoch give the same sample order.
         ds.context.execution_options.preserve_order = True
         return ds
+
+    def registry(self, split: str):
+        """The epoch bookkeeping actor of ``split``'s newest dataset (it has ``set_epoch``)."""
+        return self._latest[split]
 
     def _reports(self) -> list[tuple[SkipReport, SkippedFrame | None]]:
         import ray

@@ -8,12 +8,13 @@ loop, checkpoints, resume and rank-0 tracking are the same for all of them.
 from sdofm.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdofm.engine.loop import LoopConfig
 from sdofm.engine.objective import EvalContext, Evaluation, Objective, StepInfo
-from sdofm.engine.trainer import FitResult, fit, storage_path, tracked_run
+from sdofm.engine.trainer import FitResult, RunFailedError, fit, storage_path, tracked_run
 
 __all__ = [
     "EvalContext",
     "Evaluation",
     "FitResult",
+    "RunFailedError",
     "LoopConfig",
     "Objective",
     "StepInfo",

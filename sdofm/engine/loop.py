@@ -11,10 +11,9 @@ its controller takes one report per 2 s poll, so per-step reports would stall fa
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import time
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,7 +21,11 @@ from torch import nn
 from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
+    join,
+    latest_checkpoint,
     load_checkpoint,
+    open_storage,
+    read_metrics,
     save_checkpoint,
     unwrap,
 )
@@ -66,7 +69,10 @@ class LoopConfig:
     compile: bool = False
     torch_threads: int | None = None
     fail_at_step: int | None = None
-    """Fault injection: rank 0 raises once at this step."""
+    """Fault injection: rank 0 fails once per run at this step (a marker in the run's
+    storage folder records that it did)."""
+    fail_how: str = "raise"
+    """``raise`` an error, or ``kill`` rank 0's process with SIGKILL (a lost worker)."""
     figures: int = 1
     """Figures rank 0 draws at each evaluation."""
     label: str = ""
@@ -76,6 +82,15 @@ class LoopConfig:
     """The MLflow run (None: metrics go to ``fallback_dir``)."""
     fallback_dir: str = ""
     system_metrics: bool = False
+    run_name: str = ""
+    """The run's folder under ``storage`` (set by ``fit``)."""
+    storage: str = ""
+    """Where checkpoints go: a folder or fsspec URL (set by ``fit``)."""
+    storage_options: dict = field(default_factory=dict)
+    """fsspec options of ``storage`` (set by ``fit``)."""
+    epoch_registries: dict[str, Any] = field(default_factory=dict)
+    """split -> an actor with ``set_epoch(epoch)``: the data's epoch follows the checkpoint
+    a worker resumes from (the order of samples depends on it)."""
 
 
 class Worker:
@@ -99,11 +114,12 @@ class Worker:
             k: [p for g in o.param_groups for p in g["params"]] for k, o in self.optimizers.items()
         }
         self.state = TrainState()
-        checkpoint = ray.train.get_checkpoint()
-        self.resumed = checkpoint is not None
-        if self.resumed:
-            with checkpoint.as_directory() as d:
-                self.state = load_checkpoint(Path(d), model, self.optimizers)
+        # The newest complete checkpoint on storage, not ray.train.get_checkpoint(): Ray's
+        # record can lag one report behind what is committed (its controller polls).
+        latest = latest_checkpoint(lc.storage, lc.run_name, lc.storage_options)
+        self.resumed = latest is not None
+        if latest is not None:
+            self.state = load_checkpoint(latest.url, model, self.optimizers, lc.storage_options)
         self.model = ray.train.torch.prepare_model(model)
         if lc.compile:
             self.model = torch.compile(self.model)
@@ -113,12 +129,18 @@ class Worker:
         if self.rank == 0:
             from sdofm.tracking import Tracker
 
-            self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir)
+            self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir, lc.storage_options)
             if lc.system_metrics:
                 self.tracker.start_system_metrics()
-            if self.resumed:
+            if latest is not None:
                 say(f"resumed at step {self.state.step} (epoch {self.state.epoch})")
                 self.tracker.set_tags({"sdofm.resumed_at_step": str(self.state.step)})
+                # The interval the checkpoint covers may have missed MLflow (a failure
+                # between the commit and the flush): send what is not there yet.
+                self.tracker.log_records(read_metrics(latest.url, lc.storage_options), missing=True)
+        self.pending: dict[int, dict] = {}
+        """Metrics since the last checkpoint, by step: MLflow gets them once that checkpoint
+        is committed, so a resumed run logs every step once."""
         self.tokens_per_sample = objective.tokens_per_sample(self.core)
         self.finished = self.state.epoch >= lc.epochs or self._reached_max_steps()
         self.last_val = self.last_save = self.state.step
@@ -147,6 +169,11 @@ class Worker:
             it = shard.iter_batches(batch_format="numpy", **kwargs)
         else:
             it = shard.iter_torch_batches(**kwargs)
+        registry = lc.epoch_registries.get("train")
+        if registry is not None:
+            import ray
+
+            ray.get(registry.set_epoch.remote(self.state.epoch))
         skip = self.state.batch_in_epoch
         for i, batch in enumerate(it):
             if i >= skip:
@@ -157,6 +184,10 @@ class Worker:
         """Forward and backward of one micro-batch; an optimiser step after the last micro-batch
         of an accumulation (-> True)."""
         lc, state = self.lc, self.state
+        # The objective's draws (masks, noise) follow the step, so a resumed run repeats
+        # exactly what an uninterrupted one would have drawn.
+        micro = self.micro % lc.grad_accum
+        torch.manual_seed(((lc.seed * 1_000_003 + state.step) * 1024 + micro) * 4096 + self.rank)
         self.micro += 1
         last_micro = self.micro % lc.grad_accum == 0
         several = len(self.optimizers) > 1
@@ -193,10 +224,17 @@ class Worker:
         state.step += 1
         self.window_steps += 1
         if lc.fail_at_step == state.step and self.rank == 0:
-            marker = Path(lc.fallback_dir) / "injected_failure"
-            if not marker.exists():  # once per run, whichever attempt gets here first
-                marker.parent.mkdir(parents=True, exist_ok=True)
-                marker.touch()
+            fs, marker = open_storage(
+                join(lc.storage, lc.run_name, "injected_failure"), lc.storage_options
+            )
+            if not fs.exists(marker):  # once per run, whichever attempt gets here first
+                fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
+                fs.touch(marker)
+                if lc.fail_how == "kill":
+                    import os
+                    import signal
+
+                    os.kill(os.getpid(), signal.SIGKILL)
                 raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
         return True
 
@@ -270,9 +308,11 @@ def validate(w: Worker, final: bool) -> dict[str, float]:
 
 
 def report_and_checkpoint(w: Worker, log: bool, val: bool, save: bool, final: bool) -> None:
-    """Log to MLflow (rank 0); at validations and checkpoints report to Ray Train, with
-    rank 0's checkpoint when saving."""
+    """Metrics (rank 0 keeps them until the next checkpoint); at validations and checkpoints
+    a report to Ray Train. A checkpoint is committed by rank 0 on storage, then its interval's
+    metrics go to MLflow, then Ray Train is told where it is."""
     import ray.train
+    from ray.train import CheckpointUploadMode
 
     if not (log or val or save):
         return
@@ -281,23 +321,41 @@ def report_and_checkpoint(w: Worker, log: bool, val: bool, save: bool, final: bo
     if val:
         metrics.update(validate(w, final))
     if w.rank == 0:
-        w.tracker.log_metrics(metrics, step=state.step)
+        w.pending.setdefault(state.step, {"time": int(time.time() * 1000)}).update(metrics)
         say(_progress_line(w, metrics))
     w._reset_window()
     if not (val or save):
         return
-    metrics["mlflow_run_id"] = w.lc.run_id or ""  # a sweep finds a trial's run through it
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if save and w.rank == 0:
-            meta = {"run_id": w.lc.run_id, **w.objective.checkpoint_meta(w.core)}
-            save_checkpoint(Path(tmp), w.model, w.optimizers, state, meta)
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(
-            metrics,
-            checkpoint=checkpoint,
-            checkpoint_dir_name=checkpoint_name(state.step) if save else None,
+    checkpoint = None
+    if save and w.rank == 0:
+        lc, name = w.lc, checkpoint_name(state.step)
+        records = [{"step": s, **m} for s, m in sorted(w.pending.items())]
+        meta = {"run_id": lc.run_id, **w.objective.checkpoint_meta(w.core)}
+        save_checkpoint(
+            join(lc.storage, lc.run_name, name),
+            w.model,
+            w.optimizers,
+            state,
+            meta,
+            metrics=records,
+            storage_options=lc.storage_options,
         )
+        w.tracker.log_records(records)
+        w.pending = {}
+        ray_storage = ray.train.get_context().get_storage()
+        checkpoint = ray.train.Checkpoint(
+            path=f"{ray_storage.experiment_fs_path}/{name}",
+            filesystem=ray_storage.storage_filesystem,
+        )
+    report = {**metrics, "mlflow_run_id": w.lc.run_id or ""}  # a sweep finds a trial's run
+    if save:  # ... and the checkpoint of its best trial (Ray's path has lost the s3:// scheme)
+        report["checkpoint_url"] = join(w.lc.storage, w.lc.run_name, checkpoint_name(state.step))
+    ray.train.report(
+        report,
+        checkpoint=checkpoint,
+        checkpoint_dir_name=checkpoint_name(state.step) if save else None,
+        checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD,  # rank 0 wrote it above
+    )
     if save:
         w.last_save = state.step
 

@@ -3,12 +3,14 @@ pretraining, finetuning and every trial of a sweep."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdofm.engine import progress
+from sdofm.engine.checkpoint import Latest, latest_checkpoint, open_storage
 from sdofm.engine.loop import LoopConfig, train_loop_per_worker
 from sdofm.engine.objective import Objective
 
@@ -20,12 +22,83 @@ class FitResult:
     metrics: dict
     """The last metrics reported by rank 0."""
     checkpoint: str | None
-    """The last checkpoint: a folder, or a URI when the storage is remote."""
+    """The newest complete checkpoint: a folder, or a URL when the storage is remote."""
+
+
+class RunFailedError(RuntimeError):
+    """A run failed with no restarts left; the message says how to resume it."""
 
 
 def storage_path(path: str) -> str:
     """A storage path as Ray wants it: a URI, or an absolute local path."""
     return path if "://" in path else str(Path(path).expanduser().resolve())
+
+
+def ray_storage(storage: str, storage_options: dict | None):
+    """``storage`` -> (``storage_path``, ``storage_filesystem``) for Ray's ``RunConfig``.
+
+    With ``storage_options`` (an S3-compatible endpoint, keys) Ray writes through the same
+    fsspec filesystem as sdofm, and wants the path without its scheme."""
+    if "://" not in storage or not storage_options:
+        return storage, None
+    import pyarrow.fs
+
+    fs, root = open_storage(storage, storage_options)
+    return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def root_cause(error: BaseException | str) -> str:
+    """The last ``SomeError: message`` line of a (Ray-wrapped) error, without the wrappers'
+    names (``RunFailedError: RuntimeError: x`` -> ``RuntimeError: x``)."""
+    lines = str(error).splitlines()
+    pattern = r"\s*[A-Za-z_][\w.]*(Error|Exception)\b"
+    causes = [ln.strip() for ln in lines if re.match(pattern, ln)]
+    line = causes[-1] if causes else lines[0] if lines else repr(error)
+    while m := re.match(r"[\w.]+(?:Error|Exception): ([\w.]*(?:Error|Exception)\b.*)", line):
+        line = m.group(1)
+    return line[:200]
+
+
+def _restarts_callback(name: str, storage: str, storage_options: dict, max_failures: int):
+    import ray.train
+
+    class Restarts(ray.train.UserCallback):
+        """On Ray Train's controller: one console line per worker-group failure (which
+        workers, restart k of n, from which step)."""
+
+        def __init__(self):
+            self.failures = 0
+
+        def after_exception(self, run_context, worker_exceptions):
+            self.failures += 1
+            ranks = ", ".join(str(r) for r in sorted(worker_exceptions))
+            cause = root_cause(next(iter(worker_exceptions.values()))) if worker_exceptions else ""
+            latest = latest_checkpoint(storage, name, storage_options)
+            step = latest.step if latest else 0
+            n = "unlimited" if max_failures < 0 else str(max_failures)
+            if max_failures < 0 or self.failures <= max_failures:
+                progress.say(
+                    f"worker rank {ranks} failed ({cause}); restart {self.failures} of {n} "
+                    f"from step {step}"
+                )
+            else:
+                progress.say(f"worker rank {ranks} failed ({cause}); no restarts left ({n})")
+
+    return Restarts()
+
+
+def _how_to_resume(name: str, storage: str, latest: Latest | None, max_failures: int, e) -> str:
+    where = (
+        f"its newest complete checkpoint is step {latest.step} ({latest.url})"
+        if latest
+        else "it has no checkpoint yet, so it starts again from step 0"
+    )
+    return (
+        f"{root_cause(e)}\nrun {name!r} failed with no restarts left (train.max_failures="
+        f"{max_failures}); {where}. Resume it by running the same command again (the same "
+        f"train.run_name={name} and train.storage_path={storage}); a larger train.max_failures "
+        "lets it restart by itself."
+    )
 
 
 def resolve_use_gpu(use_gpu: bool | str) -> bool:
@@ -39,23 +112,42 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
 
 @contextmanager
 def tracked_run(
-    uri: str, experiment: str, name: str, storage: str, params: dict, tags: dict
+    uri: str,
+    experiment: str,
+    name: str,
+    storage: str,
+    params: dict,
+    tags: dict,
+    storage_options: dict | None = None,
 ) -> Iterator[str | None]:
     """The MLflow run of ``name`` (reopened when it exists), marked FINISHED when the block
     ends and FAILED (KILLED on Ctrl-C) when it raises. Yields the run id (None when the
-    tracking store cannot be reached: the workers then keep metrics locally)."""
+    tracking store cannot be reached: the workers then keep metrics locally).
+
+    When the server was lost during the run, its end is kept with the metrics in the
+    run's tracking folder, and the console says how to merge them once it is back."""
     from sdofm import tracking
 
     run_id = tracking.start_run(uri, experiment, name, storage, params, tags)
+    status = "FINISHED"
     try:
         yield run_id
     except KeyboardInterrupt:
-        tracking.end_run(uri, run_id, "KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        tracking.end_run(uri, run_id, "FAILED")
+        status = "FAILED"
         raise
-    tracking.end_run(uri, run_id, "FINISHED")
+    finally:
+        ended = tracking.end_run(uri, run_id, status)
+        folder = tracking.fallback_dir(storage, name)
+        if run_id is not None and (not ended or tracking.kept_locally(folder, storage_options)):
+            tracking.keep_for_sync(folder, uri, run_id, status, storage_options=storage_options)
+            progress.say(
+                f"MLflow ({uri}) was lost during the run: its metrics, figures and end "
+                f"({status}) are kept in {folder}; once the server is back: "
+                f"sdofm mlflow sync {folder}"
+            )
 
 
 def fit(
@@ -68,12 +160,25 @@ def fit(
     max_failures: int = 0,
     keep_checkpoints: int = 2,
     callbacks: list | None = None,
+    storage_options: dict | None = None,
 ) -> FitResult:
     """Train ``objective`` with Ray Train: ``scaling`` (the ``scaling`` config section) sets the
-    workers; a run of the same ``name`` under ``storage`` continues from its last checkpoint."""
+    workers; a run of the same ``name`` under ``storage`` (a folder or fsspec URL, reached
+    with ``storage_options``) continues from its newest complete checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from sdofm.tracking import fallback_dir
+
+    options = dict(storage_options or {})
+    loop = replace(
+        loop,
+        run_name=name,
+        storage=storage,
+        storage_options=options,
+        fallback_dir=loop.fallback_dir or fallback_dir(storage, name),
+    )
+    ray_path, ray_fs = ray_storage(storage, options)
     use_gpu = resolve_use_gpu(scaling.use_gpu)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -89,20 +194,25 @@ def fit(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints),
             # Ray Train's own per-report INFO lines would bury the loop's progress lines.
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-            callbacks=callbacks or [],
+            callbacks=[
+                _restarts_callback(name, storage, options, max_failures),
+                *(callbacks or []),
+            ],
         ),
         datasets=datasets,
     )
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        latest = latest_checkpoint(storage, name, options)
+        raise RunFailedError(_how_to_resume(name, storage, latest, max_failures, e)) from e
     finally:
         progress.flush()  # the workers' last lines before the caller's summary
-    checkpoint = result.checkpoint.path if result.checkpoint else None
-    if checkpoint and "://" in storage and "://" not in checkpoint:
-        checkpoint = f"{storage.split('://')[0]}://{checkpoint}"  # Ray drops the scheme
-    return FitResult(dict(result.metrics or {}), checkpoint)
+    latest = latest_checkpoint(storage, name, options)
+    return FitResult(dict(result.metrics or {}), latest.url if latest else None)

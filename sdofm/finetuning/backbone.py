@@ -60,10 +60,12 @@ class Backbone:
             )
 
 
-def _from_checkpoint(path: str, source: str, run_id: str | None = None) -> Backbone:
+def _from_checkpoint(
+    path: str, source: str, run_id: str | None = None, storage_options: dict | None = None
+) -> Backbone:
     import fsspec
 
-    fs, root = fsspec.core.url_to_fs(path)
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
     try:
         with fs.open(f"{root}/{STATE_FILE}") as f:
             state = json.load(f)
@@ -86,9 +88,12 @@ def _from_checkpoint(path: str, source: str, run_id: str | None = None) -> Backb
     )
 
 
-def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Backbone:
+def resolve_backbone(
+    spec: str | None, tracking_uri: str, experiment: str, storage_options: dict | None = None
+) -> Backbone:
     """A backbone from a checkpoint folder, a ``models:/`` URI, an MLflow run id, or (None)
-    the newest finished pretraining run of ``experiment``."""
+    the newest finished pretraining run of ``experiment``. ``storage_options``: fsspec
+    options of a checkpoint URL (``train.storage_options``, where pretraining wrote it)."""
     from mlflow import MlflowClient
 
     from sdofm.tracking import CHECKPOINT_TAG, use_tracking_uri
@@ -104,7 +109,7 @@ def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Ba
             raise ConfigError(f"{spec} is a {type(enc).__name__}, not an encoder ({known})")
         return Backbone(enc.encoder_config, enc.state_dict(), spec, family=family)
     if spec and ("/" in spec or Path(spec).exists()):
-        return _from_checkpoint(spec, spec)
+        return _from_checkpoint(spec, spec, storage_options=storage_options)
     client = MlflowClient(tracking_uri)
     if spec:
         try:
@@ -135,4 +140,6 @@ def resolve_backbone(spec: str | None, tracking_uri: str, experiment: str) -> Ba
     ckpt = run.data.tags.get(CHECKPOINT_TAG)
     if not ckpt:
         raise ConfigError(f"MLflow run {run.info.run_id} records no checkpoint ({CHECKPOINT_TAG})")
-    return _from_checkpoint(ckpt, f"run {run.info.run_id} ({ckpt})", run.info.run_id)
+    return _from_checkpoint(
+        ckpt, f"run {run.info.run_id} ({ckpt})", run.info.run_id, storage_options
+    )

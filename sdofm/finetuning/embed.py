@@ -161,7 +161,9 @@ def embed(
     pipe = SDOMLPipeline(d, cfg.transform, loader, table, stats)
     shape = pipe.sample_shape()
     uri = tracking.tracking_uri(cfg.tracking.uri)
-    backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment)
+    backbone = resolve_backbone(
+        cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
+    )
     backbone.check(cfg, shape)
 
     fs, root = fsspec.core.url_to_fs(out, **(d.storage_options if "://" in out else {}))

@@ -7,14 +7,14 @@ Shared by ``sdofm finetune TASK``, ``ray_jobs/finetune.py`` and every trial of a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
-from sdofm.engine.checkpoint import MODEL_FILE
+from sdofm.engine.checkpoint import MODEL_FILE, open_storage
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
 
@@ -30,12 +30,18 @@ class Prepared:
     stats: dict | None
     backbone: Backbone | None
     datasets: dict
-    """split -> a materialised Ray Dataset, in the task's transform."""
+    """split -> a Ray Dataset in the task's transform (materialised when small)."""
     counts: dict[str, int]
     """split -> samples delivered (those with an unusable frame are skipped)."""
     tracking_uri: str
     skipped: SkipReport | None = None
-    """The unusable frames the readers skipped, each once, and the samples they cost."""
+    """The unusable frames the readers skipped, each once, and the samples they cost
+    (None while the splits stream: then each run reports its own)."""
+    pipeline: Any = field(default=None, repr=False, compare=False)
+    """The driver's pipeline while the datasets stream (its registry actors must live)."""
+
+    def __getstate__(self):
+        return {**self.__dict__, "pipeline": None}  # trials hold the datasets, not the pipeline
 
 
 @dataclass
@@ -48,8 +54,9 @@ class FinetuneResult:
 
 
 def prepare(cfg: Config, task: Task) -> Prepared:
-    """Index, statistics, backbone and the three splits in the task's transform, materialised
-    once (small finetuning sets; the trials of a sweep share them through the object store)."""
+    """Index, statistics, backbone and the three splits in the task's transform; materialised
+    once when they fit ``finetune.materialize_max_gb`` (the trials of a sweep then share them
+    through the object store), else streamed by every run."""
     from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.pipeline import SDOMLPipeline
     from sdofm.datasets.stats import load_or_compute_stats
@@ -67,9 +74,12 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     uri = tracking_uri(cfg.tracking.uri)
     backbone = None
     if cfg.finetune.head != "baseline_cnn":
-        backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment)
+        backbone = resolve_backbone(
+            cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
+        )
         backbone.check(cfg, shape)
     datasets, counts = {}, {}
+    subsets = {}
     for split in ("train", "val", "test"):
         n = pipe.num_samples(split)
         if n == 0:
@@ -79,9 +89,26 @@ def prepare(cfg: Config, task: Task) -> Prepared:
         if split == "train" and limit and limit < n:
             subset = np.sort(np.random.default_rng(cfg.finetune.dim_seed).permutation(n)[:limit])
             n = limit
-        with pipe.frame_errors():
-            datasets[split] = pipe.dataset(split, epoch=0, subset=subset).materialize()
-        counts[split] = datasets[split].count()  # n, less the samples skipped
+        subsets[split] = subset
+        counts[split] = n
+    # float32 samples as the task's transform hands them over
+    gb = sum(counts.values()) * int(np.prod(shape)) * 4 / 1e9
+    materialize = gb <= cfg.finetune.materialize_max_gb
+    for split in ("train", "val", "test"):
+        ds = pipe.dataset(split, epoch=0, subset=subsets[split])
+        if materialize:
+            with pipe.frame_errors():
+                ds = ds.materialize()
+            counts[split] = ds.count()  # n, less the samples skipped
+        datasets[split] = ds
+    if not materialize:
+        from sdofm.engine.progress import say
+
+        say(
+            f"the splits take {gb:.1f} GB (> finetune.materialize_max_gb "
+            f"{cfg.finetune.materialize_max_gb:g}): every run streams them from {d.root}"
+        )
+        return Prepared(shape, stats, backbone, datasets, counts, uri, None, pipe)
     return Prepared(shape, stats, backbone, datasets, counts, uri, pipe.skipped())
 
 
@@ -97,8 +124,6 @@ def train_head(
 ):
     """One Ray Train run of the task's head on the prepared splits: validated and
     checkpointed every epoch, scored on the test split at the end."""
-    from sdofm.tracking import fallback_dir
-
     fc, sc = cfg.finetune, cfg.scaling
     per_epoch = -(-(prepared.counts["train"] // sc.num_workers) // fc.batch_size)
     loop = LoopConfig(
@@ -119,7 +144,6 @@ def train_head(
         torch_threads=sc.torch_threads,
         tracking_uri=prepared.tracking_uri,
         run_id=run_id,
-        fallback_dir=str(fallback_dir(storage, name)),
         label=label,
     )
     objective = task.objective(cfg, prepared)
@@ -133,6 +157,7 @@ def train_head(
         max_failures=cfg.train.max_failures,
         keep_checkpoints=1,
         callbacks=callbacks,
+        storage_options=cfg.train.storage_options,
     )
 
 
@@ -149,12 +174,12 @@ def run_params(cfg: Config, prepared: Prepared) -> dict:
 
 
 def load_head(cfg: Config, task: Task, prepared: Prepared, checkpoint: str) -> nn.Module:
-    """The trained head of a finished run's checkpoint (a folder or URI)."""
-    import fsspec
+    """The trained head of a finished run's checkpoint (a folder or URL on the storage)."""
     import torch
 
     model = task.build_head(cfg, prepared.sample_shape, prepared.backbone)
-    with fsspec.open(f"{checkpoint}/{MODEL_FILE}", "rb") as f:
+    fs, path = open_storage(f"{checkpoint}/{MODEL_FILE}", cfg.train.storage_options)
+    with fs.open(path, "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu"))
     return model.eval()
 
@@ -175,7 +200,8 @@ def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     }
     uri, name = prepared.tracking_uri, cfg.finetune.run_name
     params = run_params(cfg, prepared)
-    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags) as run_id:
+    options = cfg.train.storage_options
+    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags, options) as run_id:
         fitted = train_head(cfg, task, prepared, run_id, name, storage)
         result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
         result.skipped = prepared.skipped

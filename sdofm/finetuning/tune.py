@@ -9,7 +9,6 @@ shared by every trial through the object store.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import ray.tune
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.engine import storage_path
 from sdofm.engine.progress import say
+from sdofm.engine.trainer import ray_storage, root_cause
 from sdofm.finetuning.run import Prepared, load_head, prepare, run_params, train_head
 from sdofm.finetuning.tasks import get_task
 
@@ -176,7 +176,9 @@ def sweep(
         )
     storage = storage_path(cfg.train.storage_path)
     path = f"{storage.rstrip('/')}/{tc.name}"
-    if resume and not ray.tune.Tuner.can_restore(path):
+    ray_path, ray_fs = ray_storage(storage, cfg.train.storage_options)
+    ray_sweep = f"{ray_path.rstrip('/')}/{tc.name}"
+    if resume and not ray.tune.Tuner.can_restore(ray_sweep, storage_filesystem=ray_fs):
         raise ConfigError(
             f"--resume: no sweep {tc.name!r} under {storage} (tune.name, train.storage_path)"
         )
@@ -205,7 +207,13 @@ def sweep(
     )
     if resume:
         say(f"resuming sweep {tc.name!r} from {path}: finished trials are kept")
-        tuner = ray.tune.Tuner.restore(path, trainable, resume_errored=False, restart_errored=False)
+        tuner = ray.tune.Tuner.restore(
+            ray_sweep,
+            trainable,
+            resume_errored=False,
+            restart_errored=False,
+            storage_filesystem=ray_fs,
+        )
     else:
         if tc.search == "optuna":
             from ray.tune.search.optuna import OptunaSearch
@@ -243,7 +251,8 @@ def sweep(
             ),
             run_config=ray.tune.RunConfig(
                 name=tc.name,
-                storage_path=storage,
+                storage_path=ray_path,
+                storage_filesystem=ray_fs,
                 failure_config=ray.tune.FailureConfig(max_failures=0),
                 callbacks=[TrialEnds(uri, cfg.finetune.experiment, tc.name, storage, path)],
                 verbose=0,  # the trials' progress lines and the final table say it all
@@ -294,13 +303,6 @@ def _trial_id(path: str | None) -> str:
     return "_".join(parts[2:4]) if len(parts) >= 4 else "?"
 
 
-def root_cause(error: BaseException) -> str:
-    """The last ``SomeError: message`` line of a (Ray-wrapped) trial error."""
-    lines = str(error).splitlines()
-    causes = [ln for ln in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", ln)]
-    return (causes[-1] if causes else lines[0] if lines else repr(error))[:200]
-
-
 def trial_table(
     grid, metric: str, keys: list[str], scores: list[str], unended: set[str] = frozenset()
 ) -> list[dict]:
@@ -319,7 +321,7 @@ def trial_table(
             status = "finished"
         else:
             status = "stopped early"  # ASHA ended it before its last epoch
-        ckpt = m.get("checkpoint_path")
+        ckpt = m.get("checkpoint_url")  # with its scheme, unlike Tune's checkpoint_path
         rows.append(
             {
                 "trial": trial,

@@ -14,7 +14,7 @@ import numpy as np
 
 from sdofm.config import Config, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
-from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint_state
+from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint, open_storage
 from sdofm.engine.progress import say
 from sdofm.pretraining.objective import make_objective
 
@@ -107,11 +107,13 @@ def pretrain(cfg: Config) -> PretrainResult:
     items = [f"{k[len('derived.') :]} {v}" for k, v in derived.items()]
     say(" | ".join(items[:5]))
     say(" | ".join(items[5:]))
-    resume = latest_checkpoint_state(storage, tc.run_name)
+    options = tc.storage_options
+    resume = latest_checkpoint(storage, tc.run_name, options)
     if resume:
-        say(f"continuing run {tc.run_name!r} from step {resume['step']}")
+        say(f"continuing run {tc.run_name!r} from step {resume.step} ({resume.url})")
 
-    datasets = {"train": pipe.dataset("train", first_epoch=resume["epoch"] if resume else 0)}
+    # The workers set the data's epoch from the checkpoint they resume from.
+    datasets = {"train": pipe.dataset("train")}
     if n_val:
         subset = np.sort(
             np.random.default_rng(tc.seed).permutation(n_val)[: min(n_val, tc.val_samples)]
@@ -120,7 +122,9 @@ def pretrain(cfg: Config) -> PretrainResult:
     uri = tracking.tracking_uri(cfg.tracking.uri)
     params = {**tracking.flatten(dump_config(cfg)), **derived}
     tags = {"sdofm.task": "pretrain", "sdofm.model": cfg.model.name}
-    with tracked_run(uri, cfg.tracking.experiment, tc.run_name, storage, params, tags) as run_id:
+    with tracked_run(
+        uri, cfg.tracking.experiment, tc.run_name, storage, params, tags, options
+    ) as run_id:
         loop = LoopConfig(
             epochs=tc.epochs,
             schedule_steps=total,
@@ -142,11 +146,12 @@ def pretrain(cfg: Config) -> PretrainResult:
             compile=tc.compile,
             torch_threads=sc.torch_threads,
             fail_at_step=tc.fail_at_step,
+            fail_how=tc.fail_how,
             figures=cfg.tracking.figures,
             tracking_uri=uri,
             run_id=run_id,
-            fallback_dir=str(tracking.fallback_dir(storage, tc.run_name)),
             system_metrics=cfg.tracking.system_metrics,
+            epoch_registries={"train": pipe.registry("train")},
         )
         with pipe.frame_errors():
             result = fit(
@@ -158,6 +163,7 @@ def pretrain(cfg: Config) -> PretrainResult:
                 sc,
                 max_failures=tc.max_failures,
                 keep_checkpoints=tc.keep_checkpoints,
+                storage_options=options,
             )
         skipped = pipe.skipped()
         tracking.log_skipped(uri, run_id, skipped)
@@ -165,9 +171,8 @@ def pretrain(cfg: Config) -> PretrainResult:
             raise RuntimeError(f"run {tc.run_name!r} finished without a checkpoint")
         model_uri = None
         if run_id is not None and cfg.tracking.log_model:
-            import fsspec
-
-            with fsspec.open(f"{result.checkpoint}/{MODEL_FILE}", "rb") as f:
+            fs, path = open_storage(f"{result.checkpoint}/{MODEL_FILE}", options)
+            with fs.open(path, "rb") as f:
                 model.load_state_dict(torch.load(f, map_location="cpu"))
             example = np.zeros((1, *shape), np.float32)
             try:
@@ -175,8 +180,12 @@ def pretrain(cfg: Config) -> PretrainResult:
             except Exception as e:  # noqa: BLE001 - the checkpoint holds the weights anyway
                 say(f"warning: could not log the encoder to MLflow: {e}")
         # Finetuning finds the backbone of a run through these tags.
-        tracking.set_tags(
-            uri, run_id, {CHECKPOINT_TAG: result.checkpoint, MODEL_URI_TAG: model_uri or ""}
+        tracking.tag_run(
+            uri,
+            run_id,
+            {CHECKPOINT_TAG: result.checkpoint, MODEL_URI_TAG: model_uri or ""},
+            tracking.fallback_dir(storage, tc.run_name),
+            options,
         )
     return PretrainResult(
         run_name=tc.run_name,

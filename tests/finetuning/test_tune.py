@@ -184,6 +184,7 @@ def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(synth_root, tm
         *_overrides(synth_root, tmp_path),
         "finetune.epochs=1",
         "finetune.freeze=frozen",
+        "train.max_failures=0",  # a deterministic failure: no restarts of its Ray Train run
         # lr 1e38 overflows AdamW's first step: that trial fails
         "tune.space={lr: {choice: [1e38, 1e-3]}}",
     ]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray.train
 from mlflow import MlflowClient
 
+from sdofm.engine import RunFailedError
 from sdofm.pretraining import pretrain
 from tests.conftest import small_config
 
@@ -95,10 +95,19 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
 ):
     base = ["train.log_every=2", "train.checkpoint_every=4", "train.val_every=100"]
     crashing = _cfg(
-        synth_root, cache_dir, tmp_path, *base, "train.max_steps=10", "train.fail_at_step=6"
+        synth_root,
+        cache_dir,
+        tmp_path,
+        *base,
+        "train.max_steps=10",
+        "train.fail_at_step=6",
+        "train.max_failures=0",
     )
-    with pytest.raises(ray.train.TrainingFailedError, match="injected failure at step 6"):
+    with pytest.raises(RunFailedError, match="injected failure at step 6") as failed:
         pretrain(crashing)
+    # The error says where the run stands and how to continue it.
+    assert "newest complete checkpoint is step 4" in str(failed.value)
+    assert "running the same command again" in str(failed.value)
     run_dir = tmp_path / "runs" / crashing.train.run_name
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000004"]
 
@@ -132,7 +141,7 @@ def test_injected_worker_crash_is_survived_with_max_failures(synth_root, cache_d
     )
     result = pretrain(cfg)
     assert result.metrics["step"] == 8
-    assert (tmp_path / "runs" / "pretrain" / "tracking" / "injected_failure").exists()
+    assert (tmp_path / "runs" / "pretrain" / "injected_failure").exists()
     run = MlflowClient(result.tracking_uri).get_run(result.run_id)
     assert run.data.tags["sdofm.resumed_at_step"] == "3"
     assert run.info.status == "FINISHED"
