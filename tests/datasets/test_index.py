@@ -1,5 +1,6 @@
 import datetime as dt
 import json
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -235,4 +236,4 @@ def test_index_write_is_atomic(synth_root, tmp_path, monkeypatch):
         load_or_build_index(cfg, rebuild=True)
     assert open(report.path, "rb").read() == good
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [report.path.split("/")[-1]]
-    assert index_mod.index_path(cfg).exists()
+    assert Path(index_mod.index_path(cfg)).exists()
