@@ -11,7 +11,8 @@
 #
 # Network: a bridge sdofm-br0 with 10.213.7.1/29 on this machine, and one network
 # namespace per node joined to it by a veth pair: sdofm-head (10.213.7.2) and
-# sdofm-worker (10.213.7.3). Services, all reached over that link:
+# sdofm-worker (10.213.7.3), each with a hosts file naming both (/etc/netns/NS/hosts,
+# the cluster's DNS) and a default route via the bridge. Services, all reached over that link:
 #   S3       moto_server on 10.213.7.1:9000 (outside the cluster, as a cloud bucket is),
 #            bucket NAME (default sdofm)
 #   MLflow   `sdofm mlflow` on the head, 10.213.7.2:5000: runs in a SQLite database on
@@ -204,10 +205,10 @@ ray_node() {  # ray_node NODE: start (or restart) the Ray node of NODE
     pid=$(node_run "$node" "$dir/$node.log" env -i $(node_env) "$RAY_BIN" start "${args[@]}")
     echo "$pid" >"$dir/$node.pid"
     if [[ $node == head ]]; then
-        wait_for "the Ray head" "$pid" 120 "$dir/head.log" \
+        wait_for "the Ray head" "$pid" 240 "$dir/head.log" \
             http_ok "http://$HEAD_IP:$DASHBOARD_PORT/api/jobs/" "$dir/auth_token"
     else
-        wait_for "the Ray worker node" "$pid" 120 "$dir/worker.log" worker_alive
+        wait_for "the Ray worker node" "$pid" 240 "$dir/worker.log" worker_alive
     fi
 }
 
@@ -232,6 +233,16 @@ up() {
         ip -n "$ns" addr add "${NODE_IP[$node]}/29" dev eth0
         ip -n "$ns" link set lo up
         ip -n "$ns" link set eth0 up
+        # A default route (nowhere beyond the bridge) lets Ray find the node's address the
+        # way it does on a cloud VM; the hosts file (ip netns exec mounts it on /etc/hosts)
+        # is the cluster's DNS: gloo and NCCL bind the address the hostname resolves to,
+        # and fall back to 127.0.0.1, which the other node cannot reach, when it does not.
+        ip -n "$ns" route add default via "$HOST_IP"
+        mkdir -p "/etc/netns/$ns"
+        {
+            echo "127.0.0.1 localhost"
+            for n in "${NODES[@]}"; do echo "${NODE_IP[$n]} sdofm-$n"; done
+        } >"/etc/netns/$ns/hosts"
         mkdir -p "$dir/$node/disk$HOME"
     done
 
@@ -262,9 +273,9 @@ PY
     pid=$(node_run head "$dir/mlflow.log" env -i $(node_env) PYTHONPATH="$HOME/image" \
         "$python" -m sdofm.cli mlflow --host "$HEAD_IP" --port $MLFLOW_PORT \
         --backend-store-uri "sqlite:///$HOME/mlflow/mlflow.db" \
-        --artifacts-destination "s3://$bucket/mlflow-artifacts")
+        --artifacts-destination "s3://$bucket/mlflow-artifacts" --workers 1)
     echo "$pid" >"$dir/mlflow.pid"
-    wait_for "the MLflow server" "$pid" 120 "$dir/mlflow.log" \
+    wait_for "the MLflow server" "$pid" 240 "$dir/mlflow.log" \
         http_ok "http://$HEAD_IP:$MLFLOW_PORT/health"
 
     ray_node head
@@ -336,6 +347,7 @@ down() {
             echo "removed netns sdofm-$node"
         fi
         ip link del "sdofm-${node:0:1}0" 2>/dev/null || true
+        rm -rf "/etc/netns/sdofm-$node"
         rm -rf "${dir:?}/$node"
     done
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
