@@ -85,8 +85,13 @@ class NetnsCluster:
             pytest.fail(f"job {sid} did not end in {timeout} s:\n{self.logs(sid)[-4000:]}")
         return sid
 
+    def job(self, sid: str) -> dict:
+        """The state API's record of submission ``sid`` (status, Ray job id, ...)."""
+        jobs = json.loads(self.run(RAY, "list", "jobs", "--detail", "--format", "json").stdout)
+        return next(j for j in jobs if j.get("submission_id") == sid)
+
     def status(self, sid: str) -> str:
-        return self.run(RAY, "job", "status", sid).stdout.strip().split()[-1].rstrip(".")
+        return self.job(sid)["status"]
 
     def logs(self, sid: str) -> str:
         return self.run(RAY, "job", "logs", sid, check=False).stdout
@@ -94,7 +99,7 @@ class NetnsCluster:
     def succeeded(self, sid: str) -> str:
         """The job's logs, after asserting it succeeded."""
         logs = self.logs(sid)
-        assert "SUCCEEDED" in self.run(RAY, "job", "status", sid).stdout, logs[-5000:]
+        assert self.status(sid) == "SUCCEEDED", logs[-5000:]
         return logs
 
     def pid(self, name: str) -> int:
@@ -213,8 +218,7 @@ def test_netns_pretrain_tracked_on_the_server_and_resumed_from_s3(netns_cluster)
     assert fs.exists(ckpt.removeprefix("s3://") + "/state.json")
 
     # One train worker on each node.
-    job_id = json.loads(c.run(RAY, "list", "jobs", "--detail", "--format", "json").stdout)
-    job_id = next(j["job_id"] for j in job_id if j.get("submission_id") == sid)
+    job_id = c.job(sid)["job_id"]
     actors = json.loads(
         c.run(RAY, "list", "actors", "--detail", "--format", "json", "--limit", "10000",
               "--filter", "class_name=RayTrainWorker").stdout
@@ -246,3 +250,115 @@ def test_netns_pretrain_tracked_on_the_server_and_resumed_from_s3(netns_cluster)
     steps = [m.step for m in loss]
     assert steps == sorted(set(steps)) and steps[-1] == 15, steps
     assert [m.step for m in client.get_metric_history(run_id, "val/loss_171A")] == [10, 15]
+
+
+def _wait(what: str, check, timeout: float, every: float = 3.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"{what}: not within {timeout:.0f} s")
+
+
+def _runs(client, experiment: str, filter_string: str) -> list:
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], filter_string) if exp else []
+
+
+SWEEP = [
+    "python", "ray_jobs/tune.py", "--config", "configs/tune/dimming.yaml", *_data(),
+    f"train.storage_path={RESULTS}", "transform.size=32", "tune.name=netns-sweep",
+    "finetune.epochs=2", "tune.grace_period=2", "tune.space={lr: {loguniform: [3.0e-4, 2.0e-3]}}",
+    # A trial (0.25 CPU + a 1-CPU train worker) per node of 2 logical CPUs at a time.
+    "tune.trial_cpus=0.25", "scaling.cpus_per_worker=1", "--num-samples", "3",
+    "--max-concurrent", "2",
+]  # fmt: skip
+
+
+def test_netns_sweep_on_both_nodes_resumes_after_its_driver_is_killed(netns_cluster):
+    """A dimming sweep on the pretrained backbone: trials on both nodes; its driver is
+    killed once a trial has finished; ``--resume`` finishes the sweep keeping that trial."""
+    c = netns_cluster
+    client = c.mlflow()
+    pre = _runs(client, "sdofm-pretrain", "attributes.run_name = 'netns-pretrain'")
+    if not pre:
+        pytest.skip(
+            "needs the run of test_netns_pretrain_tracked_on_the_server_and_resumed_from_s3"
+        )
+    sweep = [*SWEEP, "--backbone", pre[0].info.run_id]
+
+    sid = c.submit(sweep, wait=False)
+
+    def finished_children():
+        if c.status(sid) in ("SUCCEEDED", "FAILED", "STOPPED"):
+            pytest.fail(f"the sweep ended before it could be interrupted:\n{c.logs(sid)[-4000:]}")
+        return [
+            r
+            for r in _runs(client, "sdofm-dimming", "tags.`sdofm.task` = 'tune-dimming-trial'")
+            if r.info.status == "FINISHED"
+        ]
+
+    done = _wait("a finished trial", finished_children, timeout=900)
+    c.run(RAY, "job", "stop", sid)  # SIGTERM, then SIGKILL, to the sweep's driver
+    _wait("the driver stopped", lambda: c.status(sid) in ("STOPPED", "FAILED"), timeout=120)
+    kept = {r.info.run_name: r.info.run_id for r in done}
+
+    job_id = c.job(sid)["job_id"]
+    actors = json.loads(
+        c.run(RAY, "list", "actors", "--detail", "--format", "json", "--limit", "10000",
+              "--filter", "class_name=RayTrainWorker").stdout
+    )  # fmt: skip
+    assert len({a["node_id"] for a in actors if a["job_id"] == job_id}) == 2, "trials on one node"
+
+    resumed = c.submit([*sweep, "--resume"], timeout=900)
+    logs = c.succeeded(resumed)
+    assert "resuming sweep 'netns-sweep'" in logs, logs[-4000:]
+    parents = _runs(client, "sdofm-dimming", "attributes.run_name = 'netns-sweep'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED", parents
+    children = _runs(client, "sdofm-dimming", "tags.`sdofm.task` = 'tune-dimming-trial'")
+    names = [r.info.run_name for r in children]
+    assert len(names) == len(set(names)) == 3, names  # one run per trial, none twice
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in children)
+    by_name = {r.info.run_name: r for r in children}
+    for name, run_id in kept.items():  # finished before the kill: kept, not trained again
+        assert by_name[name].info.run_id == run_id
+        epochs = [m.step for m in client.get_metric_history(run_id, "val/mae")]
+        assert epochs == sorted(set(epochs)), epochs
+    assert all(r.info.status == "FINISHED" for r in children), [r.info for r in children]
+
+
+def test_netns_pretraining_survives_the_loss_of_the_worker_node(netns_cluster):
+    """The worker node's Ray processes are SIGKILLed mid-run; the node comes back; the run
+    finishes from its last S3 checkpoint as one MLflow run with one value per step."""
+    import signal
+
+    c = netns_cluster
+    name = "netns-node-loss"
+    sid = c.submit(
+        [*PRETRAIN, f"train.run_name={name}", "train.max_steps=25", "train.max_failures=3",
+         "train.val_every=25", "tracking.log_model=false"],
+        wait=False,
+    )  # fmt: skip
+    fs = c.s3()
+    first = f"{RESULTS.removeprefix('s3://')}/{name}/checkpoint_00000005/state.json"
+    _wait("the first checkpoint on S3", lambda: fs.exists(first) or fs.invalidate_cache(), 600)
+
+    os.killpg(c.pid("worker"), signal.SIGKILL)  # the node is gone: raylet and workers
+    left = subprocess.run(["ip", "netns", "pids", "sdofm-worker"], capture_output=True, text=True)
+    assert left.stdout.split() == [], f"worker processes outlived the kill: {left.stdout}"
+    rejoin = subprocess.run(
+        [str(SCRIPT), "worker", "--dir", str(c.root)], env=c.env, capture_output=True,
+        text=True, timeout=400,
+    )  # fmt: skip
+    assert rejoin.returncode == 0, rejoin.stdout + rejoin.stderr
+
+    _wait("the job's end", lambda: c.status(sid) in ("SUCCEEDED", "FAILED", "STOPPED"), 900)
+    logs = c.succeeded(sid)
+    assert re.search(r"Checkpoint: \S+/checkpoint_00000025", logs), logs[-4000:]
+    client = c.mlflow()
+    runs = _runs(client, "sdofm-pretrain", f"attributes.run_name = '{name}'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED", runs
+    steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 25, steps
