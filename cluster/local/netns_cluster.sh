@@ -30,7 +30,8 @@
 #   source DIR/env.sh && ray job submit --working-dir . -- python ray_jobs/...
 # `down` stops exactly what `up` started (by the pids in DIR/*.pid, then their process
 # groups), deletes the namespaces, the bridge and the node folders; logs stay in DIR.
-set -Eeuo pipefail
+set -euo pipefail
+set -E  # the ERR trap of `up` also fires inside functions
 
 self=$(cd "$(dirname "$0")" && pwd)/$(basename "$0")
 cmd=${1:-}
@@ -50,7 +51,7 @@ while [[ $# -gt 0 ]]; do
         --bucket) bucket=$2; shift 2 ;;
         --timeout) timeout=$2; shift 2 ;;
         --) shift; break ;;
-        -h | --help) sed -n '2,31p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,32p' "$0"; exit 0 ;;
         *) [[ $cmd == _enter ]] && break
            echo "netns_cluster.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -69,8 +70,13 @@ NODES=(head worker)
 declare -A NODE_IP=([head]=$HEAD_IP [worker]=$WORKER_IP)
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+case "$cmd" in up | down | worker | _enter) ;; *) sed -n '2,32p' "$0"; exit 2 ;; esac
+# The Ray of this project: $RAY_BIN, else the repository's .venv, else `ray` on PATH.
 if [[ -z "${RAY_BIN:-}" ]]; then
-    if [[ -x "$repo/.venv/bin/ray" ]]; then RAY_BIN=$repo/.venv/bin/ray; else RAY_BIN=$(command -v ray); fi
+    if [[ -x "$repo/.venv/bin/ray" ]]; then RAY_BIN=$repo/.venv/bin/ray
+    elif ! RAY_BIN=$(command -v ray); then
+        echo "netns_cluster.sh: no ray found: set RAY_BIN=/path/to/venv/bin/ray" >&2; exit 1
+    fi
 fi
 bin_dir=$(dirname "$RAY_BIN")
 python=$bin_dir/python
@@ -370,5 +376,5 @@ case "$cmd" in
         ray_node worker
         echo "worker node rejoined: pid $(cat "$dir/worker.pid")"
         ;;
-    *) sed -n '2,31p' "$0"; exit 2 ;;
+    *) sed -n '2,32p' "$0"; exit 2 ;;
 esac
