@@ -73,7 +73,7 @@ class NetnsCluster:
             timeout=timeout, check=check,
         )  # fmt: skip
 
-    def submit(self, entrypoint: list[str], wait: bool = True, timeout: float = 600) -> str:
+    def submit(self, entrypoint: list[str], wait: bool = True, timeout: float = 1200) -> str:
         """``ray job submit --working-dir .`` from the repository root; the submission id."""
         sid = f"sdofm-netns-{uuid.uuid4().hex[:8]}"
         cmd = [RAY, "job", "submit", "--submission-id", sid, "--working-dir", "."]
@@ -139,7 +139,7 @@ def netns_cluster(synth_root, tmp_path_factory):
     try:
         up = subprocess.run(
             [str(SCRIPT), "up", "--dir", str(root), "--bucket", BUCKET],
-            env=base, capture_output=True, text=True, timeout=400,
+            env=base, capture_output=True, text=True, timeout=900,
         )  # fmt: skip
         assert up.returncode == 0, f"netns_cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
         print(up.stdout, f"up in {time.perf_counter() - t0:.0f} s")
@@ -155,6 +155,8 @@ def netns_cluster(synth_root, tmp_path_factory):
         pids = [int(p.read_text()) for p in root.glob("*.pid")]
         stopped = subprocess.run(down, env=base, capture_output=True, text=True, timeout=200)
         print(stopped.stdout, stopped.stderr)
+        for log in sorted(root.glob("*.log")):  # what each service said, for a failed run
+            print(f"--- {log.name} (last lines)\n" + "\n".join(log.read_text().splitlines()[-15:]))
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.killpg(pid, 0)

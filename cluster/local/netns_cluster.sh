@@ -211,10 +211,10 @@ ray_node() {  # ray_node NODE: start (or restart) the Ray node of NODE
     pid=$(node_run "$node" "$dir/$node.log" env -i $(node_env) "$RAY_BIN" start "${args[@]}")
     echo "$pid" >"$dir/$node.pid"
     if [[ $node == head ]]; then
-        wait_for "the Ray head" "$pid" 240 "$dir/head.log" \
+        wait_for "the Ray head" "$pid" 300 "$dir/head.log" \
             http_ok "http://$HEAD_IP:$DASHBOARD_PORT/api/jobs/" "$dir/auth_token"
     else
-        wait_for "the Ray worker node" "$pid" 240 "$dir/worker.log" worker_alive
+        wait_for "the Ray worker node" "$pid" 300 "$dir/worker.log" worker_alive
     fi
 }
 
@@ -281,11 +281,15 @@ PY
         --backend-store-uri "sqlite:///$HOME/mlflow/mlflow.db" \
         --artifacts-destination "s3://$bucket/mlflow-artifacts" --workers 1)
     echo "$pid" >"$dir/mlflow.pid"
-    wait_for "the MLflow server" "$pid" 240 "$dir/mlflow.log" \
-        http_ok "http://$HEAD_IP:$MLFLOW_PORT/health"
 
+    # The Ray nodes start while the tracking server does (each takes tens of seconds).
     ray_node head
+    echo "Ray head ready after ${SECONDS}s"
     ray_node worker
+    echo "Ray worker node ready after ${SECONDS}s"
+    wait_for "the MLflow server" "$(cat "$dir/mlflow.pid")" 300 "$dir/mlflow.log" \
+        http_ok "http://$HEAD_IP:$MLFLOW_PORT/health"
+    echo "MLflow server ready after ${SECONDS}s"
     trap - ERR
 
     cat >"$dir/env.sh" <<EOF
