@@ -1,10 +1,9 @@
 """A Ray job for tests/test_netns_cluster.py: what each node of the netns cluster sees.
 
-    ray job submit --working-dir . -- python tests/netns_probe.py CHECKOUT HOST_FILE BUCKET_URL HOST_PID
+    ray job submit --working-dir . -- python tests/netns_probe.py CHECKOUT HOST_FILE BUCKET_URL
 
 One task per node (label ``sdofm-node``): its hostname and Ray node, whether the
-submitting machine's checkout, a file it wrote and its process are visible, how many
-Ray GCS processes the node sees, where ``sdofm`` was
+submitting machine's checkout and a file it wrote are visible, where ``sdofm`` was
 imported from, and whether the tracking server and the object store answer. The worker
 writes a file to its /tmp; the head then looks for it. Prints one ``PROBE {json}`` line.
 """
@@ -19,9 +18,7 @@ import ray
 
 
 @ray.remote(num_cpus=0.1)
-def look(
-    checkout: str, host_file: str, bucket: str, host_pid: str, other_tmp_file: str | None
-) -> dict:
+def look(checkout: str, host_file: str, bucket: str, other_tmp_file: str | None) -> dict:
     import fsspec
 
     import sdofm
@@ -37,12 +34,6 @@ def look(
         "node_id": ray.get_runtime_context().get_node_id(),
         "checkout": os.path.exists(checkout),
         "host_file": os.path.exists(host_file),
-        "host_pid": os.path.exists(f"/proc/{host_pid}"),
-        "gcs_servers": sum(
-            "gcs_server" in open(f"/proc/{p}/cmdline", "rb").read().decode(errors="replace")
-            for p in os.listdir("/proc")
-            if p.isdigit() and os.path.exists(f"/proc/{p}/cmdline")
-        ),
         "other_tmp_file": os.path.exists(other_tmp_file) if other_tmp_file else None,
         "mine": mine,
         "sdofm": sdofm.__file__,
@@ -52,7 +43,7 @@ def look(
 
 
 ray.init()
-args = sys.argv[1:5]
+args = sys.argv[1:4]
 worker = ray.get(look.options(label_selector={"sdofm-node": "worker"}).remote(*args, None))
 head = ray.get(look.options(label_selector={"sdofm-node": "head"}).remote(*args, worker["mine"]))
 print("PROBE " + json.dumps({"head": head, "worker": worker}))

@@ -18,7 +18,7 @@
 #   MLflow   `sdofm mlflow` on the head, 10.213.7.2:5000: runs in a SQLite database on
 #            the head's disk, artifacts in s3://NAME/mlflow-artifacts (proxied)
 #   Ray      head GCS 10.213.7.2:6379, job API http://10.213.7.2:8265 (token auth on)
-# Disks: every node process runs in its own mount (and PID) namespace in which /tmp, /var/tmp,
+# Disks: every node process runs in its own mount namespace in which /tmp, /var/tmp,
 # /dev/shm, $HOME and the top folder of this checkout are the node's own (DIR/NODE/...
 # on this machine); the checkout, its data, caches and mlflow.db are not there. Only
 # the Python environment that runs Ray (the venv and its base interpreter) is visible,
@@ -140,12 +140,7 @@ need_root() {
 # own process group; prints its pid.
 node_run() {
     local node=$1 log=$2; shift 2
-    # A PID namespace too: a node sees only its own processes (Ray finds "other Ray
-    # instances" by scanning the process table). unshare stays outside as the parent
-    # (the recorded pid); when it dies its child gets SIGTERM, and when the child (PID 1
-    # of the node) dies, the kernel kills every process of the node.
-    setsid ip netns exec "sdofm-$node" unshare --mount --uts --pid --fork --mount-proc \
-        --kill-child=SIGTERM --propagation private -- \
+    setsid ip netns exec "sdofm-$node" unshare --mount --uts --propagation private -- \
         "$self" _enter --dir "$dir" -- "$node" "$@" </dev/null >"$log" 2>&1 &
     echo $!
 }
