@@ -347,10 +347,14 @@ def test_netns_pretraining_survives_the_loss_of_the_worker_node(netns_cluster):
     first = f"{RESULTS.removeprefix('s3://')}/{name}/checkpoint_00000005/state.json"
     _wait("the first checkpoint on S3", lambda: fs.exists(first) or fs.invalidate_cache(), 600)
 
-    os.killpg(c.pid("worker"), signal.SIGKILL)  # the node is gone: raylet and workers
+    # The node is gone: its `ray start` process group, then by pid whatever of the node
+    # left that group (every process in the worker's network namespace is the node's).
+    os.killpg(c.pid("worker"), signal.SIGKILL)
 
-    def gone():  # the kernel ends the node's PID namespace with its first process
+    def gone():
         left = subprocess.run(["ip", "netns", "pids", "sdofm-worker"], capture_output=True)
+        for pid in left.stdout.split():
+            os.kill(int(pid), signal.SIGKILL)
         return not left.stdout.split()
 
     _wait("every process of the worker node gone", gone, timeout=30, every=1)
