@@ -757,6 +757,10 @@ def mlflow_cmd(
         str | None,
         typer.Option(help="Artifact root (a folder, s3://, gs://); default: ./mlartifacts."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="Server processes; default: MLflow's (4). 1 on a small machine."),
+    ] = None,
 ) -> None:
     """Start an MLflow tracking server that Ray workers on other nodes can log to.
 
@@ -781,6 +785,8 @@ def mlflow_cmd(
     ]
     if artifacts_destination:
         cmd += ["--artifacts-destination", artifacts_destination]
+    if workers:
+        cmd += ["--workers", str(workers)]
     console.print(
         f"MLflow server on http://{host}:{port} (export MLFLOW_TRACKING_URI=http://{host}:{port})"
     )

@@ -157,7 +157,7 @@ class DataConfig(_Section):
     on_bad_header: Literal["skip", "raise"] = "skip"
     """Frames whose header is null or unparseable: skip and count them, or raise."""
     cache_dir: str = "data/cache"
-    """Local folder for the alignment index and statistics."""
+    """Folder or URL (``s3://bucket/cache``: every node reaches it) for the index and statistics."""
 
     @model_validator(mode="before")
     @classmethod

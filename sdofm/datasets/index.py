@@ -26,6 +26,7 @@ import pandas as pd
 
 import sdofm
 from sdofm.config import DataConfig, dump_config
+from sdofm.datasets.cache import cache_file, is_url, read_bytes, write_bytes
 from sdofm.datasets.sdoml import Archive, ImageStore, LayoutError
 
 INDEX_FORMAT = 2  # 2: DEG_COR of each AIA frame in the table
@@ -199,8 +200,9 @@ def index_key(cfg: DataConfig) -> str:
     ]
 
 
-def index_path(cfg: DataConfig) -> Path:
-    return Path(cfg.cache_dir) / f"index-{index_key(cfg)}.parquet"
+def index_path(cfg: DataConfig) -> str:
+    """The index file for ``cfg`` in ``data.cache_dir`` (a local path or a URL)."""
+    return cache_file(cfg.cache_dir, f"index-{index_key(cfg)}.parquet")
 
 
 def fingerprints(archive: Archive, cfg: DataConfig) -> dict[str, str]:
@@ -344,14 +346,20 @@ def build_index(
     return table, provenance
 
 
-def write_index(table: pd.DataFrame, provenance: dict, path: Path) -> None:
+def write_index(table: pd.DataFrame, provenance: dict, path: str | Path) -> None:
     """Write the table with its provenance; readers never see a half-written file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(provenance).encode()}
+    if is_url(str(path)):
+        buf = pa.BufferOutputStream()
+        pq.write_table(arrow.replace_schema_metadata(meta), buf)
+        write_bytes(str(path), buf.getvalue().to_pybytes())
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(arrow.replace_schema_metadata(meta), tmp)
@@ -360,11 +368,15 @@ def write_index(table: pd.DataFrame, provenance: dict, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_index(path: str | Path) -> tuple[pd.DataFrame, dict]:
-    """The index table and its provenance."""
+def read_index(path: str | Path) -> tuple[pd.DataFrame, dict] | None:
+    """The index table and its provenance (None when there is no file at ``path``)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path)
+    data = read_bytes(str(path))
+    if data is None:
+        return None
+    t = pq.read_table(pa.BufferReader(data))
     prov = json.loads((t.schema.metadata or {}).get(_META_KEY, b"{}"))
     return t.to_pandas(), prov
 
@@ -375,8 +387,9 @@ def load_or_build_index(
     """The current index for ``cfg``: reused if its stores are unchanged, rebuilt otherwise."""
     path = index_path(cfg)
     archive = Archive.open(cfg)
-    if path.exists() and not rebuild:
-        table, prov = read_index(path)
+    found = None if rebuild else read_index(path)
+    if found is not None:
+        table, prov = found
         if prov.get("format") == INDEX_FORMAT and prov.get("fingerprints") == fingerprints(
             archive, cfg
         ):
@@ -386,7 +399,7 @@ def load_or_build_index(
     return table, _report(path, prov, reused=False)
 
 
-def _report(path: Path, prov: dict, reused: bool) -> IndexReport:
+def _report(path: str, prov: dict, reused: bool) -> IndexReport:
     return IndexReport(
         path=str(path),
         reused=reused,

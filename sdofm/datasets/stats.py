@@ -12,14 +12,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from sdofm.config import ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
 from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.cache import cache_file, read_bytes, write_bytes
 from sdofm.datasets.index import index_key
 from sdofm.datasets.pipeline import SDOMLPipeline
 from sdofm.datasets.transforms import Preprocessor, scaling_params
@@ -110,9 +109,10 @@ def stats_provenance(data: DataConfig, transform: TransformConfig, table: pd.Dat
     }
 
 
-def stats_path(cache_dir: str, provenance: dict) -> Path:
+def stats_path(cache_dir: str, provenance: dict) -> str:
+    """The statistics file for ``provenance`` in ``cache_dir`` (a local path or a URL)."""
     key = hashlib.sha256(json.dumps(provenance, sort_keys=True).encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"stats-{key}.json"
+    return cache_file(cache_dir, f"stats-{key}.json")
 
 
 def compute_stats(
@@ -160,14 +160,12 @@ def load_or_compute_stats(
     settings match (cached in ``data.cache_dir``), else computed with Ray Data."""
     prov = stats_provenance(data, transform, table)
     path = stats_path(data.cache_dir, prov)
-    if path.exists() and not recompute:
-        stats = json.loads(path.read_text())
+    found = None if recompute else read_bytes(path)
+    if found is not None:
+        stats = json.loads(found)
         if stats.get("provenance") == prov:
-            return {**stats, "path": str(path)}
+            return {**stats, "path": path}
     stats = {**compute_stats(data, transform, loader, table), "provenance": prov}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp, path)
-    stats["path"] = str(path)
+    write_bytes(path, json.dumps(stats, indent=1).encode())
+    stats["path"] = path
     return stats

@@ -1,5 +1,6 @@
 import datetime as dt
 import json
+from pathlib import Path
 
 import fsspec
 import numpy as np
@@ -235,4 +236,29 @@ def test_index_write_is_atomic(synth_root, tmp_path, monkeypatch):
         load_or_build_index(cfg, rebuild=True)
     assert open(report.path, "rb").read() == good
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [report.path.split("/")[-1]]
-    assert index_mod.index_path(cfg).exists()
+    assert Path(index_mod.index_path(cfg)).exists()
+
+
+def test_index_cached_in_object_storage(synth_root, s3_server, monkeypatch):
+    """``data.cache_dir`` as an s3:// URL (credentials from the environment): the index is
+    written there once and reused from there by a process that has no local copy."""
+    from tests.s3 import KEY, REGION, SECRET
+
+    for k, v in {
+        "AWS_ENDPOINT_URL": s3_server.url,
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_DEFAULT_REGION": REGION,
+    }.items():
+        monkeypatch.setenv(k, v)
+    s3_server.create_bucket("sdofm-index-cache")
+    cfg = small_config(synth_root, "data.cache_dir=s3://sdofm-index-cache/cache").data
+    table, first = load_or_build_index(cfg)
+    assert not first.reused and first.path.startswith("s3://sdofm-index-cache/cache/index-")
+    keys = [
+        o["Key"] for o in s3_server.client().list_objects_v2(Bucket="sdofm-index-cache")["Contents"]
+    ]
+    assert keys == [first.path.removeprefix("s3://sdofm-index-cache/")], keys
+    again, second = load_or_build_index(cfg)
+    assert second.reused and second.path == first.path
+    pd.testing.assert_frame_equal(table, again)
