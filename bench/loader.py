@@ -136,7 +136,9 @@ def make_config(
     cpus_per_reader: float,
 ) -> Config:
     """The config of one store; the folder name carries the synth settings so stores are reused."""
-    store_root = root / f"r{args.resolution}-d{args.days}-fpc{frames_per_chunk}"
+    store_root = (
+        root / f"r{args.resolution}-d{args.days}-aia{args.aia_cadence}m-fpc{frames_per_chunk}"
+    )
     return load_config(
         None,
         [
@@ -144,6 +146,7 @@ def make_config(
             f"synth.resolution={args.resolution}",
             f"synth.periods=[{{start: 2011-10-01, days: {args.days}}}]",
             f"synth.frames_per_chunk={frames_per_chunk}",
+            f"synth.aia_cadence={args.aia_cadence}min",
             "data.split.val_months=[]",  # every aligned step is a train sample
             "data.split.test_months=[]",
             f"data.cache_dir={store_root}/cache",

@@ -269,6 +269,9 @@ class TransformConfig(_Section):
     train statistics like AIA (a month of stronger fields then lies far outside them)."""
     dtype: Literal["float32", "float16"] = "float32"
     """Dtype of the emitted images (float16 halves the bytes moved)."""
+    on: Literal["reader", "device"] = "reader"
+    """Where limb, scaling and z-score run: on the readers' CPUs, or on the training
+    device (readers only decode and resize; pretraining; finetuning always uses ``reader``)."""
     stats_samples: int = Field(2000, ge=1)
     """Train samples used for the statistics (a seeded subsample when the split is larger)."""
     stats_seed: int = 0

@@ -33,6 +33,7 @@ from sdofm.datasets.sdoml import Archive, FrameError, ReadPolicy
 from sdofm.datasets.transforms import (
     MAGNETOGRAM_CHANNELS,
     Preprocessor,
+    downsample_to,
     scaled_clip,
     scaling_params,
 )
@@ -271,6 +272,10 @@ class BlockReader:
         self.stored_size = self.stores[first].array(y0, first).shape[-1] if y0 else 0
         pre = make_preprocessor(data.channels, transform, self.stored_size, stats)
         self.size = pre.out_size or self.stored_size
+        # transform.on == "device": decode (and resize) only, float32 physical units out;
+        # the engine applies the rest (sdofm.datasets.device).
+        self.decode_only = transform.on == "device"
+        self.out_dtype = "float32" if self.decode_only else transform.dtype
         # One single-channel transform per channel: each channel is read and
         # transformed on its own, straight into the output array.
         self.pre = [pre.channel(i) for i in range(len(data.channels))]
@@ -326,7 +331,7 @@ class BlockReader:
         # Ray copies a yielded block into its object store before the reader resumes,
         # so the output array is reused for the next block.
         shape = (n, len(data.channels), T, self.size, self.size)
-        out = self._buffer("out", shape, self.transform.dtype)
+        out = self._buffer("out", shape, self.out_dtype)
         deg = np.ones((n, len(data.channels), T), np.float32)
         skipped: list[SkippedFrame] = []
         dropped: set[int] = set()  # positions in the block
@@ -350,7 +355,10 @@ class BlockReader:
                     )
                 pre = self.pre[ci]
                 # frames is ours: transform it in place unless it must be resized.
-                x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
+                if self.decode_only:
+                    x = downsample_to(frames, self.size) if pre.out_size else frames
+                else:
+                    x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
                 dest = pos[ni]
                 if len(uniq) == len(ni) and np.array_equal(inv, np.arange(len(inv))):
                     out[dest, ci, ti] = x  # every frame used once: no gather copy
