@@ -283,6 +283,9 @@ class LoaderConfig(_Section):
 
     block_size: int = Field(32, ge=1)
     """Samples per read block; a block is read chunk-aware (each chunk decoded once)."""
+    blocks_per_read: int = Field(4, ge=1)
+    """Consecutive blocks (in store order) one read task reads: the chunk two neighbours
+    share is decoded once; epochs shuffle runs of this many blocks (and samples in blocks)."""
     readers: int = Field(2, ge=1)
     """Reader actors (each opens the stores once)."""
     cpus_per_reader: float = Field(0.5, gt=0)
