@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 
 import numpy as np
@@ -72,20 +73,28 @@ def main() -> None:
         generator=torch.Generator().manual_seed(0),
     )
 
-    def run_pass(epochs: int) -> float:
+    def cpu() -> float:  # this process and its reaped DataLoader workers
+        s, c = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+        return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+    def run_pass(epochs: int) -> tuple[float, float]:
         # Worker start-up included in every epoch (as in the seed's training loop).
-        t0 = time.perf_counter()
+        c0, t0 = cpu(), time.perf_counter()
         for _ in range(epochs):
             seen = [ids.numpy() for ids, _ in loader]
             ids = np.sort(np.concatenate(seen))
             assert np.array_equal(ids, np.arange(len(ds))), "seed: wrong sample ids"
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, cpu() - c0
 
     for _ in range(args.warmup):
         run_pass(1)
-    seconds = min(run_pass(args.epochs) for _ in range(max(args.repeat, 1)))
+    seconds, cpu_s = min(run_pass(args.epochs) for _ in range(max(args.repeat, 1)))
     stack = f"zarr {zarr.__version__} ({zarr.__file__}), torch {torch.__version__}"
-    print(json.dumps({"samples": len(ds) * args.epochs, "seconds": seconds, "stack": stack}))
+    n = len(ds) * args.epochs
+    print(json.dumps({"samples": n, "seconds": seconds, "cpu": cpu_s, "stack": stack}))
 
 
 if __name__ == "__main__":
