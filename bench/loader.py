@@ -72,6 +72,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -772,6 +773,8 @@ def main() -> None:
                 quiet_ray_data()
                 try:
                     results.extend(run_stream(s, args, keys))
+                except Exception:  # noqa: BLE001 - report the other paths all the same
+                    traceback.print_exc()
                 finally:
                     ray.shutdown()
     report(results, args, demand, busy)
