@@ -723,6 +723,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=1, help="untimed passes per contender")
     p.add_argument("--repeat", type=int, default=2, help="timed passes; the fastest is reported")
     p.add_argument("--only", default=",".join(CONTENDERS), help="contenders to run")
+    p.add_argument("--stores", default="1,15", help="frames per chunk of the stores to run")
     p.add_argument("--seed-python", default=None, help="interpreter of (b)")
     p.add_argument(
         "--object-store-gb",
@@ -748,7 +749,8 @@ def main() -> None:
     demand = gpu_demand()
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
-    stores = [prepare(make_config(root, k, args), k, args.samples or None) for k in CHUNKINGS]
+    chunkings = [int(k) for k in args.stores.split(",")]
+    stores = [prepare(make_config(root, k, args), k, args.samples or None) for k in chunkings]
     assert len({s.n for s in stores}) == 1, "both stores must give the same samples"
     python = seed_python(args.seed_python)
     results: list[Result] = []
