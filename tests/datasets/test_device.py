@@ -24,8 +24,9 @@ SCALING = (
 )
 
 
-def _numpy_reference(root, cfg, plan, sample, stats):
-    """``(C, T, S, S)``: zarr frames -> downsample -> limb -> scale -> z-score (transforms.py)."""
+def _numpy_reference(root, cfg, plan, sample, pre):
+    """``(C, T, S, S)``: zarr frames -> downsample -> limb -> scale -> z-score (transforms.py),
+    with the parameters (clip values, softening, statistics) of the preprocessor ``pre``."""
     channels, t = cfg.data.channels, cfg.transform
     rows = plan.windows[sample]
     cube = np.stack(
@@ -38,16 +39,10 @@ def _numpy_reference(root, cfg, plan, sample, stats):
         cube = T.downsample_to(cube, t.size)
     mags = [c in T.MAGNETOGRAM_CHANNELS for c in channels]
     cube = T.apply_limb(cube, t.limb, mags, disk_radius_px(cube.shape[-1]))
-    methods, lo, hi = (list(v) for v in T.scaling_params(channels))
-    for i, c in enumerate(channels):
-        if c in t.scaling:
-            methods[i], lo[i], hi[i] = t.scaling[c]
-    cube = T.scale(cube, methods, lo, hi)
-    if stats is None:
-        return cube, (methods, lo, hi)
-    mean = [stats["channels"][c]["mean"] for c in channels]
-    std = [stats["channels"][c]["std"] for c in channels]
-    return T.zscore(cube, mean, std), (methods, lo, hi)
+    cube = T.scale(cube, pre.methods, pre.clip_min, pre.clip_max, pre.softening)
+    if pre.mean is None:
+        return cube
+    return T.zscore(cube, pre.mean, pre.std)
 
 
 @pytest.mark.parametrize(
@@ -66,10 +61,8 @@ def test_device_transform_equals_the_numpy_transforms(synth_root, extra):
     stats = _stats(cfg.data.channels) if t.zscore else None
     reader = BlockReader(cfg.data, t, cfg.loader, plan, stats)
     size = t.size or reader.stored_size
-    # Pickled and back, as it travels to a Ray Train worker.
-    device = pickle.loads(
-        pickle.dumps(DeviceTransform(make_preprocessor(cfg.data.channels, t, size, stats)))
-    )
+    pre = make_preprocessor(cfg.data.channels, t, size, stats)
+    device = pickle.loads(pickle.dumps(DeviceTransform(pre)))  # as it reaches a Ray worker
     clipped = 0
     for b in (0, 3):
         batch, bad = reader.read_block(b, epoch=0)
@@ -78,13 +71,14 @@ def test_device_transform_equals_the_numpy_transforms(synth_root, extra):
         got = device(raw).numpy()
         np.testing.assert_array_equal(raw.numpy(), batch["image"])  # input left alone
         for j, s in enumerate(batch["sample"]):
-            want, (methods, lo, hi) = _numpy_reference(synth_root, cfg, plan, s, stats)
+            want = _numpy_reference(synth_root, cfg, plan, s, pre)
+            lo, hi = pre.clip_min, pre.clip_max
             # The reader emitted physical units (only area-averaged) ...
             phys = batch["image"][j]
             assert np.isfinite(got[j]).all()
             # ... and the device finished them as the CPU would.
             np.testing.assert_allclose(got[j], want, rtol=1e-5, atol=1e-5)
-            for ci in range(len(methods)):
+            for ci in range(len(lo)):
                 lo_, hi_ = lo[ci], hi[ci]
                 below = (phys[ci] < lo_).sum() if lo_ is not None else 0
                 above = (phys[ci] > hi_).sum() if hi_ is not None else 0
