@@ -269,6 +269,9 @@ class TransformConfig(_Section):
     train statistics like AIA (a month of stronger fields then lies far outside them)."""
     dtype: Literal["float32", "float16"] = "float32"
     """Dtype of the emitted images (float16 halves the bytes moved)."""
+    on: Literal["reader", "device"] = "reader"
+    """Where limb, scaling and z-score run: on the readers' CPUs, or on the training
+    device (readers only decode and resize; pretraining; finetuning always uses ``reader``)."""
     stats_samples: int = Field(2000, ge=1)
     """Train samples used for the statistics (a seeded subsample when the split is larger)."""
     stats_seed: int = 0
@@ -280,6 +283,9 @@ class LoaderConfig(_Section):
 
     block_size: int = Field(32, ge=1)
     """Samples per read block; a block is read chunk-aware (each chunk decoded once)."""
+    blocks_per_read: int = Field(4, ge=1)
+    """Consecutive blocks (in store order) one read task reads: the chunk two neighbours
+    share is decoded once; epochs shuffle runs of this many blocks (and samples in blocks)."""
     readers: int = Field(2, ge=1)
     """Reader actors (each opens the stores once)."""
     cpus_per_reader: float = Field(0.5, gt=0)

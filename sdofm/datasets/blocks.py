@@ -33,6 +33,7 @@ from sdofm.datasets.sdoml import Archive, FrameError, ReadPolicy
 from sdofm.datasets.transforms import (
     MAGNETOGRAM_CHANNELS,
     Preprocessor,
+    downsample_to,
     scaled_clip,
     scaling_params,
 )
@@ -157,8 +158,10 @@ def plan_split(
         + table[f"{first}_idx"].to_numpy()[last]
     )
     order = np.argsort(key, kind="stable")
-    n_blocks = max(1, -(-len(order) // loader.block_size))
-    blocks = [b for b in np.array_split(order, n_blocks) if len(b)]
+    # Whole blocks of block_size (the last one shorter): with a block size that is a
+    # multiple of the batch size, batches are slices of one block, never concatenations.
+    size = loader.block_size
+    blocks = [order[i : i + size] for i in range(0, len(order), size)]
     return SplitPlan(
         split=split,
         windows=windows,
@@ -264,6 +267,8 @@ class BlockReader:
         self._buffers: dict[str, np.ndarray] = {}
         policy = ReadPolicy(loader.read_retries, loader.read_timeout, loader.read_backoff)
         self.archive = Archive.open(data, read_policy=policy)
+        # channel -> (year, first frame, frames, reasons): see _read_continuing.
+        self._tails: dict[str, tuple[int, int, np.ndarray, list]] = {}
         self.stores = {c: self.archive.aia for c in data.aia_channels}
         self.stores.update({c: self.archive.hmi for c in data.hmi_channels})
         first = data.channels[0]
@@ -271,6 +276,10 @@ class BlockReader:
         self.stored_size = self.stores[first].array(y0, first).shape[-1] if y0 else 0
         pre = make_preprocessor(data.channels, transform, self.stored_size, stats)
         self.size = pre.out_size or self.stored_size
+        # transform.on == "device": decode (and resize) only, float32 physical units out;
+        # the engine applies the rest (sdofm.datasets.device).
+        self.decode_only = transform.on == "device"
+        self.out_dtype = "float32" if self.decode_only else transform.dtype
         # One single-channel transform per channel: each channel is read and
         # transformed on its own, straight into the output array.
         self.pre = [pre.channel(i) for i in range(len(data.channels))]
@@ -279,16 +288,64 @@ class BlockReader:
         """A scratch array kept between blocks: fresh memory costs a page fault per 4 KiB,
         which at 12.6 MB per sample was as slow as decoding it."""
         buf = self._buffers.get(name)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != np.dtype(dtype):
+        # Leading rows of a larger buffer are as contiguous as a buffer of their own.
+        if (
+            buf is None
+            or buf.shape[1:] != tuple(shape[1:])
+            or len(buf) < shape[0]
+            or buf.dtype != np.dtype(dtype)
+        ):
             buf = self._buffers[name] = np.empty(shape, dtype)
-        return buf
+        return buf[: shape[0]]
+
+    def _read_continuing(
+        self, channel: str, year: int, idx: np.ndarray
+    ) -> tuple[np.ndarray, list[str | None]]:
+        """``_read`` for blocks read in store order: the chunk two neighbouring blocks share
+        is decoded once.
+
+        A read task reads ``loader.blocks_per_read`` consecutive blocks, so the last chunk
+        a block touches is mostly the next block's first. That chunk is decoded whole
+        anyway: its frames from the block's last on are kept (the tail) and the next
+        block takes what it needs of them from there. With blocks of 32 samples and
+        15-frame chunks this saves about a quarter of the decoding.
+        """
+        a = self.stores[channel].array(str(year), channel)
+        k = a.chunks[0]
+        if k == 1:
+            return self._read(channel, year, idx)
+        n_hit, tail = 0, self._tails.get(channel)
+        if tail is not None and tail[0] == year and len(idx) and idx[0] >= tail[1]:
+            first, t_frames, t_reasons = tail[1:]
+            n_hit = int(np.searchsorted(idx, first + len(t_frames)))
+        fresh = idx[n_hit:]
+        req = fresh
+        if len(fresh):  # the rest of the last chunk rides along: the next block's tail
+            last = int(fresh[-1])
+            end = min((last // k + 1) * k, a.shape[0])
+            req = np.concatenate([fresh, np.arange(last + 1, end)])
+        shape = (n_hit + len(req), *a.shape[1:])
+        buf = self._buffer("frames", shape, np.float32)
+        reasons: list[str | None] = []
+        if n_hit:
+            buf[:n_hit] = t_frames[idx[:n_hit] - first]
+            reasons = [t_reasons[i - first] for i in idx[:n_hit]]
+        if len(req):
+            frames, why = self._read(channel, year, req, out=buf[n_hit:])
+            if not np.may_share_memory(frames, buf):  # read chunk by chunk after an error
+                buf[n_hit:] = frames
+            reasons += why
+            j = n_hit + len(fresh) - 1
+            self._tails[channel] = (year, last, buf[j:].copy(), reasons[j:])
+        return buf[: len(idx)], reasons[: len(idx)]
 
     def _read(
-        self, channel: str, year: int, idx: np.ndarray
+        self, channel: str, year: int, idx: np.ndarray, out: np.ndarray | None = None
     ) -> tuple[np.ndarray, list[str | None]]:
         """Frames ``idx`` (sorted, unique) of one year and channel, with a reason per unusable
         frame. The store retries failed chunk reads; a chunk still unreadable costs its frames
-        (or raises, with ``on_bad_frame=raise``)."""
+        (or raises, with ``on_bad_frame=raise``). ``out``: where to put them (default: a
+        scratch buffer)."""
         store = self.stores[channel]
         errors = None if self.loader.on_bad_frame == "raise" else {}
         shape = (len(idx), *store.array(str(year), channel).shape[1:])
@@ -297,7 +354,7 @@ class BlockReader:
             channel,
             idx,
             check=False,
-            out=self._buffer("frames", shape, np.float32),
+            out=self._buffer("frames", shape, np.float32) if out is None else out,
             errors=errors,
         )
         reasons = frame_checks(frames)
@@ -326,7 +383,7 @@ class BlockReader:
         # Ray copies a yielded block into its object store before the reader resumes,
         # so the output array is reused for the next block.
         shape = (n, len(data.channels), T, self.size, self.size)
-        out = self._buffer("out", shape, self.transform.dtype)
+        out = self._buffer("out", shape, self.out_dtype)
         deg = np.ones((n, len(data.channels), T), np.float32)
         skipped: list[SkippedFrame] = []
         dropped: set[int] = set()  # positions in the block
@@ -336,7 +393,7 @@ class BlockReader:
             for y in np.unique(years):
                 ni, ti = np.nonzero(years == y)
                 uniq, inv = np.unique(idxs[ni, ti], return_inverse=True)
-                frames, reasons = self._read(c, int(y), uniq)
+                frames, reasons = self._read_continuing(c, int(y), uniq)
                 for k in (k for k, why in enumerate(reasons) if why):
                     if lc.on_bad_frame == "raise":
                         raise FrameError(store.url, str(y), c, int(uniq[k]), reasons[k])
@@ -350,7 +407,10 @@ class BlockReader:
                     )
                 pre = self.pre[ci]
                 # frames is ours: transform it in place unless it must be resized.
-                x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
+                if self.decode_only:
+                    x = downsample_to(frames, self.size) if pre.out_size else frames
+                else:
+                    x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
                 dest = pos[ni]
                 if len(uniq) == len(ni) and np.array_equal(inv, np.arange(len(inv))):
                     out[dest, ci, ti] = x  # every frame used once: no gather copy

@@ -1,8 +1,10 @@
 """The Ray Data source: a split's blocks read in parallel into a Ray Dataset.
 
 Each epoch the blocks of a split (:mod:`sdofm.datasets.blocks`) come in a new order
-(seeded by ``loader.seed`` and the epoch); a read task reads one block with a
-:class:`~sdofm.datasets.blocks.BlockReader` and emits it as one Ray Data block.
+(seeded by ``loader.seed`` and the epoch) in runs of ``loader.blocks_per_read``
+consecutive blocks; a read task reads one run with a
+:class:`~sdofm.datasets.blocks.BlockReader` (a chunk two neighbours share is decoded
+once) and emits each block as one Ray Data block.
 The frames a reader skips go to a registry actor shared by the readers of a dataset,
 which keeps each frame and each lost sample once (epochs repeat them); the driver
 reads it back with :meth:`SDOMLPipeline.skipped` to log and print it at the end of
@@ -135,7 +137,7 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
 
     n_blocks = len(plan.blocks)
     sizes = np.array([len(b) for b in plan.blocks])
-    d, seed = spec.data, spec.loader.seed
+    d, seed, per_read = spec.data, spec.loader.seed, spec.loader.blocks_per_read
     row_bytes = 4 * len(d.channels) * d.num_frames * (spec.transform.size or 512) ** 2
 
     class BlockSource(Datasource):
@@ -152,13 +154,19 @@ def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | 
                 if epoch is not None
                 else ray.get(ray.get_actor(spec.registry).pass_epoch.remote())
             )
+            # Runs of consecutive blocks (a chunk shared by two is decoded once), in a
+            # new order each epoch; one run per read task (at most 4096 tasks).
+            runs = [np.arange(i, min(i + per_read, n_blocks)) for i in range(0, n_blocks, per_read)]
             order = (
-                np.random.default_rng([seed, e]).permutation(n_blocks)
+                np.random.default_rng([seed, e]).permutation(len(runs))
                 if shuffle
-                else np.arange(n_blocks)
+                else np.arange(len(runs))
             )
-            # One block per read task (at most 4096 tasks) so readers work in parallel.
-            parts = [p for p in np.array_split(order, min(4096, n_blocks)) if len(p)]
+            parts = [
+                np.concatenate([runs[i] for i in g])
+                for g in np.array_split(order, min(4096, len(runs)))
+                if len(g)
+            ]
             return [
                 ReadTask(
                     (lambda p=p: _read_blocks(spec, p, e if fixed else None)),

@@ -119,7 +119,7 @@ def compute_stats(
     data: DataConfig, transform: TransformConfig, loader: LoaderConfig, table: pd.DataFrame
 ) -> dict:
     """Statistics of the scaled (not z-scored) values over the train split (or a seeded subsample)."""
-    raw = transform.model_copy(update={"zscore": False})
+    raw = transform.model_copy(update={"zscore": False, "on": "reader"})
     pipe = SDOMLPipeline(data, raw, loader, table=table)
     n = pipe.num_samples("train")
     if n == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +92,31 @@ class LoopConfig:
     epoch_registries: dict[str, Any] = field(default_factory=dict)
     """split -> an actor with ``set_epoch(epoch)``: the data's epoch follows the checkpoint
     a worker resumes from (the order of samples depends on it)."""
+    image_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Applied to each batch's ``image`` once it is on the device (train and evaluation):
+    the model-input transforms when the readers only decode (``transform.on: device``)."""
+
+
+class DeviceShard:
+    """A dataset shard whose torch batches arrive with the image on the device and
+    ``transform`` applied to it; every other attribute is the shard's."""
+
+    def __init__(self, shard, transform: Callable, device: torch.device):
+        self.shard, self.transform, self.device = shard, transform, device
+
+    def iter_torch_batches(self, **kwargs):
+        for batch in self.shard.iter_torch_batches(**kwargs):
+            batch["image"] = self.transform(batch["image"].to(self.device, non_blocking=True))
+            yield batch
+
+    def iter_batches(self, **kwargs):
+        raise TypeError(
+            "images transformed on the device come as torch batches only: this objective "
+            "reads numpy batches, so set transform.on=reader"
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self.shard, name)
 
 
 class Worker:
@@ -125,6 +151,16 @@ class Worker:
             self.model = torch.compile(self.model)
         self.core = unwrap(self.model)
         self.shards = {s: ray.train.get_dataset_shard(s) for s in lc.splits}
+        if lc.image_transform is not None:
+            if objective.batch_format != "torch":
+                raise TypeError(
+                    f"{type(objective).__name__} reads {objective.batch_format} batches: "
+                    "the images cannot be transformed on the device; set transform.on=reader"
+                )
+            self.shards = {
+                s: DeviceShard(shard, lc.image_transform, self.device)
+                for s, shard in self.shards.items()
+            }
         self.tracker = None
         if self.rank == 0:
             from sdofm.tracking import Tracker

@@ -158,7 +158,8 @@ def embed(
         load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
     )
     loader = cfg.loader.model_copy(update={"shuffle": False})
-    pipe = SDOMLPipeline(d, cfg.transform, loader, table, stats)
+    # The encoder sees model-ready images: transformed on the readers here.
+    pipe = SDOMLPipeline(d, cfg.transform.model_copy(update={"on": "reader"}), loader, table, stats)
     shape = pipe.sample_shape()
     uri = tracking.tracking_uri(cfg.tracking.uri)
     backbone = resolve_backbone(

@@ -68,7 +68,8 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     stats = (
         load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
     )
-    transform = task.transform(cfg)
+    # Small sets, materialised once: transformed on the readers whatever transform.on says.
+    transform = task.transform(cfg).model_copy(update={"on": "reader"})
     pipe = SDOMLPipeline(d, transform, cfg.loader, table, stats if transform.zscore else None)
     shape = pipe.sample_shape()
     uri = tracking_uri(cfg.tracking.uri)

@@ -86,6 +86,13 @@ def pretrain(cfg: Config) -> PretrainResult:
     )
     pipe = SDOMLPipeline(d, cfg.transform, cfg.loader, table, stats)
     shape = pipe.sample_shape()
+    image_transform = None
+    if cfg.transform.on == "device":  # the readers only decode: the rest runs on the GPU
+        from sdofm.datasets.blocks import make_preprocessor
+        from sdofm.datasets.device import DeviceTransform
+
+        pre = make_preprocessor(d.channels, cfg.transform, shape[-1], stats)
+        image_transform = DeviceTransform(pre)
     objective = make_objective(cfg, shape)
     model = objective.build_model()
     n_train, n_val = pipe.num_samples("train"), pipe.num_samples("val")
@@ -152,6 +159,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             run_id=run_id,
             system_metrics=cfg.tracking.system_metrics,
             epoch_registries={"train": pipe.registry("train")},
+            image_transform=image_transform,
         )
         with pipe.frame_errors():
             result = fit(

@@ -173,3 +173,38 @@ def test_physical_transform_keeps_units_and_nothing_else():
     assert p.scaling == {"171A": ("linear", None, None), "Bz": ("linear", None, None)}
     assert (p.zscore, p.dtype, p.size, p.limb) == (False, "float32", 16, "mask_off_disk")
     assert t.zscore and t.scaling == {}  # the caller's section is left alone
+
+
+def test_blocks_read_in_store_order_decode_a_shared_chunk_once(synth_root):
+    # One frame per sample: a block needs no frame before its predecessor's last one.
+    cfg = _cfg(synth_root, "data.num_frames=1")
+    table, _ = build_index(cfg.data)
+    plan = plan_split(cfg.data, cfg.loader, table, "train", SUBSET)
+    stats = _stats(cfg.data.channels)
+
+    def read(order):
+        reader = BlockReader(cfg.data, cfg.transform, cfg.loader, plan, stats)
+        store, calls = reader.stores["171A"], []
+        read_frames = store.read_frames
+
+        def counting(year, channel, idx, **kw):  # the real read, recorded
+            if channel == "171A":
+                calls.append((year, set((np.asarray(idx) // CHUNK).tolist())))
+            return read_frames(year, channel, idx, **kw)
+
+        store.read_frames = counting
+        out = {b: reader.read_block(b, epoch=0)[0]["image"].copy() for b in order}
+        store.read_frames = read_frames
+        # how often each chunk was decoded
+        counts: dict = {}
+        for year, chunks in calls:
+            for k in chunks:
+                counts[(year, k)] = counts.get((year, k), 0) + 1
+        return out, counts
+
+    forward, once = read(range(5))
+    backward, again = read(reversed(range(5)))
+    for b in range(5):  # the same samples whichever order (tails never change a value)
+        np.testing.assert_array_equal(forward[b], backward[b])
+    assert set(once) == set(again) and max(once.values()) == 1  # in order: each chunk once
+    assert max(again.values()) > 1  # out of order, a shared chunk is decoded again

@@ -56,6 +56,7 @@ def test_ddp_run_learns_and_is_tracked(synth_root, cache_dir, tmp_path):
         "train.log_every=4",
         "train.checkpoint_every=12",
         "train.val_every=18",
+        "transform.on=device",  # readers only decode; limb, scaling, z-score on the device
     )
     result = pretrain(cfg)
     assert result.metrics["step"] == 36
@@ -71,6 +72,7 @@ def test_ddp_run_learns_and_is_tracked(synth_root, cache_dir, tmp_path):
     assert run.info.status == "FINISHED"
     p = run.data.params
     assert p["model.name"] == "mae_debug" and p["train.max_steps"] == "36"
+    assert p["transform.on"] == "device"
     assert p["derived.world_size"] == "2" and p["derived.effective_batch"] == "16"
     assert int(p["derived.parameters"]) > 50_000
     val = _history(result.tracking_uri, result.run_id, "val/loss_171A")
