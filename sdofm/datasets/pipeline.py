@@ -128,6 +128,9 @@ def _read_blocks(spec: _ReadSpec, blocks: np.ndarray, epoch: int | None):
             raise
         if skipped:  # waited for: recorded before the block can be consumed
             ray.get(handle.record.remote(skipped))
+        # The reader writes the next block into the same image buffer, and Ray may hold
+        # several blocks of a task (zero-copy Arrow views) before storing them: copy.
+        batch["image"] = batch["image"].copy()
         yield BlockAccessor.batch_to_block(batch)
 
 
