@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast test-netns lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: setup
 # Every test that needs no Ray instance: the everyday loop, about a minute on 2 cores.
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not ray"
+
+# The shared-nothing two-node cluster (root: network and mount namespaces), about 10 minutes.
+test-netns: setup
+	SDOFM_NETNS_TESTS=1 $(BIN)/python -m pytest -q tests/test_netns_cluster.py
 
 lint: setup
 	$(BIN)/ruff check sdofm tests

@@ -37,6 +37,10 @@ pytestmark = pytest.mark.ray
 
 def _cannot_make_namespaces() -> str | None:
     """Why this machine cannot host the cluster, or None."""
+    if os.environ.get("SDOFM_NETNS_TESTS") != "1":
+        # About 10 minutes of a 2-core machine, and the node-loss drill is not yet reliable:
+        # run on demand (`make test-netns`), not in every `make test`.
+        return "set SDOFM_NETNS_TESTS=1 to run the two-node cluster tests (make test-netns)"
     if os.geteuid() != 0:
         return "needs root for network and mount namespaces"
     for tool in ("ip", "unshare", "setsid"):
