@@ -416,6 +416,48 @@ def data_stats(
         run_stats(_load(args), recompute)
 
 
+def run_prepare(cfg, out: str) -> None:
+    from sdofm.datasets.prepared import prepare
+
+    _start_ray()
+    with _progress(f"prepared shards -> {out}") as update:
+        report = prepare(cfg, out, progress=update)
+    for split, n in report.samples.items():
+        console.print(
+            f"{split}: {n:,} samples; {report.written[split]:,} shard(s) written, "
+            f"{report.kept[split]:,} already there",
+            highlight=False,
+        )
+    console.print(f"prepared {out} in {report.seconds:.1f} s", highlight=False)
+    lost = sum(len(v) for s in report.skipped for v in s["samples"].values())
+    _print_skipped(
+        f"{len(report.skipped):,} unusable frame(s) skipped; {lost:,} sample(s) left out",
+        report.skipped,
+    )
+
+
+@data_app.command("prepare")
+def data_prepare(
+    args: Annotated[
+        list[str],
+        typer.Argument(
+            help="An optional YAML config and dotted overrides, then OUT_URL: the folder or "
+            "fsspec URL to write the shards to.",
+            show_default=False,
+        ),
+    ],
+) -> None:
+    """Write model-ready samples (limb, scaling, z-score, size; float16 / bfloat16) as
+    shards, with Ray Data; resumes an interrupted run. Train on them with data.prepared=OUT_URL."""
+    plain = [a for a in args if "=" not in a]
+    if not plain:
+        raise typer.BadParameter("give OUT_URL, the folder or URL to write the shards to")
+    out = plain[-1]
+    rest = [a for a in args if a is not out]
+    with _friendly_errors():
+        run_prepare(_load(rest), out)
+
+
 @data_app.command("info")
 def data_info(
     args: Args = None, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False

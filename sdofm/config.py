@@ -158,6 +158,10 @@ class DataConfig(_Section):
     """Frames whose header is null or unparseable: skip and count them, or raise."""
     cache_dir: str = "data/cache"
     """Folder or URL (``s3://bucket/cache``: every node reaches it) for the index and statistics."""
+    prepared: str | None = None
+    """Folder or fsspec URL of prepared shards (``sdofm data prepare``): model-ready samples
+    that every consumer reads instead of decoding the stores (``data.storage_options``
+    reach it); they must have been prepared with this section's and ``transform``'s settings."""
 
     @model_validator(mode="before")
     @classmethod
@@ -309,6 +313,19 @@ class LoaderConfig(_Section):
     """Seconds one chunk GET may take before it is abandoned (and retried)."""
     read_backoff: float = Field(0.2, ge=0)
     """Seconds before the first retry; doubled for each next one (jittered, at most 10 s)."""
+
+
+class PrepareConfig(_Section):
+    """How ``sdofm data prepare`` writes prepared shards (``data.prepared`` reads them)."""
+
+    shard_samples: int = Field(256, ge=1)
+    """Samples per shard (one raw image file and one small metadata file each)."""
+    dtype: Literal["float16", "bfloat16"] = "float16"
+    """Stored dtype of the images. ``float16`` keeps 11 significant bits (z-scored and
+    scaled values lie far inside its range, and a value that does not fit is an error);
+    ``bfloat16`` keeps 8 bits with float32's range (for unscaled physical units)."""
+    splits: list[Literal["train", "val", "test"]] = ["train", "val", "test"]
+    """Splits to prepare."""
 
 
 # --------------------------------------------------------------------------- training
@@ -580,6 +597,8 @@ class Config(_Section):
     """Ray Data resources, batch size, shuffling, bad-frame policy."""
     synth: SynthConfig = SynthConfig()
     """The synthetic Sun written when ``data.root`` holds no stores."""
+    prepare: PrepareConfig = PrepareConfig()
+    """Prepared shards: samples per shard, stored dtype, splits."""
     model: ModelConfig = ModelConfig()
     """The backbone to pretrain."""
     train: TrainConfig = TrainConfig()

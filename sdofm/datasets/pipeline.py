@@ -34,6 +34,7 @@ import pandas as pd
 from sdofm.config import DataConfig, LoaderConfig, TransformConfig
 from sdofm.datasets.blocks import BlockReader, SkippedFrame, SkipReport, SplitPlan, plan_split
 from sdofm.datasets.index import load_or_build_index
+from sdofm.datasets.prepared import PreparedPlan, PreparedReader, PreparedSet
 from sdofm.datasets.sdoml import Archive, FrameError
 
 
@@ -53,16 +54,21 @@ class _ReadSpec:
 _READERS: dict[str, BlockReader] = {}
 
 
-def _reader(spec: _ReadSpec) -> BlockReader:
-    """This process's reader for one dataset (created on first use, then reused)."""
+def _reader(spec: _ReadSpec) -> BlockReader | PreparedReader:
+    """This process's reader for one dataset (created on first use, then reused): of the
+    stores, or of prepared shards with ``data.prepared``."""
     if spec.key not in _READERS:
         import ray
 
         while len(_READERS) >= 4:  # old pipelines of a long-lived worker
             _READERS.pop(next(iter(_READERS)))
-        _READERS[spec.key] = BlockReader(
-            spec.data, spec.transform, spec.loader, ray.get(spec.plan_ref), spec.stats
-        )
+        plan = ray.get(spec.plan_ref)
+        if spec.data.prepared:
+            _READERS[spec.key] = PreparedReader(spec.data, spec.transform, spec.loader, plan)
+        else:
+            _READERS[spec.key] = BlockReader(
+                spec.data, spec.transform, spec.loader, plan, spec.stats
+            )
     return _READERS[spec.key]
 
 
@@ -134,7 +140,9 @@ def _read_blocks(spec: _ReadSpec, blocks: np.ndarray, epoch: int | None):
         yield BlockAccessor.batch_to_block(batch)
 
 
-def _block_source(spec: _ReadSpec, plan: SplitPlan, shuffle: bool, epoch: int | None):
+def _block_source(
+    spec: _ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool, epoch: int | None
+):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -192,6 +200,11 @@ class SDOMLPipeline:
     ``table``: the alignment index (None: built or loaded from ``data``).
     ``stats``: the normalisation statistics, from
     ``sdofm.datasets.stats.load_or_compute_stats``; required when ``transform.zscore``.
+
+    With ``data.prepared`` the datasets read prepared shards (:mod:`sdofm.datasets.prepared`)
+    instead of the stores: the same batches, already transformed (whatever
+    ``transform.on`` says), in ``transform.dtype``; a shard folder prepared with other
+    data or transform settings is an error naming them.
     """
 
     def __init__(
@@ -202,19 +215,28 @@ class SDOMLPipeline:
         table: pd.DataFrame | None = None,
         stats: dict | None = None,
     ):
-        if transform.zscore and stats is None:
+        if transform.zscore and stats is None and not data.prepared:
             raise ValueError(
                 "transform.zscore needs normalisation statistics: compute them with "
                 "sdofm.datasets.stats.load_or_compute_stats and pass them as stats "
                 "(or set transform.zscore=false)"
             )
         self.data, self.transform, self.loader = data, transform, loader
-        self.table = table if table is not None else load_or_build_index(data)[0]
+        self.prepared = None
+        if data.prepared:
+            self.prepared = PreparedSet(data.prepared, data.storage_options)
+            self.prepared.check(data, transform)
+            self.table = table
+        else:
+            self.table = table if table is not None else load_or_build_index(data)[0]
         self.stats = stats
+        self._subsets: list[tuple[str, np.ndarray | None]] = []  # (split, subset) of each dataset
         self._registries: list[object] = []  # one registry actor per dataset made
         self._latest: dict[str, object] = {}  # split -> the registry of its newest dataset
 
-    def plan(self, split: str, subset: np.ndarray | None = None) -> SplitPlan:
+    def plan(self, split: str, subset: np.ndarray | None = None) -> SplitPlan | PreparedPlan:
+        if self.prepared is not None:
+            return self.prepared.plan(split, self.loader.block_size, subset)
         return plan_split(self.data, self.loader, self.table, split, subset)
 
     def num_samples(self, split: str) -> int:
@@ -222,6 +244,8 @@ class SDOMLPipeline:
 
     def sample_shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of the ``image`` of one sample."""
+        if self.prepared is not None:
+            return self.prepared.shape
         d = self.data
         first = d.channels[0]
         archive = Archive.open(d)
@@ -260,6 +284,7 @@ class SDOMLPipeline:
         registry = _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
         self._registries.append(registry)
         self._latest[split] = registry
+        self._subsets.append((split, subset))
         lc = self.loader
         spec = _ReadSpec(
             key, self.data, self.transform, lc, ray.put(plan), self.stats, registry=name
@@ -284,9 +309,25 @@ class SDOMLPipeline:
         """The distinct frames skipped so far by this pipeline's datasets (of ``split``, or
         all), each once, with the distinct samples they cost per split."""
         out = SkipReport()
+        if self.prepared is not None:  # skipped when the shards were written
+            return out.add(self._prepared_skips(split))
         for report, _ in self._reports():
             if split is None or split in report.samples:
                 out.merge(report)
+        return out
+
+    def _prepared_skips(self, split: str | None) -> list[SkippedFrame]:
+        """The frames skipped when the shards were written that cost samples of the datasets
+        made from them (of ``split``, or all)."""
+        out = []
+        for s in self.prepared.manifest.get("skipped", []):
+            for sp, subset in self._subsets:
+                lost = s["samples"].get(sp, [])
+                if subset is not None:
+                    lost = sorted(set(lost) & {int(i) for i in subset})
+                if lost and (split is None or sp == split):
+                    frame = (s["store"], s["year"], s["channel"], s["frame"], s["reason"])
+                    out.append(SkippedFrame(*frame, sp, tuple(lost)))
         return out
 
     @contextmanager

@@ -159,6 +159,8 @@ def load_or_compute_stats(
     """The statistics for ``data`` and ``transform``: reused while the index and transform
     settings match (cached in ``data.cache_dir``), else computed with Ray Data."""
     prov = stats_provenance(data, transform, table)
+    if data.prepared:
+        return _prepared_stats(data, transform, prov, recompute)
     path = stats_path(data.cache_dir, prov)
     found = None if recompute else read_bytes(path)
     if found is not None:
@@ -169,3 +171,29 @@ def load_or_compute_stats(
     write_bytes(path, json.dumps(stats, indent=1).encode())
     stats["path"] = path
     return stats
+
+
+def _prepared_stats(data: DataConfig, transform: TransformConfig, prov: dict, recompute: bool) -> dict:
+    """The statistics prepared shards were z-scored with (they travel in the manifest): the
+    z-scored shards cannot give statistics of their own that would not be these."""
+    from sdofm.datasets.prepared import MANIFEST, PreparedSet
+
+    ps = PreparedSet(data.prepared, data.storage_options)
+    ps.check(data, transform)
+    stats = ps.stats()
+    where = f"{ps.url}/{MANIFEST}"
+    if recompute:
+        raise ConfigError(
+            f"data.prepared: the shards of {ps.url} are z-scored with the statistics in "
+            f"{where}; to recompute statistics, read the stores (unset data.prepared)"
+        )
+    if stats is None:
+        raise ConfigError(
+            f"data.prepared: {ps.url} was prepared without z-score, so it holds no statistics"
+        )
+    if stats.get("provenance") != prov:
+        raise ConfigError(
+            f"data.prepared: the statistics in {where} were computed for another index or "
+            "transform than this config's: prepare the shards again"
+        )
+    return {**stats, "path": where}

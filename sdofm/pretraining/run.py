@@ -87,7 +87,8 @@ def pretrain(cfg: Config) -> PretrainResult:
     pipe = SDOMLPipeline(d, cfg.transform, cfg.loader, table, stats)
     shape = pipe.sample_shape()
     image_transform = None
-    if cfg.transform.on == "device":  # the readers only decode: the rest runs on the GPU
+    # The readers only decode: the rest runs on the GPU (prepared shards are transformed).
+    if cfg.transform.on == "device" and not d.prepared:
         from sdofm.datasets.blocks import make_preprocessor
         from sdofm.datasets.device import DeviceTransform
 
