@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sdofm.config import ConfigError, Config, DataConfig, LoaderConfig, TransformConfig, dump_config
+from sdofm.config import Config, ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -220,7 +220,14 @@ class PreparedSet:
             pos = np.flatnonzero(shard == s)
             blocks += [pos[i : i + block_size] for i in range(0, len(pos), block_size)]
         return PreparedPlan(
-            split, ids, blocks, shard, idx["row"], idx["sample"], idx["time"], idx["deg_cor"],
+            split,
+            ids,
+            blocks,
+            shard,
+            idx["row"],
+            idx["sample"],
+            idx["time"],
+            idx["deg_cor"],
             idx.get("eve"),
         )
 
@@ -290,8 +297,13 @@ def _write_shards(batch: dict, job: dict) -> dict:
     for split, k in zip(batch["split"], batch["shard"], strict=True):
         k = int(k)
         spec = _ReadSpec(
-            f"{job['key']}-{split}", job["data"], job["transform"], job["loader"],
-            job["plans"][split], job["stats"], registry="",
+            f"{job['key']}-{split}",
+            job["data"],
+            job["transform"],
+            job["loader"],
+            job["plans"][split],
+            job["stats"],
+            registry="",
         )
         reader = _reader(spec)
         parts, skipped = [], []
@@ -309,8 +321,14 @@ def _write_shards(batch: dict, job: dict) -> dict:
                 )
             parts.append({**{k_: v.copy() for k_, v in got.items() if k_ != "image"}, "image": x})
             skipped += [
-                {"store": s.store, "year": s.year, "channel": s.channel, "frame": s.frame,
-                 "reason": s.reason, "samples": list(s.samples)}
+                {
+                    "store": s.store,
+                    "year": s.year,
+                    "channel": s.channel,
+                    "frame": s.frame,
+                    "reason": s.reason,
+                    "samples": list(s.samples),
+                }
                 for s in why
             ]
         cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -354,7 +372,9 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
     t0 = time.perf_counter()
     d, pc = cfg.data.model_copy(update={"prepared": None}), cfg.prepare
     table, _ = load_or_build_index(d)
-    stats = load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
+    stats = (
+        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
+    )
     transform = cfg.transform.model_copy(update={"on": "reader", "dtype": "float32"})
     loader = cfg.loader.model_copy(update={"shuffle": False})
     shape = SDOMLPipeline(d, transform, loader, table, stats).sample_shape()
@@ -415,14 +435,24 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
         report.written[split] = 0
     if todo:
         job = {
-            "key": uuid.uuid4().hex[:12], "url": out, "storage_options": d.storage_options,
-            "data": d, "transform": transform, "loader": loader, "plans": plans,
-            "shard_blocks": shard_blocks, "stats": stats, "fingerprint": fingerprint,
+            "key": uuid.uuid4().hex[:12],
+            "url": out,
+            "storage_options": d.storage_options,
+            "data": d,
+            "transform": transform,
+            "loader": loader,
+            "plans": plans,
+            "shard_blocks": shard_blocks,
+            "stats": stats,
+            "fingerprint": fingerprint,
             "dtype": pc.dtype,
         }
         ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
-            _write_shards, fn_kwargs={"job": job}, batch_size=1,
-            num_cpus=cfg.loader.cpus_per_reader, concurrency=cfg.loader.readers,
+            _write_shards,
+            fn_kwargs={"job": job},
+            batch_size=1,
+            num_cpus=cfg.loader.cpus_per_reader,
+            concurrency=cfg.loader.readers,
         )
         done = 0
         for row in ds.iter_rows():

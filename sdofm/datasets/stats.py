@@ -173,7 +173,9 @@ def load_or_compute_stats(
     return stats
 
 
-def _prepared_stats(data: DataConfig, transform: TransformConfig, prov: dict, recompute: bool) -> dict:
+def _prepared_stats(
+    data: DataConfig, transform: TransformConfig, prov: dict, recompute: bool
+) -> dict:
     """The statistics prepared shards were z-scored with (they travel in the manifest): the
     z-scored shards cannot give statistics of their own that would not be these."""
     from sdofm.datasets.prepared import MANIFEST, PreparedSet

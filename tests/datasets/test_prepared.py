@@ -70,7 +70,9 @@ def test_prepared_samples_equal_the_streaming_ones(prepared):
     assert all(report.written[s] > 0 and report.kept[s] == 0 for s in SPLITS)
     assert report.written["train"] >= 2  # shard boundaries are crossed
     stream = _pipe(cfg)  # transform on the readers, float32
-    ready = _pipe(cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(out)})}))
+    ready = _pipe(
+        cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(out)})})
+    )
     assert ready.sample_shape() == stream.sample_shape() == (12, 2, 16, 16)
     for split in SPLITS:
         assert ready.num_samples(split) == stream.num_samples(split)
@@ -123,7 +125,9 @@ def test_an_interrupted_prepare_resumes_with_what_is_missing(prepared, tmp_path)
     (copy / "val" / "00000.npz").unlink()
     (copy / "train" / "00002.bin.1234abcd.tmp").write_bytes(b"half")
     with pytest.raises(ConfigError, match="not prepared to the end"):
-        SDOMLPipeline(cfg.data.model_copy(update={"prepared": str(copy)}), cfg.transform, cfg.loader)
+        SDOMLPipeline(
+            cfg.data.model_copy(update={"prepared": str(copy)}), cfg.transform, cfg.loader
+        )
     again = prepare(cfg, str(copy))
     assert again.written == {"train": 1, "val": 1, "test": 0}
     assert again.kept == {s: report.written[s] - again.written[s] for s in SPLITS}
@@ -139,13 +143,17 @@ def test_other_settings_are_refused_naming_them(prepared, tmp_path):
     with pytest.raises(ConfigError, match=r"transform.size: prepared 16, asked 8"):
         prepare(other, str(out))
     asked = cfg.data.model_copy(update={"prepared": str(out), "aia_channels": ["171A", "193A"]})
-    with pytest.raises(ConfigError, match=r"data.aia_channels: prepared \[.*\], asked \['171A', '193A'\]"):
+    with pytest.raises(
+        ConfigError, match=r"data.aia_channels: prepared \[.*\], asked \['171A', '193A'\]"
+    ):
         SDOMLPipeline(asked, cfg.transform, cfg.loader)
     limb = cfg.transform.model_copy(update={"limb": "mask_off_disk"})
     with pytest.raises(ConfigError, match="transform.limb"):
         SDOMLPipeline(cfg.data.model_copy(update={"prepared": str(out)}), limb, cfg.loader)
     with pytest.raises(ConfigError, match="holds no manifest.json"):
-        SDOMLPipeline(cfg.data.model_copy(update={"prepared": str(tmp_path)}), cfg.transform, cfg.loader)
+        SDOMLPipeline(
+            cfg.data.model_copy(update={"prepared": str(tmp_path)}), cfg.transform, cfg.loader
+        )
 
 
 def test_prepare_to_s3_and_read_back(prepared, s3_server, tmp_path):
@@ -154,13 +162,21 @@ def test_prepare_to_s3_and_read_back(prepared, s3_server, tmp_path):
     opts = storage_options(s3_server.url)
     url = "s3://sdofm-prepared/shards"
     s3_cfg = _cfg(
-        cfg.data.root, cfg.data.cache_dir, "prepare.splits=[val]",
+        cfg.data.root,
+        cfg.data.cache_dir,
+        "prepare.splits=[val]",
         f"data.storage_options={json.dumps(opts)}",
     )
     report = prepare(s3_cfg, url)
     assert report.written == {"val": (report.samples["val"] + 39) // 40}
-    local = _by_id(_pipe(cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(out)})})), "val")
-    remote = _by_id(_pipe(s3_cfg.model_copy(update={"data": s3_cfg.data.model_copy(update={"prepared": url})})), "val")
+    local = _by_id(
+        _pipe(cfg.model_copy(update={"data": cfg.data.model_copy(update={"prepared": str(out)})})),
+        "val",
+    )
+    remote = _by_id(
+        _pipe(s3_cfg.model_copy(update={"data": s3_cfg.data.model_copy(update={"prepared": url})})),
+        "val",
+    )
     assert sorted(local) == sorted(remote)
     assert all(np.array_equal(local[i]["image"], remote[i]["image"]) for i in local)
 
