@@ -4,7 +4,7 @@ Run from the repository root::
 
     .venv/bin/python bench/loader.py [--days D] [--resolution R] [--cpus N] [--root DIR]
                                      [--samples K] [--epochs E] [--readers R] [--block-size B]
-                                     [--warmup W] [--repeat P] [--only a0,a,b,c,cr]
+                                     [--warmup W] [--repeat P] [--only a0,a,b,c,cr,prepared]
     .venv/bin/python bench/loader.py --samples 100 --epochs 1 --warmup 0 --repeat 1  # short
 
 Two synthetic SDOML v2 archives are written once under ``--root`` (default
@@ -42,7 +42,12 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
      ``loader.readers`` (default N) x ``loader.cpus_per_reader`` reserve the N CPUs.
 (cr) ``stream, transform on the readers``: (c) with ``transform.on: reader`` (limb,
      log scaling and z-score on the readers' CPUs).
-     ``prepared`` (shards of model-ready samples) is not built yet: its ratio is null.
+(p)  ``prepared``: the same samples written once by ``sdofm data prepare`` (limb, scaling,
+     z-score on; float16; in a child process, untimed, reused while they exist), read
+     with ``PreparedReader.read_block`` (one ranged read of a shard file, ``np.frombuffer``,
+     the seeded in-block shuffle, float16 -> float32) in a process pool of N, no Ray: what
+     a reader costs with ``data.prepared`` set. ``prepared_vs_codec`` is its rate over (a0)'s
+     (the goal: at least 3x).
 
 Each contender runs ``--warmup`` untimed one-epoch passes (default 1), then
 ``--repeat`` timed passes (default 2) of which the fastest is reported (the machine may be shared; the
@@ -96,6 +101,7 @@ CONTENDERS = {
     "b": "(b) seed: torch DataLoader",
     "c": "(c) stream, transform on device",
     "cr": "(cr) stream, transform on readers",
+    "prepared": "(p) prepared shards, float16",
 }
 # ratio name -> (numerator, denominator, chunking, minimum): the issue's goals.
 GOALS = {
@@ -105,6 +111,7 @@ GOALS = {
     "stream_vs_seed_fpc15": ("c", "b", 15, 5.0),
     "stream_reader_vs_codec_fpc1": ("cr", "a0", 1, 0.5),
     "stream_reader_vs_codec_fpc15": ("cr", "a0", 15, 0.5),
+    "prepared_vs_codec": ("prepared", "a0", None, 3.0),
 }
 H100_BF16 = 989e12  # dense bf16 FLOP/s
 MFU = 0.40
@@ -159,25 +166,26 @@ class Result:
 
 def make_config(root: Path, frames_per_chunk: int, args: argparse.Namespace) -> Config:
     """The config of one store; the folder name carries the synth settings so stores are reused."""
+    return load_config(None, config_args(root, frames_per_chunk, args))
+
+
+def config_args(root: Path, frames_per_chunk: int, args: argparse.Namespace) -> list[str]:
     days = args.days[frames_per_chunk]
     store_root = root / f"r{args.resolution}-d{days}-aia{args.aia_cadence}m-fpc{frames_per_chunk}"
-    return load_config(
-        None,
-        [
-            f"data.root={store_root}",
-            f"synth.resolution={args.resolution}",
-            f"synth.periods=[{{start: 2011-10-01, days: {days}}}]",
-            f"synth.frames_per_chunk={frames_per_chunk}",
-            f"synth.aia_cadence={args.aia_cadence}min",
-            "data.split.val_months=[]",  # every aligned step is a train sample
-            "data.split.test_months=[]",
-            f"data.cache_dir={store_root}/cache",
-            f"loader.readers={args.readers}",
-            f"loader.cpus_per_reader={args.cpus_per_reader}",
-            f"loader.block_size={args.block_size}",
-            "transform.stats_samples=256",  # the z-score's statistics: throughput only
-        ],
-    )
+    return [
+        f"data.root={store_root}",
+        f"synth.resolution={args.resolution}",
+        f"synth.periods=[{{start: 2011-10-01, days: {days}}}]",
+        f"synth.frames_per_chunk={frames_per_chunk}",
+        f"synth.aia_cadence={args.aia_cadence}min",
+        "data.split.val_months=[]",  # every aligned step is a train sample
+        "data.split.test_months=[]",
+        f"data.cache_dir={store_root}/cache",
+        f"loader.readers={args.readers}",
+        f"loader.cpus_per_reader={args.cpus_per_reader}",
+        f"loader.block_size={args.block_size}",
+        "transform.stats_samples=256",  # the z-score's statistics: throughput only
+    ]
 
 
 def prepare(cfg: Config, frames_per_chunk: int, limit: int | None) -> Store:
@@ -282,10 +290,13 @@ def needed_chunks(store: Store, chunk_len: Callable[[str, str, str], int]):
                 yield url, str(year), c, int(chunk_id), sel - chunk_id * k
 
 
-def run_pool(store: Store, key: str, args: argparse.Namespace, fn, tasks, init=None) -> Result:
+def run_pool(
+    store: Store, key: str, args: argparse.Namespace, fn, tasks, init=None, wanted=None
+) -> Result:
     """Time passes of ``fn`` over ``tasks`` (``args.epochs`` times) in a fork pool of
-    ``args.cpus`` (start-up excluded)."""
-    wanted = wanted_frames(store)
+    ``args.cpus`` (start-up excluded); ``fn`` returns the frames it decoded (``wanted``
+    in all: default the frames the samples need)."""
+    wanted = wanted_frames(store) if wanted is None else wanted
     cpus = args.cpus
     chunksize = max(1, len(tasks) // (8 * cpus))  # small enough to balance the workers
 
@@ -394,6 +405,70 @@ def run_zarr(store: Store, args: argparse.Namespace) -> Result:
     tasks = list(needed_chunks(store, lambda u, y, c: _open_array(u, y, c).chunks[0]))
     keys = sorted({t[:3] for t in tasks})
     return run_pool(store, "a", args, _zarr_chunk, tasks, (_open_all, (keys,)))
+
+
+# --------------------------------------------------------------------------- (p) prepared
+
+_PREPARED: list = []  # per worker process: the PreparedReader
+
+
+def write_prepared(store: Store, args: argparse.Namespace) -> str:
+    """The bench's samples as prepared shards (``sdofm data prepare`` in a child process:
+    Ray runs there, the pools fork here). ``data.end`` right after the last sample makes
+    the train split exactly the bench's samples, with the same ids."""
+    out = Path(args.root) / f"prepared-{Path(store.cfg.data.root).name}-n{store.n}"
+    if (out / "manifest.json").exists() and json.loads((out / "manifest.json").read_text())[
+        "complete"
+    ]:
+        return str(out)
+    end = pd.Timestamp(store.samples["time"].iloc[-1]) + pd.Timedelta(minutes=1)
+    cmd = [
+        sys.executable,
+        "-c",
+        "from sdofm.cli import app; app()",
+        "data",
+        "prepare",
+        *config_args(Path(args.root), store.frames_per_chunk, args),
+        f"data.end={end.strftime('%Y-%m-%dT%H:%M:%S')}",
+        "prepare.splits=[train]",
+        str(out),
+    ]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    print(f"  prepared shards {out} written in {time.perf_counter() - t0:.0f} s", flush=True)
+    return str(out)
+
+
+def _prepared_init(cfg: Config, url: str) -> None:
+    from sdofm.datasets.prepared import PreparedReader, PreparedSet
+
+    d = cfg.data.model_copy(update={"prepared": url})
+    plan = PreparedSet(url, {}).plan("train", cfg.loader.block_size)
+    _PREPARED[:] = [PreparedReader(d, cfg.transform, cfg.loader, plan)]
+
+
+def _prepared_block(block: int) -> int:
+    batch, _ = _PREPARED[0].read_block(block, 0)
+    assert batch["image"].dtype == np.float32
+    return len(batch["sample"])
+
+
+def run_prepared(store: Store, args: argparse.Namespace) -> Result:
+    url = write_prepared(store, args)
+    _prepared_init(store.cfg, url)  # the delivery check, untimed
+    reader = _PREPARED[0]
+    blocks = range(len(reader.plan.blocks))
+    n, ids = consume((reader.read_block(b, 0)[0] for b in blocks), "image", "sample")
+    check_delivery(store, "prepared", n, ids)
+    return run_pool(
+        store,
+        "prepared",
+        args,
+        _prepared_block,
+        list(blocks),
+        (_prepared_init, (store.cfg, url)),
+        wanted=store.n,
+    )
 
 
 # --------------------------------------------------------------------------- (b) the seed
@@ -586,7 +661,9 @@ def ratio_table(value: dict[tuple[str, int], float]) -> dict[str, float | None]:
             out[f"{name}_vs_codec_fpc{k}"] = round(x / a0, 3) if a0 and x else None
         b, c = value.get(("b", k)), value.get(("c", k))
         out[f"stream_vs_seed_fpc{k}"] = round(c / b, 3) if b and c else None
-    out["prepared_vs_codec"] = None  # no prepared-shard path yet
+    # The prepared shards hold the same samples whatever the store's chunking.
+    pairs = [(value.get(("prepared", k)), value.get(("a0", k))) for k in CHUNKINGS]
+    out["prepared_vs_codec"] = next((round(p / a, 3) for p, a in pairs if p and a), None)
     return out
 
 
@@ -614,7 +691,6 @@ def report(results: list[Result], args: argparse.Namespace, demand: dict, busy: 
             f"{name:<30} {value if value is not None else '-':>7}  goal >= {minimum}  {state:<8}"
             f"  (per CPU-second: {by_cpu if by_cpu is not None else '-'})"
         )
-    print(f"{'prepared_vs_codec':<30} {'-':>7}  (no prepared-shard path yet)")
 
     label = {(r.key, r.chunking): f"{r.key}_fpc{r.chunking}" for r in results}
     rates = {label[r.key, r.chunking]: round(r.rate, 2) for r in results}
@@ -760,7 +836,7 @@ def main() -> None:
         gib = warm_page_cache(s) / 2**30
         print(f"page cache: read {gib:.1f} GiB of {s.cfg.data.root}", flush=True)
         # The pools fork: run them while Ray is not running in this process.
-        for key, run in (("a0", run_codec), ("a", run_zarr)):
+        for key, run in (("a0", run_codec), ("a", run_zarr), ("prepared", run_prepared)):
             if key in only:
                 results.append(run(s, args))
                 print(results[-1].row(), flush=True)

@@ -10,13 +10,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+from sdofm.cli import app
 from sdofm.config import ConfigError
 from sdofm.datasets.index import load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
 from sdofm.datasets.prepared import decode, encode, prepare
 from sdofm.datasets.stats import load_or_compute_stats
-from tests.conftest import small_config
+from tests.conftest import SMALL, small_config
 from tests.s3 import storage_options
 
 EXTRA = (
@@ -30,16 +32,19 @@ EXTRA = (
 SPLITS = ("train", "val", "test")
 
 
-def _cfg(root, cache, *extra):
-    return small_config(
-        root,
+def _args(root, cache, *extra) -> list[str]:
+    return [
         f"data.cache_dir={cache}",
         "loader.block_size=8",
         "loader.readers=1",
         "loader.shuffle_buffer=0",
         *EXTRA,
         *extra,
-    )
+    ]
+
+
+def _cfg(root, cache, *extra):
+    return small_config(root, *_args(root, cache, *extra))
 
 
 def _pipe(cfg) -> SDOMLPipeline:
@@ -128,10 +133,15 @@ def test_an_interrupted_prepare_resumes_with_what_is_missing(prepared, tmp_path)
         SDOMLPipeline(
             cfg.data.model_copy(update={"prepared": str(copy)}), cfg.transform, cfg.loader
         )
-    again = prepare(cfg, str(copy))
-    assert again.written == {"train": 1, "val": 1, "test": 0}
-    assert again.kept == {s: report.written[s] - again.written[s] for s in SPLITS}
-    assert again.samples == report.samples
+    args = [*SMALL, f"data.root={cfg.data.root}", *_args(cfg.data.root, cfg.data.cache_dir)]
+    r = CliRunner().invoke(app, ["data", "prepare", *args, str(copy)])
+    assert r.exit_code == 0, r.output
+    for split, written in (("train", 1), ("val", 1), ("test", 0)):
+        kept = report.written[split] - written
+        line = (
+            f"{split}: {report.samples[split]} samples; {written} shard(s) written, {kept} already"
+        )
+        assert line in r.output, r.output
     after = {p.relative_to(copy): p.read_bytes() for p in copy.rglob("*.bin")}
     assert after == before
     assert json.loads((copy / "manifest.json").read_text())["complete"] is True
