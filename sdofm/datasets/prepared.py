@@ -311,8 +311,9 @@ def _write_shards(batch: dict, job: dict) -> dict:
         for b in range(b0, b1):
             got, why = reader.read_block(b, 0)
             x = encode(got["image"], job["dtype"])  # a new array: the reader reuses its buffer
-            if len(x) and not np.isfinite(decode(x, job["dtype"])).all():
-                bad = np.flatnonzero(~np.isfinite(decode(x, job["dtype"])).all(axis=(0, 2, 3, 4)))
+            finite = np.isfinite(decode(x, job["dtype"]))
+            if not finite.all():
+                bad = np.flatnonzero(~finite.all(axis=(0, 2, 3, 4)))
                 names = [job["data"].channels[i] for i in bad]
                 raise ValueError(
                     f"prepare: shard {k} of {split} has values of channel(s) {names} that do "
@@ -494,9 +495,16 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
         {**s, "samples": {k: sorted(v) for k, v in s["samples"].items()}}
         for _, s in sorted(seen.items())
     ]
+    # Splits an earlier run of the same settings prepared stay part of the folder.
+    kept = {k: v for k, v in (old or {}).get("splits", {}).items() if k not in splits}
+    kept_skips = [
+        {**s, "samples": {k: v for k, v in s["samples"].items() if k in kept}}
+        for s in (old or {}).get("skipped", [])
+        if set(s["samples"]) & set(kept)
+    ]
     manifest.update(
-        splits=splits,
-        skipped=report.skipped,
+        splits={**kept, **splits},
+        skipped=report.skipped + kept_skips,
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         complete=True,
     )
