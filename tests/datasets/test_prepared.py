@@ -107,13 +107,15 @@ def test_prepared_samples_equal_the_streaming_ones(prepared):
     assert order == again and order != sorted(order) and sorted(order) == sorted(train)
 
 
-def test_bfloat16_rounds_as_torch_does():
+def test_bfloat16_rounds_as_torch_does_and_both_dtypes_decode():
     x = np.random.default_rng(0).normal(0, 30, 10_000).astype(np.float32)
     x[:3] = (0.0, -1e30, 3.0e38)
     ours = encode(x, "bfloat16")
     theirs = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
     assert np.array_equal(ours, theirs)
-    assert np.array_equal(decode(ours, "bfloat16"), torch.from_numpy(x).bfloat16().float().numpy())
+    assert np.array_equal(decode(ours, "bfloat16"), (ours.astype(np.uint32) << 16).view(np.float32))
+    half = x[3:].astype(np.float16)  # (the first three do not fit float16)
+    assert np.array_equal(decode(half.view(np.uint16), "float16"), half.astype(np.float32))
 
 
 def test_an_interrupted_prepare_resumes_with_what_is_missing(prepared, tmp_path):
