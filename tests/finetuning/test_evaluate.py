@@ -76,12 +76,17 @@ def _pretrain_briefly(cfg, path, steps=300):
     for group in opt.param_groups:
         group["lr"] = 2e-3
     rng = np.random.default_rng(0)
-    for _ in range(steps):
-        x = torch.from_numpy(train[rng.integers(0, len(train), 16)])
-        loss = objective.loss(model, {"image": x}, None, "model", torch.device("cpu"))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: two threads beside Ray's cost 100x here
+    try:
+        for _ in range(steps):
+            x = torch.from_numpy(train[rng.integers(0, len(train), 16)])
+            loss = objective.loss(model, {"image": x}, None, "model", torch.device("cpu"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
     save_checkpoint(
         path, model, {"model": opt}, TrainState(steps, 0, 0), objective.checkpoint_meta(model)
     )
