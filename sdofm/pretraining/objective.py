@@ -33,6 +33,12 @@ def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -
     return {**from_data, **model.overrides}
 
 
+def draw_seed(seed: int, sample: int) -> int:
+    """A 32-bit seed for the random draws of scoring ``sample`` (torch's CPU generator keeps
+    only 32 bits of a seed, so the two are hashed rather than packed into 64)."""
+    return int(np.random.SeedSequence([seed, 12345, sample]).generate_state(1)[0])
+
+
 class BackboneObjective(Objective):
     """What every pretraining objective shares: a registered model built with ``kwargs``,
     and AdamW without decay on norms, biases and tokens."""
@@ -95,7 +101,7 @@ class MaskedReconstruction(BackboneObjective):
         and its id alone, whatever batch or worker it falls in."""
         noise = []
         for i in np.asarray(ids).tolist():
-            g = torch.Generator().manual_seed((self.seed + 12345) * 2**32 + int(i))
+            g = torch.Generator().manual_seed(draw_seed(self.seed, int(i)))
             noise.append(model.masking_noise(1, generator=g))
         return torch.argsort(torch.cat(noise), dim=1)
 
@@ -207,7 +213,7 @@ class ELBO(BackboneObjective):
         the posterior draws are seeded from the seed and the batch's first id."""
         devices = [imgs.device] if imgs.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed((self.seed + 12345) * 2**32 + int(np.asarray(ids)[0]))
+            torch.manual_seed(draw_seed(self.seed, int(np.asarray(ids)[0])))
             err = model(imgs, kl_weight=1.0)["recon_channels"].float()
         return err, torch.ones(len(err), device=err.device)
 
