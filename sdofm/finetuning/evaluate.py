@@ -205,9 +205,9 @@ def format_board(board: Board) -> str:
         if r["task"] == RECONSTRUCTION and not section:
             section = True
             out.append(
-                "-- the backbone's own masked reconstruction on the test split: the "
-                "pretraining loss per channel, pretrained vs the same model with random "
-                "weights, same masks --"
+                "-- reconstruction: the backbone itself on the test split, its pretraining "
+                "loss per channel (MAE: masked patches), pretrained vs the same model with "
+                "random weights on the same masks or draws --"
             )
         out.append(join(line))
     out.append(

@@ -132,7 +132,7 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
     assert [r["metric"] for r in rows] == ["mae", "success_0.05", "success_0.1"]
     text = format_board(board)
     assert "mae (down)" in text and "beats random" in text
-    assert "masked reconstruction on the test split" in text
+    assert "reconstruction: the backbone itself on the test split" in text
 
     # The backbone's masked reconstruction, per channel, equals a computation by hand of
     # the squared error on the masked patches of every test sample, for both arms.
