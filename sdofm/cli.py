@@ -718,7 +718,8 @@ def evaluate_cmd(
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test split.")] = 1000,
 ) -> None:
     """Score every head on the fixed test split against two controls (the same head on a
-    randomly initialised encoder, and the from-scratch baseline), with bootstrap intervals."""
+    randomly initialised encoder, and the from-scratch baseline), with bootstrap intervals;
+    and the backbone's own masked reconstruction per channel against its random-init twin."""
     with _friendly_errors():
         cfg = _load(_with_backbone(args, backbone))
         _start_ray(dashboard=True)

@@ -9,10 +9,11 @@ stall a share of GETs to drill retries.
 
 from __future__ import annotations
 
+import atexit
 import http.client
 import os
 import random
-import signal
+import shutil
 import socket
 import subprocess
 import sys
@@ -47,8 +48,26 @@ def _wait_listening(host: str, port: int, proc: subprocess.Popen, timeout: float
     raise TimeoutError(f"moto_server did not listen on {host}:{port} within {timeout:.0f} s")
 
 
+# Run in the child before moto_server replaces it: on Linux the kernel sends SIGKILL to
+# the server when the process that started it dies, however it dies (a pytest killed by
+# `timeout` or SIGKILL runs no fixture teardown and no atexit hook), and the setting
+# survives the exec. argv: parent pid, then the server's command line.
+_LAUNCH = """
+import ctypes, os, signal, sys
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+except (OSError, AttributeError):
+    pass  # not Linux: stop() and atexit remain
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(1)  # the parent died before prctl: nobody will stop the server
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 class MotoServer:
-    """``moto_server`` in its own process group, stopped by pid."""
+    """``moto_server`` in its own process group, stopped by pid, and killed by the kernel
+    when the process that started it dies (start it from a thread that outlives it, as
+    pytest's main thread does: the death signal follows the starting thread)."""
 
     def __init__(self, host: str = "127.0.0.1", port: int | None = None, log: Path | None = None):
         self.host = host
@@ -63,23 +82,40 @@ class MotoServer:
 
     def start(self) -> MotoServer:
         exe = Path(sys.executable).with_name("moto_server")
-        cmd = [str(exe) if exe.exists() else "moto_server", "-H", self.host, "-p", str(self.port)]
+        exe = str(exe) if exe.exists() else shutil.which("moto_server")
+        if exe is None:
+            raise RuntimeError("moto_server not found: install moto[server]")
+        server = [exe, "-H", self.host, "-p", str(self.port)]
+        cmd = [sys.executable, "-c", _LAUNCH, str(os.getpid()), *server]
         out = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        _wait_listening(self.host, self.port, self.proc)
+        try:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        finally:
+            if self.log:
+                out.close()  # the child holds its own copy
+        atexit.register(self.stop)  # a session that exits without its fixture teardown
+        try:
+            _wait_listening(self.host, self.port, self.proc)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the server's pid, then SIGKILL if it has not exited within 10 s;
+        returns once it is reaped."""
+        if self.proc is None:
             return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        atexit.unregister(self.stop)
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
 
     # ------------------------------------------------------------------ buckets
 

@@ -26,6 +26,9 @@ class Backbone:
     channels: list[str] | None = None
     family: str = "mae"
     """The model family whose encoder this is (``sdofm.models.encoders()``)."""
+    model: tuple[str, dict] | None = None
+    """(flavour, constructor arguments) of the whole pretrained model, decoder included,
+    where the checkpoint records them (the scoreboard scores its reconstructions)."""
 
     def encoder(self) -> nn.Module:
         """The encoder with these weights; only decoder keys may be left unused."""
@@ -85,6 +88,7 @@ def _from_checkpoint(
         run_id or state.get("run_id"),
         state.get("channels"),
         state.get("encoder_family", "mae"),
+        (state["model_name"], state["model_config"]) if "model_name" in state else None,
     )
 
 

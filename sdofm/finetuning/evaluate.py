@@ -11,6 +11,11 @@ Each trained head predicts every test sample once; the board's metrics and their
 intervals come from a bootstrap over test samples. The comparison is paired: each
 resample draws the same samples for all three arms, and "beats" means the 95 % interval
 of the difference lies on the better side of zero.
+
+The backbone itself is scored too, in its own section: its pretraining objective's
+reconstruction term per channel on the test split (the MAE's squared error on masked
+patches in z-scored units, the NVAE's Gaussian NLL), against the same whole model with
+random weights on the same masks or posterior draws. There is no from-scratch arm there.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
-from sdofm.finetuning.backbone import Backbone
+from sdofm.finetuning.backbone import Backbone, resolve_backbone
 
 ARMS = ("pretrained", "random_init", "from_scratch")
 CONTROLS = ARMS[1:]
+RECONSTRUCTION = "reconstruction"
+"""The board's section (its ``task``) of the backbone's own masked-reconstruction error."""
 
 
 @dataclass
@@ -78,6 +85,67 @@ def bootstrap(
     return point, draws
 
 
+def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict]:
+    """-> (score name, arm -> {"sums": (n, C), "weight": (n,)}): the reconstruction term of
+    every test sample and channel (``BackboneObjective.sample_errors``), in the pretraining
+    transform, rows in sample order, for the whole pretrained model and for the same
+    architecture with random weights (seeded as :func:`random_init`, so its encoder is that
+    arm's encoder), both on the same masks or posterior draws."""
+    import torch
+
+    from sdofm.datasets.index import load_or_build_index
+    from sdofm.datasets.pipeline import SDOMLPipeline
+    from sdofm.datasets.stats import load_or_compute_stats
+    from sdofm.pretraining.objective import scoring_objective
+
+    d = cfg.data
+    table, _ = load_or_build_index(d)
+    stats = (
+        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
+    )
+    transform = cfg.transform.model_copy(update={"on": "reader"})
+    pipe = SDOMLPipeline(d, transform, cfg.loader, table, stats)
+    backbone.check(cfg, pipe.sample_shape())
+    if pipe.num_samples("test") == 0:
+        raise ConfigError(f"the test split of {d.root} is empty: check data.split")
+    name, kwargs = backbone.model
+    objective = scoring_objective(backbone.family, name, kwargs, d.channels, cfg.train.seed)
+    pretrained = objective.build_model()
+    pretrained.load_state_dict(backbone.state_dict)
+    torch.manual_seed(cfg.train.seed)
+    models = {"pretrained": pretrained.eval(), "random_init": objective.build_model().eval()}
+    parts: dict[str, list] = {arm: [] for arm in models}
+    ids = []
+    with pipe.frame_errors():
+        batches = pipe.dataset("test", epoch=0).iter_batches(
+            batch_size=cfg.finetune.batch_size, batch_format="numpy"
+        )
+        for batch in batches:
+            imgs = torch.as_tensor(batch["image"]).float()
+            for arm, model in models.items():
+                sums, weight = objective.sample_errors(model, imgs, batch["sample"])
+                parts[arm].append((sums.double().numpy(), weight.double().numpy()))
+            ids.append(batch["sample"])
+    order = np.argsort(np.concatenate(ids))
+    scores = {
+        arm: {
+            "sums": np.concatenate([s for s, _ in p])[order],
+            "weight": np.concatenate([w for _, w in p])[order],
+        }
+        for arm, p in parts.items()
+    }
+    return objective.score_name, scores
+
+
+def reconstruction_summary(scores: dict[str, np.ndarray], channels, score: str) -> dict:
+    """Each channel's error over (a resample of) the test samples, and their mean (the
+    pretraining loss)."""
+    per_channel = scores["sums"].sum(0) / scores["weight"].sum()
+    out = {f"{score}_{c}": float(v) for c, v in zip(channels, per_channel, strict=True)}
+    out[f"{score}_mean"] = float(per_channel.mean())
+    return out
+
+
 def board_rows(task, point, draws, metrics) -> list[dict]:
     """Rows of the board for one task: each arm's value and 95 % interval, and whether the
     pretrained arm beats each control (the paired difference's interval excludes zero)."""
@@ -104,8 +172,15 @@ def format_board(board: Board) -> str:
     """The board as a plain-text table (printed and logged to MLflow)."""
 
     def cell(row, arm):
+        if arm not in row:
+            return "n/a"
         lo, hi = row[f"{arm}_ci"]
         return f"{row[arm]:.4f} [{lo:.4f}, {hi:.4f}]"
+
+    def verdict(row, control):
+        if f"beats_{control}" not in row:
+            return "n/a"
+        return "yes" if row[f"beats_{control}"] else "NO"
 
     head = ["task", "metric", *ARMS, "beats random", "beats scratch"]
     lines = []
@@ -116,12 +191,25 @@ def format_board(board: Board) -> str:
                 r["task"],
                 f"{r['metric']} ({arrow})",
                 *(cell(r, a) for a in ARMS),
-                *("yes" if r.get(f"beats_{c}") else "NO" for c in CONTROLS),
+                *(verdict(r, c) for c in CONTROLS),
             ]
         )
     widths = [max(len(x) for x in col) for col in zip(head, *lines, strict=True)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True))]
-    out += ["  ".join(x.ljust(w) for x, w in zip(line, widths, strict=True)) for line in lines]
+
+    def join(cells):
+        return "  ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)).rstrip()
+
+    out = [join(head)]
+    section = False
+    for r, line in zip(board.rows, lines, strict=True):
+        if r["task"] == RECONSTRUCTION and not section:
+            section = True
+            out.append(
+                "-- reconstruction: the backbone itself on the test split, its pretraining "
+                "loss per channel (MAE: masked patches), pretrained vs the same model with "
+                "random weights on the same masks or draws --"
+            )
+        out.append(join(line))
     out.append(
         f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
         "'beats': the interval of the pretrained arm's gain lies above zero)"
@@ -219,6 +307,25 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed
             )
             board.rows += board_rows(task_name, point, draws, task.board)
+        backbone = resolve_backbone(
+            cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
+        )
+        if backbone.model is None:
+            board.skipped[RECONSTRUCTION] = (
+                f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
+                "older checkpoint): give its pretraining run id or checkpoint folder"
+            )
+        else:
+            score, scores = reconstruction_scores(cfg, backbone)
+            channels = cfg.data.channels
+            point, draws = bootstrap(
+                lambda s: reconstruction_summary(s, channels, score),
+                scores,
+                n_boot,
+                cfg.train.seed,
+            )
+            metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
+            board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
     except BaseException:
         tracking.end_run(uri, parent, "FAILED")
         raise
@@ -226,7 +333,9 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
     text = format_board(board)
     tracking.log_text(uri, parent, text, "scoreboard.txt")
     tracking.log_text(uri, parent, json.dumps(board.rows, indent=2), "scoreboard.json")
-    metrics = {f"{r['task']}/{arm}/{r['metric']}": r[arm] for r in board.rows for arm in ARMS}
+    metrics = {
+        f"{r['task']}/{arm}/{r['metric']}": r[arm] for r in board.rows for arm in ARMS if arm in r
+    }
     tracking.log_metrics(uri, parent, metrics)
     tracking.end_run(uri, parent, "FINISHED")
     return board

@@ -197,14 +197,19 @@ class MAEEncoder(nn.Module):
         n = self.num_patches if self.masking == "random" else self.num_on_disk
         return round(n * (1.0 - mask_ratio))
 
-    def masking_noise(self, batch_size: int) -> Tensor:
+    def masking_noise(self, batch_size: int, generator: torch.Generator | None = None) -> Tensor:
         """-> (B, L) sort keys: the tokens with the smallest keys are kept.
 
         "disk" and "solar" give off-disk tokens keys in [1, 2), above every on-disk key.
         "solar" uses log(u) / w (Efraimidis-Spirakis): the masked set, the largest keys, is a
         sample without replacement with probability proportional to the weight w.
+        ``generator``: a CPU generator to draw from (fixed masks), else the global one.
         """
-        u = torch.rand(batch_size, self.num_patches, device=self.on_disk.device)
+        if generator is None:
+            u = torch.rand(batch_size, self.num_patches, device=self.on_disk.device)
+        else:
+            u = torch.rand(batch_size, self.num_patches, generator=generator)
+            u = u.to(self.on_disk.device)
         if self.masking == "random":
             return u
         noise = u.log() / self.mask_weight if self.masking == "solar" else u
@@ -379,17 +384,18 @@ class MaskedAutoencoder(MAEEncoder):
         return masked_loss(pred, self.loss_target(imgs), self.loss_weights(mask))
 
     def channel_errors(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """imgs: (B, C, T, H, W), pred: (B, L, P), mask: (B, L) -> (C,) sums, () weight.
+        """imgs: (B, C, T, H, W), pred: (B, L, P), mask: (B, L) -> (B, C) sums, (B,) weights.
 
-        Squared error per channel summed over the masked patches (each patch's mean over its
-        pixels), and the summed patch weight: ``sums / weight`` is the loss of each channel,
-        and their mean is ``forward_loss``. Sums let shards and batches be added up exactly.
+        Squared error per sample and channel summed over the masked patches (each patch's
+        mean over its pixels), and each sample's summed patch weight: summed over samples,
+        ``sums / weight`` is the loss of each channel, and their mean is ``forward_loss``.
+        Sums let samples, shards and batches be added up exactly.
         """
         C = self.in_chans
         err = (pred - self.loss_target(imgs)).pow(2)
         err = err.reshape(*err.shape[:2], -1, C).mean(dim=2)  # (B, L, C): channel is last in P
         w = self.loss_weights(mask)
-        return (err * w.unsqueeze(-1)).sum(dim=(0, 1)), w.sum()
+        return (err * w.unsqueeze(-1)).sum(dim=1), w.sum(dim=1)
 
     def reconstruct(self, imgs: Tensor, pred: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
         """-> (masked input, reconstruction), both (B, C, T, H, W) in the units of ``imgs``.
@@ -413,12 +419,16 @@ class MaskedAutoencoder(MAEEncoder):
         assert not missing, f"encoder weights missing from the autoencoder: {missing}"
         return enc.to(self.cls_token.device)
 
-    def forward(self, imgs: Tensor, mask_ratio: float | None = None) -> dict[str, Tensor]:
-        """imgs: (B, C, T, H, W) -> {"loss": (), "pred": (B, L, P), "mask": (B, L)}."""
+    def forward(
+        self, imgs: Tensor, mask_ratio: float | None = None, ids_shuffle: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """imgs: (B, C, T, H, W) -> {"loss": (), "pred": (B, L, P), "mask": (B, L)}.
+
+        ids_shuffle: (B, L) fixed masks (see ``random_masking``), else drawn."""
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1) to train, got {mask_ratio}")
-        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio)
+        latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
         pred = self.forward_decoder(latent, ids_restore)
         loss = self.forward_loss(imgs, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask}

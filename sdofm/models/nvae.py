@@ -513,7 +513,7 @@ class NVAE(NVAEEncoder):
         self, x: Tensor, kl_weight: float = 1.0, free_bits: float = 0.0
     ) -> dict[str, Tensor]:
         """x: (B, C, T, H, W) -> {"loss": (), "recon": (), "kl": (G,), "elbo": (),
-        "x_hat": (B, C, T, H, W), "kl_coeffs": (G,)}.
+        "x_hat": (B, C, T, H, W), "kl_coeffs": (G,), "recon_channels": (B, C)}.
 
         loss = recon + kl_weight * sum_l kl_coeffs[l] * max(kl[l], free_l); the coefficients
         are the KL balancing ones while kl_weight < 1 (the warm-up) and ones at kl_weight = 1.
@@ -525,7 +525,8 @@ class NVAE(NVAEEncoder):
         mu, logsig, kls, _ = self.decoder_net(self.bottom_up(x), x.shape[0])
         target = self.stack_frames(x)
         D = self.num_dims
-        recon = gaussian_nll(target, mu, logsig).sum(dim=(1, 2, 3)).mean() / D
+        nll = gaussian_nll(target, mu, logsig)
+        recon = nll.sum(dim=(1, 2, 3)).mean() / D
         kl = torch.stack([k.sum(dim=(1, 2, 3)).mean() for k in kls]) / D
         if kl_weight < 1.0:
             per_latent = torch.stack([k.mean() for k in kls])
@@ -541,6 +542,8 @@ class NVAE(NVAEEncoder):
             "elbo": -(recon + kl.sum()),
             "x_hat": self.unstack_frames(mu),
             "kl_coeffs": coeffs,
+            # nats per dimension of each sample's channels; their mean over both is recon
+            "recon_channels": self.unstack_frames(nll).mean(dim=(2, 3, 4)),
         }
 
     @torch.no_grad()

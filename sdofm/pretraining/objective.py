@@ -33,6 +33,12 @@ def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -
     return {**from_data, **model.overrides}
 
 
+def draw_seed(seed: int, sample: int) -> int:
+    """A 32-bit seed for the random draws of scoring ``sample`` (torch's CPU generator keeps
+    only 32 bits of a seed, so the two are hashed rather than packed into 64)."""
+    return int(np.random.SeedSequence([seed, 12345, sample]).generate_state(1)[0])
+
+
 class BackboneObjective(Objective):
     """What every pretraining objective shares: a registered model built with ``kwargs``,
     and AdamW without decay on norms, biases and tokens."""
@@ -56,6 +62,27 @@ class BackboneObjective(Objective):
         groups = param_groups(model, self.weight_decay)
         return {"model": torch.optim.AdamW(groups, betas=self.betas)}
 
+    score_name: str = "error"
+    """What :meth:`sample_errors` measures (the scoreboard's metric names)."""
+
+    def sample_errors(self, model, imgs: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """imgs: (B, C, T, H, W), ids: (B,) sample ids -> (B, C) sums, (B,) weights: the
+        reconstruction term of each sample and channel, summed over what it averages (a
+        channel's error over samples is ``sums.sum(0) / weights.sum()``). Its random draws
+        depend on the seed and the sample ids only, so two models of one architecture are
+        scored on the same draws (a paired comparison)."""
+        raise NotImplementedError
+
+    def checkpoint_meta(self, model: nn.Module) -> dict:
+        """The encoder's and the whole model's constructor arguments, and the channels."""
+        return {
+            "encoder_config": model.encoder_config,
+            "encoder_family": self.family,
+            "model_name": self.model_name,
+            "model_config": self.kwargs,
+            "channels": self.channels,
+        }
+
 
 class MaskedReconstruction(BackboneObjective):
     """Masked autoencoding (He et al. 2022): the model returns its own loss on the masked
@@ -63,35 +90,54 @@ class MaskedReconstruction(BackboneObjective):
     reconstructions (input, masked, reconstruction, |error|)."""
 
     headline = ("val/loss",)
+    family = "mae"
+    score_name = "masked_mse"
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         return model(batch["image"].to(device, non_blocking=True).float())["loss"]
 
+    def fixed_masks(self, model, ids) -> torch.Tensor:
+        """ids: (B,) sample ids -> ids_shuffle (B, L): each sample's mask drawn from the seed
+        and its id alone, whatever batch or worker it falls in."""
+        noise = []
+        for i in np.asarray(ids).tolist():
+            g = torch.Generator().manual_seed(draw_seed(self.seed, int(i)))
+            noise.append(model.masking_noise(1, generator=g))
+        return torch.argsort(torch.cat(noise), dim=1)
+
+    def masked_forward(self, model, imgs: torch.Tensor, ids) -> dict[str, torch.Tensor]:
+        """The model's output on ``imgs`` (B, C, T, H, W) under :meth:`fixed_masks`."""
+        return model(imgs, ids_shuffle=self.fixed_masks(model, ids).to(imgs.device))
+
+    @torch.no_grad()
+    def sample_errors(self, model, imgs: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared error on the masked patches per sample and channel, under fixed masks."""
+        out = self.masked_forward(model, imgs, ids)
+        return model.channel_errors(imgs, out["pred"].float(), out["mask"])
+
     @torch.no_grad()
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
-        """Masked loss per channel over this worker's shard, summed over every worker. The
-        masks are drawn from a fixed seed, so validations are comparable across steps."""
+        """Masked loss per channel over this worker's shard, summed over every worker. Each
+        sample's mask is fixed (:meth:`fixed_masks`), so validations are comparable across
+        steps and worker counts."""
         model.eval()
         sums = torch.zeros(len(self.channels), dtype=torch.float64, device=ctx.device)
         weight = torch.zeros((), dtype=torch.float64, device=ctx.device)
         samples = []
-        devices = [ctx.device] if ctx.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + 12345)
-            for batch in shard.iter_torch_batches(
-                batch_size=ctx.batch_size, prefetch_batches=ctx.prefetch_batches
-            ):
-                imgs = batch["image"].to(ctx.device).float()
-                with autocast(ctx.device, ctx.precision):
-                    out = model(imgs)
-                s, w = model.channel_errors(imgs, out["pred"].float(), out["mask"])
-                sums += s.double()
-                weight += w.double()
-                if len(samples) < ctx.figures:
-                    masked, recon = model.reconstruct(imgs, out["pred"].float(), out["mask"])
-                    for i in range(min(ctx.figures - len(samples), len(imgs))):
-                        images = tuple(x[i, :, -1].cpu().numpy() for x in (imgs, masked, recon))
-                        samples.append((*images, int(batch["time"][i, -1])))
+        for batch in shard.iter_torch_batches(
+            batch_size=ctx.batch_size, prefetch_batches=ctx.prefetch_batches
+        ):
+            imgs = batch["image"].to(ctx.device).float()
+            with autocast(ctx.device, ctx.precision):
+                out = self.masked_forward(model, imgs, batch["sample"].cpu())
+            s, w = model.channel_errors(imgs, out["pred"].float(), out["mask"])
+            sums += s.sum(0).double()
+            weight += w.sum().double()
+            if len(samples) < ctx.figures:
+                masked, recon = model.reconstruct(imgs, out["pred"].float(), out["mask"])
+                for i in range(min(ctx.figures - len(samples), len(imgs))):
+                    images = tuple(x[i, :, -1].cpu().numpy() for x in (imgs, masked, recon))
+                    samples.append((*images, int(batch["time"][i, -1])))
         model.train()
         all_reduce_sum(sums)
         all_reduce_sum(weight)
@@ -110,13 +156,6 @@ class MaskedReconstruction(BackboneObjective):
         title = f"step {step} | val sample {i} | {when}"
         fig = reconstruction_figure(image, masked, recon, self.channels, title=title)
         return f"reconstructions/step_{step:08d}_{i}.png", fig
-
-    def checkpoint_meta(self, model: nn.Module) -> dict:
-        return {
-            "encoder_config": model.encoder_config,
-            "encoder_family": "mae",
-            "channels": self.channels,
-        }
 
     def tokens_per_sample(self, model: nn.Module) -> int:
         return model.num_patches
@@ -140,6 +179,8 @@ class ELBO(BackboneObjective):
     """
 
     headline = ("val/elbo", "val/recon")
+    family = "nvae"
+    score_name = "recon_nll"
 
     def __init__(
         self,
@@ -165,6 +206,16 @@ class ELBO(BackboneObjective):
         out = model(x, kl_weight=weight, free_bits=self.free_bits)
         core = getattr(model, "module", model)
         return out["loss"] + self.spectral_weight * core.spectral_loss()
+
+    @torch.no_grad()
+    def sample_errors(self, model, imgs: torch.Tensor, ids) -> tuple[torch.Tensor, torch.Tensor]:
+        """The reconstruction term (Gaussian NLL, nats per dimension) per sample and channel;
+        the posterior draws are seeded from the seed and the batch's first id."""
+        devices = [imgs.device] if imgs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(draw_seed(self.seed, int(np.asarray(ids)[0])))
+            err = model(imgs, kl_weight=1.0)["recon_channels"].float()
+        return err, torch.ones(len(err), device=err.device)
 
     @torch.no_grad()
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
@@ -236,12 +287,18 @@ class ELBO(BackboneObjective):
         title = f"step {ctx.step} | samples from the prior"
         return f"samples/step_{ctx.step:08d}.png", samples_figure(samples, self.channels, title)
 
-    def checkpoint_meta(self, model: nn.Module) -> dict:
-        return {
-            "encoder_config": model.encoder_config,
-            "encoder_family": "nvae",
-            "channels": self.channels,
-        }
+
+def scoring_objective(
+    family: str, model_name: str, kwargs: dict, channels: list[str], seed: int
+) -> BackboneObjective:
+    """The pretraining objective of a recorded backbone (``model_name`` built with
+    ``kwargs``), to score its reconstructions; the training settings play no part there."""
+    common = (model_name, kwargs, channels, 0.0, (0.9, 0.95), seed)
+    if family == "mae":
+        return MaskedReconstruction(*common)
+    if family == "nvae":
+        return ELBO(*common, kl_warmup=0.0, spectral_weight=0.0)
+    raise ConfigError(f"model {model_name!r}: no pretraining objective for family {family!r}")
 
 
 def make_objective(cfg, sample_shape: tuple) -> Objective:

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 from mlflow import MlflowClient
 
-from sdofm.config import load_config
-from sdofm.finetuning.evaluate import ARMS, board_rows, bootstrap, evaluate, format_board
+from sdofm.datasets.index import load_or_build_index
+from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.stats import load_or_compute_stats
+from sdofm.engine.checkpoint import TrainState, save_checkpoint
+from sdofm.finetuning.evaluate import (
+    ARMS,
+    RECONSTRUCTION,
+    board_rows,
+    bootstrap,
+    evaluate,
+    format_board,
+)
+from sdofm.models import get_model
+from sdofm.pretraining.objective import make_objective
 from tests.conftest import small_config
-from tests.finetuning.test_dimming import _checkpoint
 
 
 def _mae(s):
@@ -39,8 +51,67 @@ def test_paired_bootstrap_tells_a_real_gain_from_noise():
     assert row["beats_random_init"]  # pretrained has more errors below 0.05
 
 
+def _images(pipe, split):
+    """split -> (sample ids, images (n, C, T, H, W)) in sample order."""
+    ids, imgs = [], []
+    for b in pipe.dataset(split, epoch=0).iter_batches(batch_size=64, batch_format="numpy"):
+        ids.append(b["sample"])
+        imgs.append(b["image"])
+    order = np.argsort(np.concatenate(ids))
+    return np.concatenate(ids)[order], np.concatenate(imgs)[order]
+
+
+def _pretrain_briefly(cfg, path, steps=300):
+    """mae_debug pretrained by a plain loop on the session store's train split (the
+    pretraining objective's loss; the Ray Train loop would cost half a minute more), saved
+    as pretraining saves it. -> (the model, the pipeline of the pretraining transform)."""
+    table, _ = load_or_build_index(cfg.data)
+    stats = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+    pipe = SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
+    objective = make_objective(cfg, pipe.sample_shape())
+    _, train = _images(pipe, "train")
+    torch.manual_seed(0)
+    model = objective.build_model()
+    opt = objective.optimizers(model)["model"]
+    for group in opt.param_groups:
+        group["lr"] = 2e-3
+    rng = np.random.default_rng(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: two threads beside Ray's cost 100x here
+    try:
+        for _ in range(steps):
+            x = torch.from_numpy(train[rng.integers(0, len(train), 16)])
+            loss = objective.loss(model, {"image": x}, None, "model", torch.device("cpu"))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    save_checkpoint(
+        path, model, {"model": opt}, TrainState(steps, 0, 0), objective.checkpoint_meta(model)
+    )
+    return model.eval(), pipe, objective
+
+
+def _masked_mse_by_hand(imgs, pred, mask, p):
+    """imgs (n, C, 1, H, W), pred (n, L, p*p*C) with pixels ordered (row, col, channel),
+    mask (n, L) -> (n, C): each sample's squared error per channel, averaged over the
+    pixels of its masked patches (patches numbered row-major over a (H/p, W/p) grid)."""
+    n, C, _, H, W = imgs.shape
+    cols = W // p
+    out = np.zeros((n, C))
+    for i in range(n):
+        masked = np.flatnonzero(mask[i])
+        for patch in masked:
+            r, c = divmod(patch, cols)
+            true = imgs[i, :, 0, r * p : (r + 1) * p, c * p : (c + 1) * p]  # (C, p, p)
+            guess = pred[i, patch].reshape(p, p, C).transpose(2, 0, 1)
+            out[i] += ((guess - true) ** 2).mean(axis=(1, 2))
+        out[i] /= len(masked)
+    return out
+
+
 def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_session):
-    _checkpoint(tmp_path / "backbone", channels=load_config().data.channels)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = small_config(
         synth_root,
@@ -48,16 +119,47 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
         f"train.storage_path={tmp_path / 'runs'}",
         f"tracking.uri={db}",
         f"finetune.backbone={tmp_path / 'backbone'}",
+        "model.name=mae_debug",
         "finetune.head=pool",
         "finetune.epochs=1",
         "finetune.batch_size=32",
         "loader.readers=1",
         "scaling.cpus_per_worker=0.25",
     )
+    pretrained, pipe, objective = _pretrain_briefly(cfg, tmp_path / "backbone")
     board = evaluate(cfg, ["dimming"], n_boot=100)
-    assert [r["metric"] for r in board.rows] == ["mae", "success_0.05", "success_0.1"]
+    rows = [r for r in board.rows if r["task"] == "dimming"]
+    assert [r["metric"] for r in rows] == ["mae", "success_0.05", "success_0.1"]
     text = format_board(board)
     assert "mae (down)" in text and "beats random" in text
+    assert "reconstruction: the backbone itself on the test split" in text
+
+    # The backbone's masked reconstruction, per channel, equals a computation by hand of
+    # the squared error on the masked patches of every test sample, for both arms.
+    channels = cfg.data.channels
+    recon = {r["metric"]: r for r in board.rows if r["task"] == RECONSTRUCTION}
+    assert list(recon) == [f"masked_mse_{c}" for c in [*channels, "mean"]]
+    ids, imgs = _images(pipe, "test")
+    torch.manual_seed(cfg.train.seed)
+    random_model = get_model("mae_debug", img_size=32, in_chans=12, num_frames=1).eval()
+    by_hand = {}
+    with torch.no_grad():
+        x = torch.from_numpy(imgs)
+        out = objective.masked_forward(pretrained, x, ids)
+        out_random = objective.masked_forward(random_model, x, ids)
+    mask = out["mask"].numpy()
+    assert (mask.sum(1) == 12).all() and len({m.tobytes() for m in mask}) > 1  # 75 % of 16
+    assert np.array_equal(out_random["mask"].numpy(), mask)  # paired: the same masks
+    for arm, o in (("pretrained", out), ("random_init", out_random)):
+        by_hand[arm] = _masked_mse_by_hand(imgs, o["pred"].numpy(), mask, 8).mean(axis=0)
+        for c, v in zip(channels, by_hand[arm], strict=True):
+            np.testing.assert_allclose(recon[f"masked_mse_{c}"][arm], v, rtol=1e-4)
+        np.testing.assert_allclose(recon["masked_mse_mean"][arm], by_hand[arm].mean(), rtol=1e-4)
+    # Pretraining helps where it should: the pretrained backbone beats its random twin on
+    # every AIA channel, beyond the bootstrap interval.
+    for c in cfg.data.aia_channels:
+        assert recon[f"masked_mse_{c}"]["beats_random_init"], (c, recon[f"masked_mse_{c}"])
+        assert "beats_from_scratch" not in recon[f"masked_mse_{c}"]
 
     client = MlflowClient(db)
     parent = client.get_run(board.run_id)
@@ -73,3 +175,6 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
         # The board's per-sample path agrees with the engine's own test evaluation.
         assert abs(mae[arm] - run.data.metrics["test/mae"]) < 1e-5, arm
         assert parent.data.metrics[f"dimming/{arm}/mae"] == mae[arm]
+    for arm in ("pretrained", "random_init"):
+        key = f"{RECONSTRUCTION}/{arm}/masked_mse_171A"
+        assert parent.data.metrics[key] == recon["masked_mse_171A"][arm]

@@ -164,6 +164,8 @@ def test_recon_is_gaussian_nll_per_dimension() -> None:
         expected = 0.5 * math.log(2 * math.pi) + 0.5 * imgs.pow(2).mean()
         torch.testing.assert_close(out["recon"], expected)
         assert torch.equal(out["x_hat"], torch.zeros_like(imgs))
+        per_channel = 0.5 * math.log(2 * math.pi) + 0.5 * imgs.pow(2).mean(dim=(2, 3, 4))
+        torch.testing.assert_close(out["recon_channels"], per_channel)
 
         head.bias[model.in_chans :] = 5.0  # the log-scale half
         out = model(imgs)
