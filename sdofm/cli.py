@@ -882,7 +882,7 @@ def demo(args: Args = None) -> None:
 
     `make demo` passes configs/tune/dimming.yaml (minutes on a laptop CPU).
     """
-    from sdofm.tracking import tracking_uri
+    from sdofm.tracking import runs_page, tracking_uri
 
     with _friendly_errors():
         cfg = _load(args)
@@ -901,10 +901,13 @@ def demo(args: Args = None) -> None:
         console.rule("5/5 dimming sweep on that backbone")
         swept = run_tune(cfg, "dimming")
         console.rule("where to look")
+        uri = tracking_uri(cfg.tracking.uri)
         console.print(
-            f"MLflow UI:        mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}\n"
-            f"pretraining run:  {pretrained.run_id} (experiment {cfg.tracking.experiment!r})\n"
-            f"dimming sweep:    {swept.parent_run_id} (experiment {cfg.finetune.experiment!r}), "
+            f"MLflow UI:        mlflow ui --backend-store-uri {uri}\n"
+            f"pretraining run:  {pretrained.run_id} (experiment {cfg.tracking.experiment!r}: "
+            f"{runs_page(uri, cfg.tracking.experiment)})\n"
+            f"dimming sweep:    {swept.parent_run_id} (experiment {cfg.finetune.experiment!r}: "
+            f"{runs_page(uri, cfg.finetune.experiment)}), "
             f"best trial run {swept.best['run_id'] if swept.best else '-'}\n"
             f"checkpoints:      {pretrained.checkpoint}, {swept.path}",
             highlight=False,

@@ -23,6 +23,16 @@ RUN_NAME_TAG = "sdofm.run_name"
 STORAGE_TAG = "sdofm.storage"
 CHECKPOINT_TAG = "sdofm.checkpoint"
 MODEL_URI_TAG = "sdofm.model_uri"
+STOPPED_TAG = "sdofm.stopped"
+"""Why a run that ended before its last epoch is FINISHED anyway (an early stop, not a crash)."""
+CONFIG_ARTIFACT = "config.yaml"
+"""The whole resolved config of a run (its params hold only the sections that shaped it)."""
+SUMMARY_PREFIX = "test/"
+"""One-off scores (the test split, once at the end): logged at step 0, where MLflow draws a
+single value as a bar, not as a one-dot curve at the last step."""
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""Tells MLflow 3's UI that an experiment holds training runs (its Runs and Models tabs),
+not GenAI traces."""
 
 
 def tracking_uri(configured: str | None = None) -> str:
@@ -107,6 +117,27 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def runs_page(uri: str, experiment: str) -> str:
+    """The address of an experiment's runs table in MLflow 3's UI (which opens on its GenAI
+    pages): the server itself for an http URI, else the ``mlflow ui`` default."""
+    from mlflow import MlflowClient
+
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    try:
+        with _quick_http():
+            exp = MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - unreachable: the page without the id
+        exp = None
+    where = f"experiments/{exp.experiment_id}/runs" if exp else "experiments"
+    return f"{base}/#/{where}?workflowType=machine_learning"
+
+
+def section_params(config: dict, sections: tuple[str, ...]) -> dict[str, str]:
+    """The flattened params of the config ``sections`` that shaped a run (``config``: the
+    whole config as ``dump_config`` gives it)."""
+    return flatten({k: config[k] for k in sections if k in config})
+
+
 def _search(client, exp_id: str, run_name: str, storage: str):
     return client.search_runs(
         [exp_id],
@@ -137,11 +168,13 @@ def start_run(
     storage: str,
     params: dict[str, Any],
     tags: dict[str, str] | None = None,
+    config: dict | None = None,
 ) -> str | None:
     """Create the MLflow run of ``run_name`` (or reopen it when resuming) -> run id.
 
     A run is reopened when one in ``experiment`` carries the same run name and storage
-    tags. Returns None (after a warning) when the tracking store cannot be reached.
+    tags. ``config``, the whole resolved config, is logged as ``config.yaml``. Returns None
+    (after a warning) when the tracking store cannot be reached.
     """
     from mlflow import MlflowClient
 
@@ -149,12 +182,18 @@ def start_run(
         with _quick_http():
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+            )
             found = _search(client, exp_id, run_name, storage)
             if found:
                 run_id = found[0].info.run_id
                 client.update_run(run_id, status="RUNNING")
                 client.set_tag(run_id, "sdofm.resumed", "true")
+                if config is not None:
+                    client.log_text(run_id, _yaml(config), CONFIG_ARTIFACT)
                 return run_id
             run = client.create_run(
                 exp_id,
@@ -168,6 +207,8 @@ def start_run(
                 client.log_batch(
                     run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in items[i : i + 100]]
                 )
+            if config is not None:
+                client.log_text(run.info.run_id, _yaml(config), CONFIG_ARTIFACT)
             return run.info.run_id
     except Exception as e:  # noqa: BLE001 - any failure to reach the store is the same to a user
         warnings.warn(
@@ -176,6 +217,12 @@ def start_run(
             stacklevel=2,
         )
         return None
+
+
+def _yaml(config: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(config, sort_keys=False)
 
 
 def set_tags(uri: str, run_id: str | None, tags: dict[str, str]) -> bool:
@@ -481,12 +528,18 @@ class Tracker:
 
 
 def send_records(client, run_id: str, records: list[dict]) -> None:
-    """Log metric records (``{"step", "time", metric: value}``) in MLflow's batches of 1000."""
+    """Log metric records (``{"step", "time", metric: value}``) in MLflow's batches of 1000;
+    one-off scores (``test/...``) at step 0."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     items = [
-        Metric(k, float(v), int(r.get("time", now)), int(r["step"]))
+        Metric(
+            k,
+            float(v),
+            int(r.get("time", now)),
+            0 if k.startswith(SUMMARY_PREFIX) else int(r["step"]),
+        )
         for r in records
         for k, v in r.items()
         if k != "time" and isinstance(v, int | float)
@@ -649,14 +702,36 @@ def model_code(dest: Path) -> Path:
     return target
 
 
+def final_metrics(client, run_id: str) -> list:
+    """The last value of each of a run's metrics (MLflow's rule: highest step, then newest),
+    as logged, without the system samples (``system/...``)."""
+    run = client.get_run(run_id)
+    out = []
+    for key in sorted(run.data.metrics):
+        if key.startswith("system/"):
+            continue
+        history = client.get_metric_history(run_id, key)
+        if history:
+            out.append(max(history, key=lambda m: (m.step, m.timestamp)))
+    return out
+
+
 def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "encoder") -> str:
-    """Log a torch module, with sdofm's code, -> model URI. The signature maps ``example``
-    through ``model.forward_features`` when the model has one (encoders), else ``model``."""
+    """Log a torch module, with sdofm's code, as a model of the run that trained it -> model
+    URI. The signature maps ``example`` through ``model.forward_features`` when the model has
+    one (encoders), else ``model``.
+
+    The model carries the run's params and the final value of each of its metrics. MLflow's
+    own linking would take every metric logged at one step (by default step 0: the system
+    samples), so the model is created here and its metrics are chosen.
+    """
     import tempfile
 
     import cloudpickle
     import mlflow
     import torch
+    from mlflow import MlflowClient
+    from mlflow.entities import LoggedModelOutput, Metric
     from mlflow.models import infer_signature
 
     with torch.no_grad():
@@ -664,15 +739,17 @@ def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "en
         out = fn(torch.from_numpy(example)).numpy()
     # Pickle is chosen knowingly (see below); MLflow's warning about it is noise here.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        use_tracking_uri(uri),
-        _quick_http(),
-        mlflow.start_run(run_id=run_id),
-    ):
+    with tempfile.TemporaryDirectory() as tmp, use_tracking_uri(uri), _quick_http():
+        client = MlflowClient(uri)
+        run = client.get_run(run_id)
+        logged = client.create_logged_model(
+            run.info.experiment_id, name=name, source_run_id=run_id, params=run.data.params
+        )
+        # No active run: MLflow would link the metrics of one step to the model itself.
         info = mlflow.pytorch.log_model(
             model,
             name=name,
+            model_id=logged.model_id,
             signature=infer_signature(example, out),
             serialization_format="pickle",  # the encoder's masking is not traceable by pt2
             code_paths=[str(model_code(Path(tmp)))],
@@ -682,4 +759,13 @@ def log_model(uri: str, run_id: str, model, example: np.ndarray, name: str = "en
                 f"numpy=={np.__version__}",
             ],
         )
+        final = final_metrics(client, run_id)
+        step = max((m.step for m in final), default=0)
+        client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+        # The same (key, value, time, step) as the run's: MLflow keeps one point per metric.
+        linked = [
+            Metric(m.key, m.value, m.timestamp, m.step, model_id=logged.model_id) for m in final
+        ]
+        for i in range(0, len(linked), 1000):
+            client.log_batch(run_id, metrics=linked[i : i + 1000])
     return info.model_uri

@@ -126,3 +126,57 @@ def test_a_logged_model_loads_in_a_python_without_sdofm(tmp_path):
         local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
     names = [line.split("==")[0] for line in (Path(local) / "requirements.txt").read_text().split()]
     assert "torch" in names and "sdofm" not in names
+
+
+def test_a_logged_model_carries_its_runs_params_and_final_metrics_not_system_samples(tmp_path):
+    from sdofm.models import get_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    run_id = tracking.start_run(uri, "exp", "r", "/s", {"finetune.lr": 8.4e-4})
+    client = MlflowClient(uri)
+    for step, cpu in enumerate([10.0, 20.0, 30.0]):  # what the system monitor logs from step 0
+        client.log_metric(run_id, "system/cpu_utilization_percentage", cpu, step=step)
+    records = [
+        {"step": 5, "time": 1000, "val/loss": 2.0, "val/loss_171A": 3.0},
+        {"step": 10, "time": 2000, "val/loss": 1.5, "val/loss_171A": 2.5, "test/mae": 0.25},
+    ]
+    tracking.send_records(client, run_id, records)
+    encoder = get_model("mae_debug").encoder().eval()
+    model_uri = tracking.log_model(uri, run_id, encoder, np.zeros((1, 12, 1, 32, 32), np.float32))
+
+    model = client.get_logged_model(model_uri.removeprefix("models:/"))
+    assert model.source_run_id == run_id and model.params == {"finetune.lr": "0.00084"}
+    assert {m.key: (m.step, m.value) for m in model.metrics} == {
+        "step": (10, 10.0),  # the step the model was made at
+        "val/loss": (10, 1.5),
+        "val/loss_171A": (10, 2.5),
+        "test/mae": (0, 0.25),  # a one-off score: logged at step 0
+    }
+    assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
+    # Linking adds no point to the run's own curves.
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val/loss")] == [
+        (5, 2.0),
+        (10, 1.5),
+    ]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "test/mae")] == [(0, 0.25)]
+
+
+def test_runs_keep_the_whole_config_as_an_artifact_in_an_experiment_of_training_runs(tmp_path):
+    import yaml
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    config = {"data": {"root": "x"}, "synth": {"days": 3}, "train": {"lr": 0.001}}
+    params = tracking.section_params(config, ("data", "train"))
+    assert params == {"data.root": "x", "train.lr": "0.001"}
+    run_id = tracking.start_run(uri, "exp", "r", "/s", params, config=config)
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.params == params
+    path = client.download_artifacts(run_id, tracking.CONFIG_ARTIFACT, str(tmp_path))
+    assert yaml.safe_load(Path(path).read_text()) == config
+    # MLflow 3's UI shows this experiment's runs, not a GenAI traces page
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracking.runs_page(uri, "exp") == (
+        f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
+    )

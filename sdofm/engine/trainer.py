@@ -119,16 +119,18 @@ def tracked_run(
     params: dict,
     tags: dict,
     storage_options: dict | None = None,
+    config: dict | None = None,
 ) -> Iterator[str | None]:
     """The MLflow run of ``name`` (reopened when it exists), marked FINISHED when the block
     ends and FAILED (KILLED on Ctrl-C) when it raises. Yields the run id (None when the
-    tracking store cannot be reached: the workers then keep metrics locally).
+    tracking store cannot be reached: the workers then keep metrics locally). ``config``:
+    the whole resolved config, logged as ``config.yaml``.
 
     When the server was lost during the run, its end is kept with the metrics in the
     run's tracking folder, and the console says how to merge them once it is back."""
     from sdofm import tracking
 
-    run_id = tracking.start_run(uri, experiment, name, storage, params, tags)
+    run_id = tracking.start_run(uri, experiment, name, storage, params, tags, config)
     status = "FINISHED"
     try:
         yield run_id

@@ -162,12 +162,21 @@ def train_head(
     )
 
 
-def run_params(cfg: Config, prepared: Prepared) -> dict:
-    from sdofm.tracking import flatten
+HEAD_SECTIONS = ("data", "transform", "finetune", "scaling")
+"""The config sections that shape a head's run (``train`` and ``model`` are pretraining's)."""
+
+
+def run_params(cfg: Config, prepared: Prepared, sections: tuple[str, ...] = HEAD_SECTIONS) -> dict:
+    """A head run's params: the config ``sections`` that shaped it, the two ``train``
+    settings a head uses, and the backbone and sample counts it got (the whole config is
+    the run's ``config.yaml``)."""
+    from sdofm.tracking import section_params
 
     b = prepared.backbone
     return {
-        **flatten(dump_config(cfg)),
+        **section_params(dump_config(cfg), sections),
+        "train.seed": cfg.train.seed,
+        "train.precision": cfg.train.precision,
         "derived.sample_shape": list(prepared.sample_shape),
         "derived.backbone": b.source if b else "none (from scratch)",
         **{f"derived.{k}_samples": v for k, v in prepared.counts.items()},
@@ -202,7 +211,10 @@ def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     uri, name = prepared.tracking_uri, cfg.finetune.run_name
     params = run_params(cfg, prepared)
     options = cfg.train.storage_options
-    with tracked_run(uri, cfg.finetune.experiment, name, storage, params, tags, options) as run_id:
+    config = dump_config(cfg)
+    with tracked_run(
+        uri, cfg.finetune.experiment, name, storage, params, tags, options, config
+    ) as run_id:
         fitted = train_head(cfg, task, prepared, run_id, name, storage)
         result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
         result.skipped = prepared.skipped

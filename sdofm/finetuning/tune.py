@@ -61,6 +61,7 @@ def head_trial(
         name,
         storage,
         run_params(cfg, prepared),
+        config=dump_config(cfg),
         tags={
             "mlflow.parentRunId": parent or "",
             "sdofm.task": f"tune-{task_name}-trial",
@@ -90,8 +91,9 @@ _last_status: dict[str, dict[str, str]] = {}
 
 class TrialEnds(ray.tune.Callback):
     """In the sweep's driver: ends a trial's MLflow child run when Tune ends the trial
-    (FINISHED after its test evaluation, KILLED when ASHA stopped it, FAILED on an error),
-    and keeps every trial's status as of the last step.
+    (FINISHED after its test evaluation; FINISHED too when ASHA stopped it, with the reason
+    in the ``sdofm.stopped`` tag: an early stop is a result, not a crash; FAILED on an
+    error), and keeps every trial's status as of the last step.
 
     That status is the one Tune saves for ``--resume``: on Ctrl-C Tune saves its state,
     then marks the trials it stops TERMINATED, so the result grid cannot tell an
@@ -105,19 +107,26 @@ class TrialEnds(ray.tune.Callback):
     def on_step_end(self, iteration, trials, **info):
         _last_status[self.path] = {t.trial_id: t.status for t in trials}
 
-    def _end(self, trial, status: str) -> None:
+    def _end(self, trial, status: str, tags: dict[str, str] | None = None) -> None:
         from sdofm import tracking
 
         run_id = (trial.last_result or {}).get(TRIAL_RUN_ID) or tracking.find_run(
             self.uri, self.experiment, trial_run_name(self.sweep_name, trial.trial_id), self.storage
         )
+        if tags:
+            tracking.set_tags(self.uri, run_id, tags)
         tracking.end_run(self.uri, run_id, status)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        # Tune calls this when a trial's function returns or the scheduler stops it, not
+        # for the trials an interruption stops (those are KILLED by ``sweep``).
+        from sdofm.tracking import STOPPED_TAG
+
         result = trial.last_result or {}
         finished = any(k.startswith("test/") for k in result)
-        self._end(trial, "FINISHED" if finished else "KILLED")
         epochs = result.get("epoch", "?")
+        stopped = {} if finished else {STOPPED_TAG: f"asha early stop at epoch {epochs}"}
+        self._end(trial, "FINISHED", stopped)
         say(
             f"trial {trial.trial_id} {'finished' if finished else 'stopped early'} after {epochs} epochs"
         )
@@ -190,8 +199,9 @@ def sweep(
         cfg.finetune.experiment,
         tc.name,
         storage,
-        {**run_params(cfg, prepared), "tune.search_space": str(tc.space)},
+        run_params(cfg, prepared, ("tune", "finetune")),
         tags={"sdofm.task": f"tune-{task.name}"},
+        config=dump_config(cfg),
     )
     tracking.log_skipped(uri, parent, prepared.skipped)
     trainable = ray.tune.with_resources(
@@ -285,14 +295,17 @@ def sweep(
         return SweepResult(parent, table, None, None, path, True, prepared.skipped)
     best = next((r for r in table if r["status"] == "finished"), None)
     model_uri = None
-    if best is not None and parent is not None and best.get("checkpoint"):
+    if best is not None and best["run_id"] and best.get("checkpoint"):
         best_cfg = Config.model_validate(
             {**dump_config(cfg), "finetune": {**dump_config(cfg.finetune), **best["params"]}}
         )
         model = load_head(best_cfg, task, prepared, best["checkpoint"])
         example = np.zeros((1, *prepared.sample_shape), np.float32)
-        model_uri = tracking.log_model(uri, parent, model, example, "best_head")
-        tracking.set_tags(uri, parent, {"sdofm.best_run_id": best["run_id"]})
+        # From the winning trial's run: the model shows that trial's settings and scores.
+        model_uri = tracking.log_model(uri, best["run_id"], model, example, "best_head")
+        tracking.set_tags(
+            uri, parent, {"sdofm.best_run_id": best["run_id"], tracking.MODEL_URI_TAG: model_uri}
+        )
     tracking.end_run(uri, parent, "FINISHED")
     return SweepResult(parent, table, best, model_uri, path, skipped=prepared.skipped)
 

@@ -40,6 +40,11 @@ class PretrainResult:
     """The unusable frames the readers skipped, each once, and the samples they cost."""
 
 
+PRETRAIN_SECTIONS = ("data", "transform", "loader", "model", "train", "scaling")
+"""The config sections that shape a pretraining run: its params (the whole config is the
+run's ``config.yaml``)."""
+
+
 def effective_batch(cfg: Config) -> int:
     """Samples per optimiser step: batch per worker x workers x accumulation."""
     return cfg.loader.batch_size * cfg.scaling.num_workers * cfg.train.grad_accum
@@ -128,10 +133,11 @@ def pretrain(cfg: Config) -> PretrainResult:
         )
         datasets["val"] = pipe.dataset("val", epoch=0, subset=subset)
     uri = tracking.tracking_uri(cfg.tracking.uri)
-    params = {**tracking.flatten(dump_config(cfg)), **derived}
+    config = dump_config(cfg)
+    params = {**tracking.section_params(config, PRETRAIN_SECTIONS), **derived}
     tags = {"sdofm.task": "pretrain", "sdofm.model": cfg.model.name}
     with tracked_run(
-        uri, cfg.tracking.experiment, tc.run_name, storage, params, tags, options
+        uri, cfg.tracking.experiment, tc.run_name, storage, params, tags, options, config
     ) as run_id:
         loop = LoopConfig(
             epochs=tc.epochs,

@@ -82,11 +82,14 @@ def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{result.parent_run_id}'")
     assert len(children) == 3
     assert {c.info.run_id for c in children} == {r["run_id"] for r in result.table}
-    status = {c.info.run_id: c.info.status for c in children}
-    for r in result.table:  # ASHA's early stops are KILLED, the others FINISHED
-        assert (
-            status[r["run_id"]] == {"finished": "FINISHED", "stopped early": "KILLED"}[r["status"]]
-        )
+    for c in children:  # ASHA's early stops end FINISHED too, with the reason
+        r = next(r for r in result.table if r["run_id"] == c.info.run_id)
+        assert c.info.status == "FINISHED", r
+        stopped = c.data.tags.get("sdofm.stopped")
+        if r["status"] == "stopped early":
+            assert stopped == f"asha early stop at epoch {r['epochs']}" and r["epochs"] < 2
+        else:
+            assert stopped is None and r["status"] == "finished"
     best = client.get_run(result.best["run_id"])
     assert "val/mae" in best.data.metrics and best.data.params["finetune.head"] in ("pool", "conv")
     assert [a.path for a in client.list_artifacts(best.info.run_id) if a.path.endswith(".png")] == [
@@ -97,6 +100,36 @@ def test_sweep_logs_parent_and_child_runs_and_the_best_head(synth_root, tmp_path
     trials = client.download_artifacts(result.parent_run_id, "trials.txt", str(tmp_path))
     assert result.best["trial"][:20] in Path(trials).read_text()
     assert result.model_uri and result.model_uri.startswith("models:/")
+
+    # The best head is a model of the winning trial's run: its settings and scores.
+    assert parent.data.tags["sdofm.model_uri"] == result.model_uri
+    model = client.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert model.name == "best_head" and model.source_run_id == result.best["run_id"]
+    assert model.params["finetune.head"] == result.best["params"]["head"]
+    assert float(model.params["finetune.lr"]) == result.best["params"]["lr"]
+    on_model = {m.key: (m.step, m.value) for m in model.metrics}
+    assert on_model["test/mae"] == (0, pytest.approx(result.best["test/mae"]))  # Tune's report
+    (last_val,) = [
+        m
+        for m in client.get_metric_history(best.info.run_id, "val/mae")
+        if m.step == max(h.step for h in client.get_metric_history(best.info.run_id, "val/mae"))
+    ]
+    assert on_model["val/mae"] == (last_val.step, last_val.value)
+    assert not [k for k in on_model if k.startswith("system/")]
+    # A one-off score is one point at step 0 (a bar in MLflow's charts), not a dot at the end.
+    assert [m.step for m in client.get_metric_history(best.info.run_id, "test/mae")] == [0]
+
+    # Each run's params are the sections that shaped it; the whole config is config.yaml.
+    for run in (best, parent):
+        assert not [k for k in run.data.params if k.split(".")[0] in ("synth", "model", "tracking")]
+        assert "finetune.head" in run.data.params
+        config = client.download_artifacts(
+            run.info.run_id, "config.yaml", str(tmp_path / run.info.run_id)
+        )
+        assert "synth:" in Path(config).read_text()
+    assert not [k for k in best.data.params if k.startswith("tune.")]
+    assert "tune.space.lr.loguniform" in parent.data.params
+    assert not [k for k in parent.data.params if k.startswith("data.")]
 
 
 def _ended_trials(client: MlflowClient, sweep_dir: Path) -> set[str]:
@@ -203,3 +236,31 @@ def test_a_failing_trial_is_recorded_failed_and_the_sweep_goes_on(synth_root, tm
     for r in result.table:
         expected = {"error": "FAILED", "finished": "FINISHED"}[r["status"]]
         assert client.get_run(r["run_id"]).info.status == expected
+
+
+def test_an_early_stopped_trial_ends_finished_with_its_reason_a_crash_failed(tmp_path):
+    from types import SimpleNamespace
+
+    from sdofm import tracking
+    from sdofm.finetuning.tune import TrialEnds
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    ends = TrialEnds(uri, "sdofm-dimming", "sweep", "/s", str(tmp_path))
+    runs = {n: tracking.start_run(uri, "sdofm-dimming", f"sweep_{n}", "/s", {}) for n in "abc"}
+    stopped = SimpleNamespace(trial_id="a", last_result={"epoch": 1, "mlflow_run_id": runs["a"]})
+    done = SimpleNamespace(
+        trial_id="b", last_result={"epoch": 2, "test/mae": 0.1, "mlflow_run_id": runs["b"]}
+    )
+    crashed = SimpleNamespace(trial_id="c", last_result=None)  # found by its run name
+    ends.on_trial_complete(0, [], stopped)
+    ends.on_trial_complete(0, [], done)
+    ends.on_trial_error(0, [], crashed)
+    client = MlflowClient(uri)
+    got = {n: client.get_run(r) for n, r in runs.items()}
+    assert {n: r.info.status for n, r in got.items()} == {
+        "a": "FINISHED",
+        "b": "FINISHED",
+        "c": "FAILED",
+    }
+    assert got["a"].data.tags["sdofm.stopped"] == "asha early stop at epoch 1"
+    assert "sdofm.stopped" not in got["b"].data.tags | got["c"].data.tags

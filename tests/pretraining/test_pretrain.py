@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -75,8 +76,19 @@ def test_ddp_run_learns_and_is_tracked(synth_root, cache_dir, tmp_path):
     assert p["transform.on"] == "device"
     assert p["derived.world_size"] == "2" and p["derived.effective_batch"] == "16"
     assert int(p["derived.parameters"]) > 50_000
+    # Only the sections that shape a pretraining run; the whole config is config.yaml.
+    assert not [k for k in p if k.split(".")[0] in ("synth", "tune", "finetune", "tracking")]
+    config = client.download_artifacts(result.run_id, "config.yaml", str(tmp_path))
+    assert "synth:" in Path(config).read_text()
     val = _history(result.tracking_uri, result.run_id, "val/loss_171A")
     assert [s for s, _ in val] == [18, 36]
+    # The encoder is a model of this run with its final metrics, not system samples.
+    model = client.get_logged_model(result.model_uri.removeprefix("models:/"))
+    assert model.name == "encoder" and model.source_run_id == result.run_id
+    on_model = {m.key: (m.step, m.value) for m in model.metrics}
+    assert on_model["val/loss_171A"] == val[-1]
+    assert on_model["val/loss"] == _history(result.tracking_uri, result.run_id, "val/loss")[-1]
+    assert model.params["model.name"] == "mae_debug"
     figures = [a.path for a in client.list_artifacts(result.run_id, "reconstructions")]
     assert figures == [
         "reconstructions/step_00000018_0.png",
