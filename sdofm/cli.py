@@ -525,6 +525,7 @@ def run_pretrain(cfg):
     """Pretrain (writing the synthetic Sun first when data.root is empty); print where results are."""
     from sdofm.archive.synthetic import ensure_data
     from sdofm.pretraining import pretrain
+    from sdofm.tracking import runs_page
 
     with _progress(f"no stores under {cfg.data.root}: writing the synthetic Sun") as update:
         ensure_data(cfg.data, cfg.synth, progress=update)
@@ -541,6 +542,7 @@ def run_pretrain(cfg):
         ("MLflow run id", result.run_id or "(tracking store unreachable: metrics kept locally)"),
         ("encoder model", result.model_uri or "-"),
         ("MLflow UI", f"mlflow ui --backend-store-uri {result.tracking_uri}"),
+        ("runs view", runs_page(result.tracking_uri, cfg.tracking.experiment)),
     ]
     for k, v in rows:
         table.add_row(k, str(v))
@@ -645,7 +647,7 @@ def finetune_cmd(task: Task, args: Args = None, backbone: Backbone = None) -> No
 
 def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=False):
     from sdofm.finetuning.tune import format_table, sweep
-    from sdofm.tracking import tracking_uri
+    from sdofm.tracking import runs_page, tracking_uri
 
     result = sweep(cfg, task_name, num_samples, max_concurrent, resume)
     console.print(format_table(result.table, cfg.tune.metric), highlight=False)
@@ -658,7 +660,8 @@ def run_tune(cfg, task_name: str, num_samples=None, max_concurrent=None, resume=
     _print_run_skipped(result.skipped, result.parent_run_id)
     console.print(
         f"sweep: {result.path}   MLflow parent run: {result.parent_run_id}   best head: {result.model_uri}\n"
-        f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
+        f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}, then "
+        f"{runs_page(tracking_uri(cfg.tracking.uri), cfg.finetune.experiment)}"
     )
     if result.interrupted:
         console.print("interrupted: run the same command with --resume to continue the sweep")
