@@ -182,11 +182,13 @@ def start_run(
         with _quick_http():
             client = MlflowClient(uri)
             exp = client.get_experiment_by_name(experiment)
-            exp_id = (
-                exp.experiment_id
-                if exp
-                else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
-            )
+            if exp is None:
+                exp_id = client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+            else:
+                exp_id = exp.experiment_id
+                for k, v in EXPERIMENT_KIND.items():  # an experiment made before sdofm set it
+                    if k not in exp.tags:
+                        client.set_experiment_tag(exp_id, k, v)
             found = _search(client, exp_id, run_name, storage)
             if found:
                 run_id = found[0].info.run_id

@@ -177,6 +177,9 @@ def test_runs_keep_the_whole_config_as_an_artifact_in_an_experiment_of_training_
     # MLflow 3's UI shows this experiment's runs, not a GenAI traces page
     exp = client.get_experiment(run.info.experiment_id)
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    old = client.create_experiment("made-before")  # by an earlier sdofm: untagged
+    tracking.start_run(uri, "made-before", "r", "/s", {})
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
     assert tracking.runs_page(uri, "exp") == (
         f"http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs?workflowType=machine_learning"
     )
