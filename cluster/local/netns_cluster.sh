@@ -161,11 +161,22 @@ node_env() {
     echo "LANG=C.UTF-8"
 }
 
+# A process that is gone but not reaped (a zombie: this container's pid 1 does not reap
+# orphans) answers `kill -0`; these say whether it still runs.
+alive() {  # alive PID
+    local state
+    state=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+    [[ -n "$state" && "$state" != Z && "$state" != X ]]
+}
+group_alive() {  # group_alive PGID
+    ps -eo pgid=,stat= | awk -v g="$1" '$1 == g && $2 !~ /^[ZX]/ {found = 1} END {exit !found}'
+}
+
 wait_for() {  # wait_for WHAT PID TIMEOUT LOG CHECK...
     local what=$1 pid=$2 limit=$3 log=$4; shift 4
     local deadline=$((SECONDS + limit))
     until "$@" 2>/dev/null; do
-        if ! kill -0 "$pid" 2>/dev/null; then
+        if ! alive "$pid"; then
             say "$what exited; the end of $log:"; tail -n 30 "$log" >&2; return 1
         fi
         if ((SECONDS > deadline)); then
@@ -318,7 +329,7 @@ stop_one() {
     if [[ ! "$pid" =~ ^[0-9]+$ ]]; then say "$pidfile does not hold a pid"; return 1; fi
     # A recycled pid must not be signalled: only a group leader started by this script
     # (its command line names ray, mlflow or moto) qualifies.
-    if kill -0 "$pid" 2>/dev/null; then
+    if alive "$pid"; then
         local cmdline pgid
         cmdline=$(tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null || true)
         pgid=$(ps -o pgid= -p "$pid" | tr -d ' ')
@@ -330,11 +341,11 @@ stop_one() {
         kill -TERM "$pid" 2>/dev/null || true
     fi
     local deadline=$((SECONDS + timeout))
-    while kill -0 -- "-$pid" 2>/dev/null && ((SECONDS < deadline)); do
-        if ! kill -0 "$pid" 2>/dev/null; then kill -TERM -- "-$pid" 2>/dev/null || true; fi
+    while group_alive "$pid" && ((SECONDS < deadline)); do
+        if ! alive "$pid"; then kill -TERM -- "-$pid" 2>/dev/null || true; fi
         sleep 0.5
     done
-    if kill -0 -- "-$pid" 2>/dev/null; then
+    if group_alive "$pid"; then
         say "process group $pid ($1) still alive after ${timeout}s: SIGKILL"
         kill -KILL -- "-$pid" 2>/dev/null || true
         sleep 0.5
@@ -373,7 +384,7 @@ case "$cmd" in
     worker)
         need_root
         dir=$(cd "$dir" && pwd)
-        if [[ -f "$dir/worker.pid" ]] && kill -0 "$(cat "$dir/worker.pid")" 2>/dev/null; then
+        if [[ -f "$dir/worker.pid" ]] && alive "$(cat "$dir/worker.pid")"; then
             say "the worker node is running (pid $(cat "$dir/worker.pid"))"; exit 1
         fi
         rm -rf "$dir/worker/disk/tmp"  # a node that comes back starts with an empty /tmp
