@@ -177,27 +177,30 @@ def buffer_mask(grid: np.ndarray, labels: np.ndarray, buffer_ns: int) -> np.ndar
 # --------------------------------------------------------------------------- build
 
 
+INDEX_KEYS = (
+    "root",
+    "aia_store",
+    "hmi_store",
+    "eve_store",
+    "aia_channels",
+    "hmi_channels",
+    "eve_lines",
+    "start",
+    "end",
+    "cadence",
+    "tolerance",
+    "split",
+    "on_bad_header",
+)
+"""The ``data`` settings the alignment index depends on."""
+
+
 def index_key(cfg: DataConfig) -> str:
     """A digest of the settings the index depends on (its file name)."""
-    keys = (
-        "root",
-        "aia_store",
-        "hmi_store",
-        "eve_store",
-        "aia_channels",
-        "hmi_channels",
-        "eve_lines",
-        "start",
-        "end",
-        "cadence",
-        "tolerance",
-        "split",
-        "on_bad_header",
-    )
     d = dump_config(cfg)
-    return hashlib.sha256(json.dumps({k: d[k] for k in keys}, sort_keys=True).encode()).hexdigest()[
-        :12
-    ]
+    return hashlib.sha256(
+        json.dumps({k: d[k] for k in INDEX_KEYS}, sort_keys=True).encode()
+    ).hexdigest()[:12]
 
 
 def index_path(cfg: DataConfig) -> str:

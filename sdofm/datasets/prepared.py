@@ -45,26 +45,11 @@ import numpy as np
 import pandas as pd
 
 from sdofm.config import Config, ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
+from sdofm.datasets.index import INDEX_KEYS
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-DATA_KEYS = (
-    "root",
-    "aia_store",
-    "hmi_store",
-    "eve_store",
-    "aia_channels",
-    "hmi_channels",
-    "eve_lines",
-    "start",
-    "end",
-    "cadence",
-    "tolerance",
-    "num_frames",
-    "frame_step",
-    "split",
-    "on_bad_header",
-)
+DATA_KEYS = (*INDEX_KEYS, "num_frames", "frame_step")
 TRANSFORM_KEYS = ("size", "limb", "scaling", "zscore", "magnetogram", "stats_samples", "stats_seed")
 
 
