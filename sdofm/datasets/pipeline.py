@@ -271,6 +271,7 @@ class SDOMLPipeline:
         run starts at its checkpoint's epoch); an int fixes the order of that epoch.
         """
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         plan = self.plan(split, subset)
         if plan.num_samples == 0:
@@ -280,8 +281,15 @@ class SDOMLPipeline:
             )
         key = uuid.uuid4().hex[:12]
         name = f"sdofm-pipeline-{split}-{key}"
-        # The handle keeps the registry alive as long as this pipeline object.
-        registry = _registry_class().options(name=name).remote(len(plan.blocks), first_epoch)
+        # The handle keeps the registry alive as long as this pipeline object. It lives on
+        # this process's node: a worker node lost mid-run must not take the epoch
+        # bookkeeping and the skip counts with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        registry = (
+            _registry_class()
+            .options(name=name, scheduling_strategy=here)
+            .remote(len(plan.blocks), first_epoch)
+        )
         self._registries.append(registry)
         self._latest[split] = registry
         self._subsets.append((split, subset))
