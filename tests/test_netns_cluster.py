@@ -347,8 +347,8 @@ def test_netns_pretraining_survives_the_loss_of_the_worker_node(netns_cluster):
     c = netns_cluster
     name = "netns-node-loss"
     sid = c.submit(
-        [*PRETRAIN, f"train.run_name={name}", "train.max_steps=25", "train.max_failures=3",
-         "train.val_every=25", "tracking.log_model=false"],
+        [*PRETRAIN, f"train.run_name={name}", "train.epochs=3", "train.max_steps=25",
+         "train.max_failures=3", "train.val_every=25", "tracking.log_model=false"],
         wait=False,
     )  # fmt: skip
     fs = c.s3()
