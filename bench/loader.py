@@ -42,6 +42,10 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
      ``loader.readers`` (default N) x ``loader.cpus_per_reader`` reserve the N CPUs.
 (cr) ``stream, transform on the readers``: (c) with ``transform.on: reader`` (limb,
      log scaling and z-score on the readers' CPUs).
+(t)  ``transport``: what (c) costs without reading anything: a Ray Data source with
+     (c)'s read tasks, CPUs and block size whose blocks are copies of one ready array of
+     samples of the same shape and dtype (no store, no decode), through the same
+     ``iter_batches``. (c) cannot be faster than the slower of (a0) and (t).
 (p)  ``prepared``: the same samples written once by ``sdofm data prepare`` (limb, scaling,
      z-score on; float16; in a child process, untimed, reused while they exist), read
      with ``PreparedReader.read_block`` (one ranged read of a shard file, ``np.frombuffer``,
@@ -101,6 +105,7 @@ CONTENDERS = {
     "b": "(b) seed: torch DataLoader",
     "c": "(c) stream, transform on device",
     "cr": "(cr) stream, transform on readers",
+    "t": "(t) Ray Data transport, no decode",
     "prepared": "(p) prepared shards, float16",
 }
 # ratio name -> (numerator, denominator, chunking, minimum): the issue's goals.
@@ -525,6 +530,48 @@ def watchdog(seconds: float) -> Iterator[None]:
         faulthandler.cancel_dump_traceback_later()
 
 
+def transport_dataset(store: Store, lc):
+    """(t): (c)'s read tasks, block size and CPUs, with blocks copied from one ready array."""
+    import ray
+    from ray.data import Datasource, ReadTask
+    from ray.data.block import BlockAccessor, BlockMetadata
+
+    r, n, bs = store.cfg.synth.resolution, store.n, lc.block_size
+    shape = (len(store.channels), 1, r, r)
+    blocks = [np.arange(i, min(i + bs, n)) for i in range(0, n, bs)]
+
+    def read(ids_list):
+        ready = np.ones((bs, *shape), np.float32)
+        for ids in ids_list:  # a copy per block, as the pipeline's reader makes
+            yield BlockAccessor.batch_to_block({"image": ready[: len(ids)].copy(), "sample": ids})
+
+    class Transport(Datasource):
+        def estimate_inmemory_data_size(self) -> int:
+            return n * int(np.prod(shape)) * 4
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+            parts = np.array_split(np.arange(len(blocks)), min(parallelism, len(blocks)))
+            return [
+                ReadTask(
+                    lambda p=p: read([blocks[i] for i in p]),
+                    BlockMetadata(
+                        num_rows=sum(len(blocks[i]) for i in p),
+                        size_bytes=sum(len(blocks[i]) for i in p) * int(np.prod(shape)) * 4,
+                        input_files=None,
+                        exec_stats=None,
+                    ),
+                )
+                for p in parts
+                if len(p)
+            ]
+
+    ds = ray.data.read_datasource(
+        Transport(), num_cpus=lc.cpus_per_reader, concurrency=lc.readers
+    )
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
 def run_stream(store: Store, args: argparse.Namespace, keys: list[str]) -> list[Result]:
     from sdofm.datasets.pipeline import SDOMLPipeline
     from sdofm.datasets.stats import load_or_compute_stats
@@ -543,10 +590,13 @@ def run_stream(store: Store, args: argparse.Namespace, keys: list[str]) -> list[
     print(f"  fpc={store.frames_per_chunk}: statistics in {time.perf_counter() - t0:.1f} s")
     out = []
     for key in keys:
-        on = {"c": "device", "cr": "reader"}[key]
-        pipe = SDOMLPipeline(d, t.model_copy(update={"on": on}), lc, table, stats)
-        # The same Dataset every epoch; each pass is the next epoch's order.
-        ds = pipe.dataset("train", subset=store.subset)
+        if key == "t":
+            ds = transport_dataset(store, lc)
+        else:
+            on = {"c": "device", "cr": "reader"}[key]
+            pipe = SDOMLPipeline(d, t.model_copy(update={"on": on}), lc, table, stats)
+            # The same Dataset every epoch; each pass is the next epoch's order.
+            ds = pipe.dataset("train", subset=store.subset)
 
         def stream_pass(epochs: int, ds=ds, key=key) -> tuple[float, float]:
             def run() -> None:
@@ -652,7 +702,7 @@ def machine_note() -> str:
 
 def ratio_table(value: dict[tuple[str, int], float]) -> dict[str, float | None]:
     """Every path against (a0), and the stream against the seed, per chunking."""
-    names = {"a": "zarr", "b": "seed", "c": "stream", "cr": "stream_reader"}
+    names = {"a": "zarr", "b": "seed", "c": "stream", "cr": "stream_reader", "t": "transport"}
     out: dict[str, float | None] = {}
     for k in CHUNKINGS:
         a0 = value.get(("a0", k))
@@ -843,7 +893,7 @@ def main() -> None:
         if "b" in only:
             results.append(run_seed(s, args, python))
             print(results[-1].row(), flush=True)
-        keys = [k for k in ("c", "cr") if k in only]
+        keys = [k for k in ("c", "cr", "t") if k in only]
         if keys:
             import ray
 
