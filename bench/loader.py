@@ -565,9 +565,7 @@ def transport_dataset(store: Store, lc):
                 if len(p)
             ]
 
-    ds = ray.data.read_datasource(
-        Transport(), num_cpus=lc.cpus_per_reader, concurrency=lc.readers
-    )
+    ds = ray.data.read_datasource(Transport(), num_cpus=lc.cpus_per_reader, concurrency=lc.readers)
     ds.context.execution_options.preserve_order = True
     return ds
 

@@ -396,6 +396,10 @@ class TrainConfig(_Section):
     """Wrap the model in ``torch.compile``."""
     seed: int = 0
     """Seed of the weights and the masks."""
+    augment_dim_min: float | None = Field(None, gt=0, le=1)
+    """Pretraining only: dim each AIA channel of each training sample by a factor drawn from
+    [augment_dim_min, 1], as instrument degradation (and the dimming task) does, so the
+    backbone learns to represent each channel's brightness; None: off. Needs log-scaled AIA."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
     a report at checkpoints and validations only: each report can wait for its 2 s poll)."""

@@ -39,6 +39,68 @@ def draw_seed(seed: int, sample: int) -> int:
     return int(np.random.SeedSequence([seed, 12345, sample]).generate_state(1)[0])
 
 
+class DimmingJitter:
+    """Pretraining augmentation: AIA channel c of each sample dimmed by alpha ~ U[alpha_min, 1]
+    in physical units, as :func:`sdofm.datasets.transforms.dim` does before scaling, applied
+    to the already log-scaled, z-scored model input as its exact equivalent
+
+        y -> max(y + log10(alpha) / std_c, (log10(clip_min_c) - mean_c) / std_c)
+
+    (log10 of the clipped, dimmed value; a pixel clipped at ``clip_max`` is taken as lying
+    at it). Factors come from torch's global generator, which the training loop seeds per
+    step: a resumed run draws what an uninterrupted one would have.
+    """
+
+    def __init__(
+        self, index: list[int], inv_std: list[float], floor: list[float], alpha_min: float
+    ):
+        self.index, self.inv_std, self.floor = list(index), list(inv_std), list(floor)
+        self.alpha_min = float(alpha_min)
+
+    @classmethod
+    def from_preprocessor(cls, pre, aia_channels, alpha_min: float) -> DimmingJitter:
+        """For the log-scaled AIA channels of ``pre`` (a Preprocessor); an error if none is."""
+        from sdofm.datasets.transforms import _zscore_params
+
+        n = len(pre.channels)
+        plan = pre._plan(n)
+        mean, std = (
+            _zscore_params(pre.mean, pre.std, n)
+            if pre.mean is not None
+            else (np.zeros(n, np.float32), np.ones(n, np.float32))
+        )
+        index, inv_std, floor = [], [], []
+        for c, name in enumerate(pre.channels):
+            if name not in aia_channels:
+                continue
+            method, lo, _, _ = plan[c]
+            if method != "log":
+                raise ConfigError(
+                    f"train.augment_dim_min dims AIA channels in log scaling; {name} is "
+                    f"scaled with {method!r} (transform.scaling)"
+                )
+            index.append(c)
+            inv_std.append(1.0 / float(std[c]))
+            floor.append((float(np.log10(lo)) - float(mean[c])) / float(std[c]))
+        if not index:
+            raise ConfigError(
+                "train.augment_dim_min needs AIA channels: data.aia_channels is empty"
+            )
+        return cls(index, inv_std, floor, alpha_min)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, C, ...) model inputs -> a dimmed copy (factors from torch's generator)."""
+        k = len(self.index)
+        alpha = torch.rand(x.shape[0], k) * (1.0 - self.alpha_min) + self.alpha_min
+        shift = torch.log10(alpha) * torch.tensor(self.inv_std)
+        y = x.clone()
+        view = (x.shape[0], 1) + (1,) * (x.ndim - 2)
+        for j, c in enumerate(self.index):
+            s = shift[:, j].to(x.device, x.dtype).reshape(view)
+            y[:, c : c + 1] = torch.clamp(y[:, c : c + 1] + s, min=self.floor[j])
+        return y
+
+
 class BackboneObjective(Objective):
     """What every pretraining objective shares: a registered model built with ``kwargs``,
     and AdamW without decay on norms, biases and tokens."""
@@ -54,6 +116,13 @@ class BackboneObjective(Objective):
     ):
         self.model_name, self.kwargs, self.channels = model_name, kwargs, list(channels)
         self.weight_decay, self.betas, self.seed = weight_decay, tuple(betas), seed
+        self.augment: DimmingJitter | None = None
+        """Applied to training inputs only (``train.augment_dim_min``)."""
+
+    def train_inputs(self, batch, device) -> torch.Tensor:
+        """The batch's images on ``device`` as float32, augmented when configured."""
+        x = batch["image"].to(device, non_blocking=True).float()
+        return x if self.augment is None else self.augment(x)
 
     def build_model(self) -> nn.Module:
         return get_model(self.model_name, **self.kwargs)
@@ -94,7 +163,7 @@ class MaskedReconstruction(BackboneObjective):
     score_name = "masked_mse"
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
-        return model(batch["image"].to(device, non_blocking=True).float())["loss"]
+        return model(self.train_inputs(batch, device))["loss"]
 
     def fixed_masks(self, model, ids) -> torch.Tensor:
         """ids: (B,) sample ids -> ids_shuffle (B, L): each sample's mask drawn from the seed
@@ -201,7 +270,7 @@ class ELBO(BackboneObjective):
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         from sdofm.models.nvae import kl_warmup_weight
 
-        x = batch["image"].to(device, non_blocking=True).float()
+        x = self.train_inputs(batch, device)
         weight = kl_warmup_weight(info.step, info.total_steps, self.kl_warmup)
         out = model(x, kl_weight=weight, free_bits=self.free_bits)
         core = getattr(model, "module", model)
@@ -301,9 +370,10 @@ def scoring_objective(
     raise ConfigError(f"model {model_name!r}: no pretraining objective for family {family!r}")
 
 
-def make_objective(cfg, sample_shape: tuple) -> Objective:
+def make_objective(cfg, sample_shape: tuple, stats: dict | None = None) -> Objective:
     """The pretraining objective of ``cfg.model``'s family (MAE: masked reconstruction;
-    NVAE: the ELBO)."""
+    NVAE: the ELBO). ``stats``: the normalisation statistics, which the dimming
+    augmentation (``train.augment_dim_min``) needs; without them (scoring only) it is off."""
     from sdofm.models.flavours import FLAVOURS
 
     d, tc, mc = cfg.data, cfg.train, cfg.model
@@ -311,7 +381,14 @@ def make_objective(cfg, sample_shape: tuple) -> Objective:
     common = (mc.name, kwargs, d.channels, tc.weight_decay, tc.betas, tc.seed)
     family = FLAVOURS[mc.name].family
     if family == "mae":
-        return MaskedReconstruction(*common)
-    if family == "nvae":
-        return ELBO(*common, mc.kl_warmup, mc.spectral_weight, mc.free_bits)
-    raise ConfigError(f"model.name {mc.name!r}: no pretraining objective for family {family!r}")
+        objective = MaskedReconstruction(*common)
+    elif family == "nvae":
+        objective = ELBO(*common, mc.kl_warmup, mc.spectral_weight, mc.free_bits)
+    else:
+        raise ConfigError(f"model.name {mc.name!r}: no pretraining objective for family {family!r}")
+    if tc.augment_dim_min is not None and (stats is not None or not cfg.transform.zscore):
+        from sdofm.datasets.blocks import make_preprocessor
+
+        pre = make_preprocessor(d.channels, cfg.transform, sample_shape[-1], stats)
+        objective.augment = DimmingJitter.from_preprocessor(pre, d.aia_channels, tc.augment_dim_min)
+    return objective

@@ -99,7 +99,7 @@ def pretrain(cfg: Config) -> PretrainResult:
 
         pre = make_preprocessor(d.channels, cfg.transform, shape[-1], stats)
         image_transform = DeviceTransform(pre)
-    objective = make_objective(cfg, shape)
+    objective = make_objective(cfg, shape, stats)
     model = objective.build_model()
     n_train, n_val = pipe.num_samples("train"), pipe.num_samples("val")
     per_epoch, total = plan_steps(cfg, n_train)

@@ -42,3 +42,49 @@ def test_nvae_scores_are_the_reconstruction_term_per_channel_on_fixed_draws():
         recon = model(imgs)["recon"]
     # another posterior draw gives another value, close to the same mean over channels
     torch.testing.assert_close(err.mean(), recon, rtol=0.05, atol=0.05)
+
+
+def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transform():
+    """train.augment_dim_min: the jitter on model inputs must equal transforms.dim on the
+    physical image followed by the numpy Preprocessor (the dimming task's own path)."""
+    import numpy as np
+
+    from sdofm.datasets.blocks import make_preprocessor
+    from sdofm.datasets.transforms import DEFAULT_SCALING, dim
+    from sdofm.pretraining.objective import make_objective
+
+    cfg = load_config(None, ["train.augment_dim_min=0.05", "model.name=nvae_debug"])
+    d = cfg.data
+    rng = np.random.default_rng(0)
+    stats = {
+        "channels": {c: {"mean": rng.uniform(0, 3), "std": rng.uniform(0.2, 2)} for c in CHANNELS}
+    }
+    B, S = 4, 16
+    x = np.empty((B, len(CHANNELS), 1, S, S), np.float32)
+    for c, name in enumerate(CHANNELS):
+        method, lo, hi = DEFAULT_SCALING[name]
+        if method == "log":  # a quarter of the pixels below clip_min, the rest inside the clip
+            x[:, c] = np.exp(rng.uniform(np.log(lo / 10), np.log(hi), size=(B, 1, S, S)))
+        else:
+            x[:, c] = rng.uniform(lo, hi, size=(B, 1, S, S))
+    objective = make_objective(cfg, (len(CHANNELS), 1, S, S), stats)
+    assert objective.augment is not None
+    pre = make_preprocessor(CHANNELS, cfg.transform, S, stats)
+    inputs = torch.from_numpy(np.stack([pre(img) for img in x]))
+    torch.manual_seed(11)
+    out = objective.train_inputs({"image": inputs}, torch.device("cpu"))
+    torch.manual_seed(11)  # the same draw: (B, AIA channels) factors in [0.05, 1]
+    aia = [i for i, c in enumerate(CHANNELS) if c in d.aia_channels]
+    alpha = (torch.rand(B, len(aia)) * 0.95 + 0.05).numpy()
+    for b in range(B):
+        factors = np.ones(len(CHANNELS), np.float32)
+        factors[aia] = alpha[b]
+        expect = pre(dim(x[b], factors))
+        np.testing.assert_allclose(out[b].numpy(), expect, rtol=1e-5, atol=2e-5)
+    hmi = [i for i in range(len(CHANNELS)) if i not in aia]
+    assert torch.equal(out[:, hmi], inputs[:, hmi])  # magnetograms are never dimmed
+    assert (out[:, aia] < inputs[:, aia] - 1e-3).any()  # something was dimmed
+    assert torch.equal(inputs, torch.from_numpy(np.stack([pre(img) for img in x])))  # input kept
+    # Without statistics (scoring only) there is no augmentation; off by default.
+    assert make_objective(cfg, (len(CHANNELS), 1, S, S)).augment is None
+    assert make_objective(load_config(), (len(CHANNELS), 1, S, S), stats).augment is None
