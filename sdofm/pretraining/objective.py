@@ -90,14 +90,14 @@ class DimmingJitter:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, ...) model inputs -> a dimmed copy (factors from torch's generator)."""
-        k = len(self.index)
-        alpha = torch.rand(x.shape[0], k) * (1.0 - self.alpha_min) + self.alpha_min
+        B, k, rest = x.shape[0], len(self.index), (1,) * (x.ndim - 2)
+        alpha = torch.rand(B, k) * (1.0 - self.alpha_min) + self.alpha_min
         shift = torch.log10(alpha) * torch.tensor(self.inv_std)
+        floor = torch.tensor(self.floor, dtype=x.dtype, device=x.device).reshape(1, k, *rest)
         y = x.clone()
-        view = (x.shape[0], 1) + (1,) * (x.ndim - 2)
-        for j, c in enumerate(self.index):
-            s = shift[:, j].to(x.device, x.dtype).reshape(view)
-            y[:, c : c + 1] = torch.clamp(y[:, c : c + 1] + s, min=self.floor[j])
+        y[:, self.index] = torch.maximum(
+            x[:, self.index] + shift.to(x.device, x.dtype).reshape(B, k, *rest), floor
+        )
         return y
 
 

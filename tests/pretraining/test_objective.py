@@ -63,7 +63,7 @@ def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transfor
     x = np.empty((B, len(CHANNELS), 1, S, S), np.float32)
     for c, name in enumerate(CHANNELS):
         method, lo, hi = DEFAULT_SCALING[name]
-        if method == "log":  # a quarter of the pixels below clip_min, the rest inside the clip
+        if method == "log":  # 20-40 % of the pixels below clip_min, the rest inside the clip
             x[:, c] = np.exp(rng.uniform(np.log(lo / 10), np.log(hi), size=(B, 1, S, S)))
         else:
             x[:, c] = rng.uniform(lo, hi, size=(B, 1, S, S))
