@@ -400,6 +400,9 @@ class TrainConfig(_Section):
     """Pretraining only: dim each AIA channel of each training sample by a factor drawn from
     [augment_dim_min, 1], as instrument degradation (and the dimming task) does, so the
     backbone learns to represent each channel's brightness; None: off. Needs log-scaled AIA."""
+    augment_dim_prob: float = Field(1.0, gt=0, le=1)
+    """With ``augment_dim_min``: the share of training samples dimmed (each with probability
+    this); the rest keep the Sun's own channel-to-channel brightness ratios."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
     a report at checkpoints and validations only: each report can wait for its 2 s poll)."""

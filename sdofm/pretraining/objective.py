@@ -47,18 +47,27 @@ class DimmingJitter:
         y -> max(y + log10(alpha) / std_c, (log10(clip_min_c) - mean_c) / std_c)
 
     (log10 of the clipped, dimmed value; a pixel clipped at ``clip_max`` is taken as lying
-    at it). Factors come from torch's global generator, which the training loop seeds per
-    step: a resumed run draws what an uninterrupted one would have.
+    at it). Each sample is dimmed with probability ``prob`` (all its AIA channels, each by
+    its own factor); the others pass unchanged. Factors come from torch's global generator,
+    which the training loop seeds per step: a resumed run draws what an uninterrupted one
+    would have.
     """
 
     def __init__(
-        self, index: list[int], inv_std: list[float], floor: list[float], alpha_min: float
+        self,
+        index: list[int],
+        inv_std: list[float],
+        floor: list[float],
+        alpha_min: float,
+        prob: float = 1.0,
     ):
         self.index, self.inv_std, self.floor = list(index), list(inv_std), list(floor)
-        self.alpha_min = float(alpha_min)
+        self.alpha_min, self.prob = float(alpha_min), float(prob)
 
     @classmethod
-    def from_preprocessor(cls, pre, aia_channels, alpha_min: float) -> DimmingJitter:
+    def from_preprocessor(
+        cls, pre, aia_channels, alpha_min: float, prob: float = 1.0
+    ) -> DimmingJitter:
         """For the log-scaled AIA channels of ``pre`` (a Preprocessor); an error if none is."""
         from sdofm.datasets.transforms import _zscore_params
 
@@ -86,7 +95,7 @@ class DimmingJitter:
             raise ConfigError(
                 "train.augment_dim_min needs AIA channels: data.aia_channels is empty"
             )
-        return cls(index, inv_std, floor, alpha_min)
+        return cls(index, inv_std, floor, alpha_min, prob)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, ...) model inputs -> a dimmed copy (factors from torch's generator)."""
@@ -94,10 +103,14 @@ class DimmingJitter:
         alpha = torch.rand(B, k) * (1.0 - self.alpha_min) + self.alpha_min
         shift = torch.log10(alpha) * torch.tensor(self.inv_std)
         floor = torch.tensor(self.floor, dtype=x.dtype, device=x.device).reshape(1, k, *rest)
-        y = x.clone()
-        y[:, self.index] = torch.maximum(
+        dimmed = torch.maximum(
             x[:, self.index] + shift.to(x.device, x.dtype).reshape(B, k, *rest), floor
         )
+        if self.prob < 1.0:  # the undimmed samples keep their inputs bit for bit
+            chosen = (torch.rand(B) < self.prob).to(x.device).reshape(B, 1, *rest)
+            dimmed = torch.where(chosen, dimmed, x[:, self.index])
+        y = x.clone()
+        y[:, self.index] = dimmed
         return y
 
 
@@ -390,5 +403,7 @@ def make_objective(cfg, sample_shape: tuple, stats: dict | None = None) -> Objec
         from sdofm.datasets.blocks import make_preprocessor
 
         pre = make_preprocessor(d.channels, cfg.transform, sample_shape[-1], stats)
-        objective.augment = DimmingJitter.from_preprocessor(pre, d.aia_channels, tc.augment_dim_min)
+        objective.augment = DimmingJitter.from_preprocessor(
+            pre, d.aia_channels, tc.augment_dim_min, tc.augment_dim_prob
+        )
     return objective

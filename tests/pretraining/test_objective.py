@@ -3,6 +3,7 @@ validation report): fixed draws per sample id, shared by every model of one arch
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from sdofm.config import load_config
@@ -44,22 +45,25 @@ def test_nvae_scores_are_the_reconstruction_term_per_channel_on_fixed_draws():
     torch.testing.assert_close(err.mean(), recon, rtol=0.05, atol=0.05)
 
 
-def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transform():
+@pytest.mark.parametrize("prob", [1.0, 0.5])
+def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transform(prob):
     """train.augment_dim_min: the jitter on model inputs must equal transforms.dim on the
-    physical image followed by the numpy Preprocessor (the dimming task's own path)."""
+    physical image followed by the numpy Preprocessor (the dimming task's own path); with
+    train.augment_dim_prob < 1 the samples not drawn keep their inputs bit for bit."""
     import numpy as np
 
     from sdofm.datasets.blocks import make_preprocessor
     from sdofm.datasets.transforms import DEFAULT_SCALING, dim
     from sdofm.pretraining.objective import make_objective
 
-    cfg = load_config(None, ["train.augment_dim_min=0.05", "model.name=nvae_debug"])
+    overrides = ["train.augment_dim_min=0.05", f"train.augment_dim_prob={prob}"]
+    cfg = load_config(None, [*overrides, "model.name=nvae_debug"])
     d = cfg.data
     rng = np.random.default_rng(0)
     stats = {
         "channels": {c: {"mean": rng.uniform(0, 3), "std": rng.uniform(0.2, 2)} for c in CHANNELS}
     }
-    B, S = 4, 16
+    B, S = 8, 16
     x = np.empty((B, len(CHANNELS), 1, S, S), np.float32)
     for c, name in enumerate(CHANNELS):
         method, lo, hi = DEFAULT_SCALING[name]
@@ -73,17 +77,22 @@ def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transfor
     inputs = torch.from_numpy(np.stack([pre(img) for img in x]))
     torch.manual_seed(11)
     out = objective.train_inputs({"image": inputs}, torch.device("cpu"))
-    torch.manual_seed(11)  # the same draw: (B, AIA channels) factors in [0.05, 1]
-    aia = [i for i, c in enumerate(CHANNELS) if c in d.aia_channels]
+    torch.manual_seed(11)  # the same draws: (B, AIA channels) factors in [0.05, 1], then
+    aia = [i for i, c in enumerate(CHANNELS) if c in d.aia_channels]  # which samples
     alpha = (torch.rand(B, len(aia)) * 0.95 + 0.05).numpy()
+    chosen = (torch.rand(B) < prob).numpy() if prob < 1 else np.ones(B, bool)
+    assert 0 < chosen.sum() <= B and (prob == 1) == chosen.all()  # both kinds when prob < 1
     for b in range(B):
+        if not chosen[b]:
+            assert torch.equal(out[b], inputs[b])
+            continue
         factors = np.ones(len(CHANNELS), np.float32)
         factors[aia] = alpha[b]
         expect = pre(dim(x[b], factors))
         np.testing.assert_allclose(out[b].numpy(), expect, rtol=1e-5, atol=2e-5)
+        assert (out[b, aia] < inputs[b, aia] - 1e-3).any()  # something was dimmed
     hmi = [i for i in range(len(CHANNELS)) if i not in aia]
     assert torch.equal(out[:, hmi], inputs[:, hmi])  # magnetograms are never dimmed
-    assert (out[:, aia] < inputs[:, aia] - 1e-3).any()  # something was dimmed
     assert torch.equal(inputs, torch.from_numpy(np.stack([pre(img) for img in x])))  # input kept
     # Without statistics (scoring only) there is no augmentation; off by default.
     assert make_objective(cfg, (len(CHANNELS), 1, S, S)).augment is None
