@@ -463,8 +463,9 @@ class FinetuneConfig(_Section):
     backbone: str | None = None
     """Pretrained encoder: an MLflow run id, a ``models:/`` URI or a checkpoint folder;
     None = the newest finished run of the ``tracking.experiment`` pretraining experiment."""
-    head: Literal["pool", "conv", "baseline_cnn"] = "pool"
-    """``pool``: token mean + MLP; ``conv``: convolutions on the patch grid;
+    head: Literal["pool", "conv", "linear", "baseline_cnn"] = "pool"
+    """``pool``: token mean + MLP; ``conv``: convolutions on the patch grid; ``linear``: token
+    mean + BatchNorm + one linear layer (the MAE linear probe, for frozen encoders);
     ``baseline_cnn``: the from-scratch CNN of Dos Santos et al. (no backbone)."""
     hidden: int = Field(256, ge=1)
     """Width of the head (MLP hidden units, convolution channels)."""

@@ -229,7 +229,7 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
     if cfg.finetune.head == "baseline_cnn":
         raise ConfigError(
             "sdofm evaluate trains the baseline itself: set finetune.head to an encoder head "
-            "(pool or conv), not baseline_cnn"
+            "(pool, conv or linear), not baseline_cnn"
         )
     uri = tracking.tracking_uri(cfg.tracking.uri)
     storage = storage_path(cfg.train.storage_path)

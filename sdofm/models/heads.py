@@ -49,7 +49,21 @@ class ConvHead(nn.Module):
         return self.fc(self.conv(x).mean(dim=(2, 3)))
 
 
-HEADS = {"pool": PoolHead, "conv": ConvHead}
+class LinearHead(nn.Module):
+    """The linear probe of MAE (He et al. 2022): mean of the patch tokens -> BatchNorm
+    without affine parameters (each feature standardised over the data) -> one linear
+    layer. tokens: (B, 1 + L, D) -> (B, K); ``hidden`` is unused."""
+
+    def __init__(self, dim: int, out: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim, affine=False, eps=1e-6)
+        self.fc = nn.Linear(dim, out)
+
+    def forward(self, tokens: Tensor, grid: tuple[int, int, int]) -> Tensor:
+        return self.fc(self.norm(tokens[:, 1:].mean(dim=1)))
+
+
+HEADS = {"pool": PoolHead, "conv": ConvHead, "linear": LinearHead}
 
 
 class DenseHead(nn.Module):

@@ -439,3 +439,32 @@ def test_sincos_pos_embeds() -> None:
     assert torch.equal(pe3[:15, :8], pe3[:1, :8].expand(15, 8))
     with pytest.raises(ValueError):
         sincos_pos_embed_3d(24, 2, 3, 5)
+
+
+def test_linear_probe_is_one_linear_map_of_the_standardised_token_mean() -> None:
+    """finetune.head=linear (MAE's linear probe): W (m - mean) / sqrt(var + eps) + b of the
+    patch-token mean m, standardised over the batch in training, with running statistics in
+    inference; the frozen encoder receives no gradient."""
+    import numpy as np
+
+    from sdofm.models.heads import EncoderRegressor
+
+    encoder = small_model("nvae_debug").encoder()
+    probe = EncoderRegressor(encoder, out=3, head="linear", freeze="frozen", squash=False)
+    x = torch.randn(6, encoder.in_chans, encoder.num_frames, *encoder.img_size)
+    probe.train()  # a frozen encoder stays in inference mode
+    assert not encoder.training
+    with torch.no_grad():
+        m = encoder.forward_features(x)[:, 1:].mean(dim=1).double().numpy()
+    W, b = (p.detach().double().numpy() for p in (probe.head.fc.weight, probe.head.fc.bias))
+    y = probe(x)
+    z = (m - m.mean(0)) / np.sqrt(m.var(0) + 1e-6)  # biased batch variance, as BatchNorm's
+    np.testing.assert_allclose(y.detach().numpy(), z @ W.T + b, rtol=1e-4, atol=1e-4)
+    y.sum().backward()
+    assert all(p.grad is None for p in encoder.parameters())
+    assert probe.head.fc.weight.grad is not None
+    probe.eval()  # running statistics: one update with momentum 0.1 from (0, 1)
+    mean = 0.1 * m.mean(0)
+    var = 0.9 + 0.1 * m.var(0, ddof=1)
+    expect = (m - mean) / np.sqrt(var + 1e-6) @ W.T + b
+    np.testing.assert_allclose(probe(x).detach().numpy(), expect, rtol=1e-4, atol=1e-4)

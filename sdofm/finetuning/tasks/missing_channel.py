@@ -181,10 +181,10 @@ class MissingChannelTask(Task):
 
     def check(self, cfg: Config) -> None:
         held_out_channels(cfg)
-        if cfg.finetune.head == "pool":
+        if cfg.finetune.head in ("pool", "linear"):
             raise ConfigError(
-                "missing-channel reconstructs images: finetune.head pool gives one vector per "
-                "image; use conv (a dense head on the patch grid) or baseline_cnn"
+                f"missing-channel reconstructs images: finetune.head {cfg.finetune.head} gives "
+                "one vector per image; use conv (a dense head on the patch grid) or baseline_cnn"
             )
 
     def targets(self, cfg: Config) -> list[str]:
