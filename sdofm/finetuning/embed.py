@@ -197,7 +197,9 @@ def embed(
     }
     tags = {"sdofm.task": "embed", "sdofm.backbone": backbone.source, "sdofm.embeddings": out}
     name = f"embed-{index_key(d)}-{pool}"
-    with tracked_run(uri, cfg.tracking.experiment, name, out, params, tags) as run_id:
+    with tracked_run(
+        uri, cfg.tracking.experiment, name, out, params, tags, config=dump_config(cfg)
+    ) as run_id:
         result.run_id = run_id
         for split in splits:
             n = pipe.num_samples(split)

@@ -243,7 +243,13 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
         **{f"finetune.{k}": v for k, v in dump_config(cfg.finetune).items()},
     }
     parent = tracking.start_run(
-        uri, cfg.finetune.experiment, name, storage, params, {"sdofm.task": "evaluate"}
+        uri,
+        cfg.finetune.experiment,
+        name,
+        storage,
+        params,
+        {"sdofm.task": "evaluate"},
+        config=dump_config(cfg),
     )
     try:
         for task_name in tasks:

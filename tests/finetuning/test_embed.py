@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from sdofm.config import ConfigError, load_config
@@ -82,3 +85,7 @@ def test_embeddings_equal_the_encoder_output_resume_and_are_tracked(
     assert runs[0].info.status == "FINISHED"
     assert runs[0].data.tags["sdofm.embeddings"] == str(out)
     assert runs[0].data.metrics["embed/rows"] == again.rows["test"]
+    logged = MlflowClient(f"sqlite:///{db}").download_artifacts(
+        runs[0].info.run_id, "config.yaml", str(tmp_path / "cfg")
+    )
+    assert yaml.safe_load(Path(logged).read_text())["data"]["root"] == cfg.data.root

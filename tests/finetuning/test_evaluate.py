@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+import yaml
 from mlflow import MlflowClient
 
 from sdofm.datasets.index import load_or_build_index
@@ -178,3 +181,8 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
     for arm in ("pretrained", "random_init"):
         key = f"{RECONSTRUCTION}/{arm}/masked_mse_171A"
         assert parent.data.metrics[key] == recon["masked_mse_171A"][arm]
+    # The whole resolved config travels with the run, as with every other run.
+    logged = client.download_artifacts(board.run_id, "config.yaml", str(tmp_path / "cfg"))
+    assert (
+        yaml.safe_load(Path(logged).read_text())["finetune"]["head"] == cfg.finetune.head == "pool"
+    )
