@@ -422,6 +422,15 @@ class TrainConfig(_Section):
     fail_how: Literal["raise", "kill"] = "raise"
     """How ``fail_at_step`` fails: raise an error, or SIGKILL rank 0's process (a lost worker)."""
 
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.augment_dim_prob != 1.0 and self.augment_dim_min is None:
+            raise ValueError(
+                "augment_dim_prob is the share of samples the dimming augmentation dims; "
+                "set augment_dim_min to turn the augmentation on"
+            )
+        return self
+
 
 class WorkersConfig(_Section):
     """How many Ray Train workers and what each reserves (the ``scaling`` section)."""

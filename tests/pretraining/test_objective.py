@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdofm.config import load_config
+from sdofm.config import ConfigError, load_config
 from sdofm.pretraining.objective import scoring_objective
 
 CHANNELS = load_config().data.channels
@@ -97,3 +97,5 @@ def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transfor
     # Without statistics (scoring only) there is no augmentation; off by default.
     assert make_objective(cfg, (len(CHANNELS), 1, S, S)).augment is None
     assert make_objective(load_config(), (len(CHANNELS), 1, S, S), stats).augment is None
+    with pytest.raises(ConfigError, match="set augment_dim_min"):  # a share of nothing
+        load_config(None, ["train.augment_dim_prob=0.5"])
