@@ -339,14 +339,9 @@ class ModelConfig(_Section):
     overrides: dict[str, Any] = {}
     """Constructor arguments replacing the named configuration's (``{mask_ratio: 0.5}``);
     ``img_size``, ``in_chans`` and ``num_frames`` follow the data unless set here."""
-    kl_warmup: float = Field(0.3, ge=0, le=1)
-    """VAE backbones: share of the run's steps over which the KL weight rises from 0 to 1."""
-    free_bits: float = Field(0.05, ge=0)
-    """VAE backbones: nats per latent variable that each group's KL may hold without cost
-    (free bits, Kingma et al. 2016), so that no group collapses; 0 trains the plain ELBO."""
-    spectral_weight: float = Field(1e-4, ge=0)
-    """VAE backbones: weight of the spectral regulariser (sum of the convolutions' largest
-    singular values) against the loss in nats per input dimension."""
+    objective: dict[str, Any] = {}
+    """Settings of the family's pretraining objective (NVAE: ``kl_warmup``, ``free_bits``,
+    ``spectral_weight``); each objective checks its own and names a misspelt key."""
 
     @field_validator("name")
     @classmethod
@@ -417,10 +412,6 @@ class TrainConfig(_Section):
     max_failures: int = Field(3, ge=-1)
     """Worker-group restarts from the newest complete checkpoint after a failure (a lost
     node, a killed worker; -1: unlimited). 0: fail at once."""
-    fail_at_step: int | None = Field(None, ge=1)
-    """Fault injection (tests, drills): rank 0 fails at this step, once per run."""
-    fail_how: Literal["raise", "kill"] = "raise"
-    """How ``fail_at_step`` fails: raise an error, or SIGKILL rank 0's process (a lost worker)."""
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

@@ -7,7 +7,7 @@ loop, checkpoints, resume and rank-0 tracking are the same for all of them.
 
 from sdofm.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from sdofm.engine.loop import LoopConfig
-from sdofm.engine.objective import EvalContext, Evaluation, Objective, StepInfo
+from sdofm.engine.objective import EvalContext, Evaluation, Objective, Phase, Schedule, StepInfo
 from sdofm.engine.trainer import FitResult, RunFailedError, fit, storage_path, tracked_run
 
 __all__ = [
@@ -17,6 +17,8 @@ __all__ = [
     "RunFailedError",
     "LoopConfig",
     "Objective",
+    "Phase",
+    "Schedule",
     "StepInfo",
     "TrainState",
     "fit",

@@ -10,13 +10,14 @@ its controller takes one report per 2 s poll, so per-step reports would stall fa
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from sdofm.engine.checkpoint import (
@@ -25,13 +26,18 @@ from sdofm.engine.checkpoint import (
     join,
     latest_checkpoint,
     load_checkpoint,
-    open_storage,
     read_metrics,
     save_checkpoint,
-    unwrap,
 )
-from sdofm.engine.objective import EvalContext, Objective, StepInfo, all_reduce_sum
-from sdofm.engine.optim import autocast, lr_at
+from sdofm.engine.objective import (
+    EvalContext,
+    Objective,
+    Phase,
+    Schedule,
+    StepInfo,
+    all_reduce_sum,
+)
+from sdofm.engine.optim import autocast
 from sdofm.engine.progress import quiet_reports, say
 
 
@@ -44,7 +50,7 @@ class LoopConfig:
     schedule_steps: int
     """Optimiser steps of the lr schedule (warm-up + cosine)."""
     lr: float
-    """Peak learning rate."""
+    """Peak learning rate (of every optimiser the objective does not schedule itself)."""
     max_steps: int | None = None
     """Stop after this many optimiser steps; None: after ``epochs``."""
     warmup_steps: int = 0
@@ -69,11 +75,6 @@ class LoopConfig:
     precision: str = "auto"
     compile: bool = False
     torch_threads: int | None = None
-    fail_at_step: int | None = None
-    """Fault injection: rank 0 fails once per run at this step (a marker in the run's
-    storage folder records that it did)."""
-    fail_how: str = "raise"
-    """``raise`` an error, or ``kill`` rank 0's process with SIGKILL (a lost worker)."""
     figures: int = 1
     """Figures rank 0 draws at each evaluation."""
     label: str = ""
@@ -136,6 +137,12 @@ class Worker:
         torch.manual_seed(lc.seed)
         model = objective.build_model().to(self.device)
         self.optimizers = objective.optimizers(model)
+        self.phases: tuple[Phase, ...] = objective.phases
+        missing = {p.optimizer for p in self.phases} - set(self.optimizers)
+        if missing:
+            raise ValueError(f"{type(objective).__name__}: phases name no optimiser {missing}")
+        default = Schedule(lc.lr, lc.warmup_steps, lc.schedule_steps, lc.min_lr_ratio, lc.grad_clip)
+        self.schedules = objective.schedules(default)
         self.params = {
             k: [p for g in o.param_groups for p in g["params"]] for k, o in self.optimizers.items()
         }
@@ -146,10 +153,13 @@ class Worker:
         self.resumed = latest is not None
         if latest is not None:
             self.state = load_checkpoint(latest.url, model, self.optimizers, lc.storage_options)
-        self.model = ray.train.torch.prepare_model(model)
-        if lc.compile:
-            self.model = torch.compile(self.model)
-        self.core = unwrap(self.model)
+        # Every worker starts from rank 0's weights. Gradients are averaged over the
+        # workers per phase (``_average_gradients``) rather than by a DDP wrapper: DDP
+        # reduces whatever one backward reaches, which is wrong when a step has phases
+        # that each train one network of several.
+        _broadcast(model.state_dict().values())
+        self.core = model
+        self.model = torch.compile(model) if lc.compile else model
         self.shards = {s: ray.train.get_dataset_shard(s) for s in lc.splits}
         if lc.image_transform is not None:
             if objective.batch_format != "torch":
@@ -174,13 +184,15 @@ class Worker:
                 # The interval the checkpoint covers may have missed MLflow (a failure
                 # between the commit and the flush): send what is not there yet.
                 self.tracker.log_records(read_metrics(latest.url, lc.storage_options), missing=True)
+        self.micro_batches: list[dict] = []
+        """Micro-batches of the gradient accumulation under way (an accumulation may run
+        on into the next epoch)."""
         self.pending: dict[int, dict] = {}
         """Metrics since the last checkpoint, by step: MLflow gets them once that checkpoint
         is committed, so a resumed run logs every step once."""
         self.tokens_per_sample = objective.tokens_per_sample(self.core)
         self.finished = self.state.epoch >= lc.epochs or self._reached_max_steps()
         self.last_val = self.last_save = self.state.step
-        self.micro = 0
         self._reset_window()
 
     def _reached_max_steps(self) -> bool:
@@ -188,8 +200,10 @@ class Worker:
 
     def _reset_window(self) -> None:
         self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
-        self.loss_sums = {k: torch.zeros((), device=self.device) for k in self.optimizers}
+        self.loss_sums = {p.name: torch.zeros((), device=self.device) for p in self.phases}
+        self.phase_runs = {p.name: 0 for p in self.phases}
         self.grad_norms: dict[str, float] = {}
+        self.lrs: dict[str, float] = {}
 
     def batches(self):
         """This epoch's train batches, less those consumed before a resumed checkpoint."""
@@ -217,77 +231,88 @@ class Worker:
                 yield batch
 
     def train_step(self, batch: dict) -> bool:
-        """Forward and backward of one micro-batch; an optimiser step after the last micro-batch
-        of an accumulation (-> True)."""
-        lc, state = self.lc, self.state
-        # The objective's draws (masks, noise) follow the step, so a resumed run repeats
-        # exactly what an uninterrupted one would have drawn.
-        micro = self.micro % lc.grad_accum
-        torch.manual_seed(((lc.seed * 1_000_003 + state.step) * 1024 + micro) * 4096 + self.rank)
-        self.micro += 1
-        last_micro = self.micro % lc.grad_accum == 0
-        several = len(self.optimizers) > 1
-        sync = (
-            contextlib.nullcontext()
-            if last_micro or not hasattr(self.model, "no_sync")
-            else self.model.no_sync()
-        )
-        info = StepInfo(state.step, state.epoch, lc.schedule_steps)
-        with sync:
-            for name in self.optimizers:
-                with autocast(self.device, lc.precision):
-                    loss = self.objective.loss(self.model, batch, info, name, self.device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite {name} loss {float(loss)} at step {state.step} (epoch "
-                        f"{state.epoch}, rank {self.rank}); {self.objective.describe(batch)}"
-                    )
-                # With several optimisers each loss reaches only its own parameters.
-                (loss / lc.grad_accum).backward(inputs=self.params[name] if several else None)
-                self.loss_sums[name] += loss.detach()
+        """Take one micro-batch; after the last of an accumulation, one optimiser step
+        (-> True): every phase due at this step, in order, then ``after_step``."""
+        self.micro_batches.append(batch)
         self.window_samples += len(batch["sample"])
-        if not last_micro:
+        if len(self.micro_batches) < self.lc.grad_accum:
             return False
-        lr = lr_at(state.step, lc.lr, lc.warmup_steps, lc.schedule_steps, lc.min_lr_ratio)
-        self.lr = lr
-        for name, opt in self.optimizers.items():
-            for group in opt.param_groups:
-                group["lr"] = lr
-            norm = nn.utils.clip_grad_norm_(self.params[name], lc.grad_clip or float("inf"))
-            self.grad_norms[name] = float(norm)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        state = self.state
+        info = StepInfo(state.step, state.epoch, self.lc.schedule_steps)
+        for index, phase in enumerate(self.phases):
+            if state.step % phase.every == 0:
+                self._run_phase(index, phase, info)
+        self.micro_batches = []
+        self.objective.after_step(self.core, info)
+        # Buffers (batch-norm statistics) follow rank 0, as DDP's broadcast_buffers does.
+        _broadcast(self.core.buffers())
         state.step += 1
         self.window_steps += 1
-        if lc.fail_at_step == state.step and self.rank == 0:
-            fs, marker = open_storage(
-                join(lc.storage, lc.run_name, "injected_failure"), lc.storage_options
-            )
-            if not fs.exists(marker):  # once per run, whichever attempt gets here first
-                fs.makedirs(marker.rsplit("/", 1)[0], exist_ok=True)
-                fs.touch(marker)
-                if lc.fail_how == "kill":
-                    import os
-                    import signal
-
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise RuntimeError(f"injected failure at step {state.step} (train.fail_at_step)")
         return True
+
+    def _run_phase(self, index: int, phase: Phase, info: StepInfo) -> None:
+        """Forward and backward of every micro-batch for ``phase``, the gradients averaged
+        over the workers, clipped, and its optimiser's step."""
+        lc, state = self.lc, self.state
+        opt, params = self.optimizers[phase.optimizer], self.params[phase.optimizer]
+        trains = {id(p) for p in params}
+        saved = {}
+        for name, other in self.params.items():
+            if name != phase.optimizer:
+                for p in other:
+                    if id(p) not in trains:
+                        saved[p] = p.requires_grad
+                        p.requires_grad_(False)
+        try:
+            for micro, batch in enumerate(self.micro_batches):
+                # The objective's draws (masks, noise) follow the step, so a resumed run
+                # repeats exactly what an uninterrupted one would have drawn.
+                torch.manual_seed(_draw_seed(lc.seed, state.step, micro, self.rank, index))
+                with autocast(self.device, lc.precision):
+                    loss = self.objective.loss(self.model, batch, info, phase.name, self.device)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"non-finite {phase.name} loss {float(loss)} at step {state.step} "
+                        f"(epoch {state.epoch}, rank {self.rank}); "
+                        f"{self.objective.describe(batch)}"
+                    )
+                (loss / lc.grad_accum).backward()
+                self.loss_sums[phase.name] += loss.detach()
+        finally:
+            for p, flag in saved.items():
+                p.requires_grad_(flag)
+        self.phase_runs[phase.name] += 1
+        _average_gradients(params, self.world)
+        schedule = self.schedules[phase.optimizer]
+        lr = schedule.lr_at(state.step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        norm = nn.utils.clip_grad_norm_(params, schedule.grad_clip or float("inf"))
+        self.grad_norms[phase.name] = float(norm)
+        self.lrs[phase.optimizer] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     def train_metrics(self) -> dict[str, float]:
         """Loss, lr, gradient norm and throughput since the last report, over every worker."""
         if not self.window_steps:
             return {}
         elapsed = time.perf_counter() - self.window_start
-        per_step = self.world * self.window_steps * self.lc.grad_accum
-        single = len(self.optimizers) == 1
+        single = len(self.phases) == 1
         out = {}
         for name, total in self.loss_sums.items():
+            runs = self.phase_runs[name]
+            if not runs:
+                continue  # a lazy phase that was not due in this window
             key = "train/loss" if single else f"train/loss_{name}"
-            out[key] = float(all_reduce_sum(total.clone()) / per_step)
+            out[key] = float(
+                all_reduce_sum(total.clone()) / (self.world * runs * self.lc.grad_accum)
+            )
             out[key.replace("loss", "grad_norm")] = self.grad_norms[name]
+        for name, lr in self.lrs.items():
+            out["train/lr" if len(self.lrs) == 1 else f"train/lr_{name}"] = lr
         samples_per_s = self.window_samples * self.world / elapsed
-        out.update({"train/lr": self.lr, "train/samples_per_s": samples_per_s})
+        out["train/samples_per_s"] = samples_per_s
         if self.tokens_per_sample:
             out["train/tokens_per_s"] = samples_per_s * self.tokens_per_sample
         return out
@@ -402,13 +427,74 @@ def _progress_line(w: Worker, m: dict) -> str:
     parts = [f"step {m['step']}/{total} epoch {m['epoch']}/{lc.epochs}"]
     if lc.label:
         parts.insert(0, lc.label)
-    if "train/loss" in m:
+    losses = [(k[len("train/") :], v) for k, v in m.items() if k.startswith("train/loss")]
+    if losses:
+        lrs = [(k[len("train/") :], v) for k, v in m.items() if k.startswith("train/lr")]
         parts.append(
-            f"loss {m['train/loss']:.4f} lr {m['train/lr']:.2e} "
-            f"{m['train/samples_per_s']:.1f} samples/s"
+            " ".join(f"{k} {v:.4f}" for k, v in losses)
+            + "".join(f" {k} {v:.2e}" for k, v in lrs)
+            + f" {m['train/samples_per_s']:.1f} samples/s"
         )
     parts += [f"{k} {v:.4f}" for k, v in m.items() if k in w.objective.headline]
     return " | ".join(parts)
+
+
+def _draw_seed(seed: int, step: int, micro: int, rank: int, phase: int) -> int:
+    """The seed of one phase's draws on one micro-batch of one worker at one step."""
+    base = ((seed * 1_000_003 + step) * 1024 + micro) * 4096 + rank
+    if phase == 0:
+        return base
+    return int(np.random.SeedSequence([base, phase]).generate_state(1)[0])
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _flat_buckets(tensors: list[torch.Tensor], bucket_bytes: int = 64 << 20):
+    """``tensors`` grouped by dtype and device into runs of at most ``bucket_bytes``."""
+    groups: dict[tuple, list[list[torch.Tensor]]] = {}
+    for t in tensors:
+        runs = groups.setdefault((t.dtype, t.device), [[]])
+        if runs[-1] and sum(x.numel() for x in runs[-1]) * t.element_size() >= bucket_bytes:
+            runs.append([])
+        runs[-1].append(t)
+    return [run for runs in groups.values() for run in runs if run]
+
+
+def _average_gradients(params: list[nn.Parameter], world: int) -> None:
+    """Average the gradients of ``params`` over every worker: flat buckets, one all-reduce
+    each. A parameter that got no gradient on this worker counts as a zero gradient."""
+    if world == 1 or not _distributed():
+        return
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    works = []
+    for run in _flat_buckets([p.grad for p in params]):
+        flat = torch.cat([g.reshape(-1) for g in run])
+        works.append((run, flat, dist.all_reduce(flat, async_op=True)))
+    for run, flat, work in works:
+        work.wait()
+        flat /= world
+        offset = 0
+        for g in run:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def _broadcast(tensors) -> None:
+    """Rank 0's values of ``tensors`` (parameters, buffers) on every worker, in place."""
+    if not _distributed():
+        return
+    with torch.no_grad():
+        for run in _flat_buckets([t for t in tensors if t.numel()]):
+            flat = torch.cat([t.detach().reshape(-1) for t in run])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in run:
+                t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                offset += t.numel()
 
 
 def train_one_epoch(w: Worker) -> None:

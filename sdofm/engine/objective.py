@@ -3,13 +3,19 @@ loop (``sdofm.engine.loop``) owns everything else.
 
 A new backbone adds a model, an objective and a config, never a loop:
 
-* MAE (``sdofm.pretraining.objectives.MaskedReconstruction``): one optimiser, the masked
+* MAE (``sdofm.pretraining.objective.MaskedReconstruction``): one phase, the masked
   reconstruction loss, validation loss per channel and reconstruction figures.
-* A VAE: one optimiser; ``loss`` returns the negative ELBO, with the KL weight warmed up
+* A VAE: one phase; ``loss`` returns the negative ELBO, with the KL weight warmed up
   from ``info.step / info.total_steps``.
-* A GAN: ``optimizer_names = ("discriminator", "generator")``; ``loss`` is called once per
-  name and step, in that order, and each loss reaches only its own optimiser's parameters.
+* A GAN: phases ``discriminator`` (optimiser ``D``), a lazy regulariser on ``D`` every k
+  steps, then ``generator`` (optimiser ``G``); each phase runs forward, backward and its
+  optimiser's step before the next begins, so the generator trains against the
+  discriminator's updated weights; ``after_step`` updates the EMA copy of the generator.
 * Finetuning heads (``sdofm.finetuning.tasks``): the head's loss and its science metrics.
+
+The model is one ``nn.Module`` holding every network (a GAN's ``G``, ``D`` and ``G_ema``),
+so one state dict checkpoints all of them. A network is the set of parameters one
+optimiser owns.
 """
 
 from __future__ import annotations
@@ -20,6 +26,48 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from sdofm.engine.optim import lr_at
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One part of an optimiser step: a loss, and the optimiser it steps.
+
+    The loop runs a phase to completion (forward and backward over every micro-batch, the
+    gradients averaged over every worker, clip, step) before the next one starts. While a
+    phase runs, only the parameters of its optimiser require gradients: the other
+    networks' parameters are constants for it (their ``requires_grad`` is restored after).
+    """
+
+    name: str
+    """The loss's name: ``Objective.loss(..., phase=name)``; metrics ``train/loss_{name}``."""
+    optimizer: str
+    """The optimiser this phase steps (a key of ``Objective.optimizers``)."""
+    every: int = 1
+    """Run at the steps where ``step % every == 0`` (a lazy regulariser: scale its loss by
+    ``every`` in the objective to keep its weight)."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One optimiser's learning rate over the steps and its gradient clip."""
+
+    lr: float
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to ``lr``."""
+    total_steps: int = 0
+    """Step at which the cosine decay reaches ``min_lr_ratio * lr``; 0: constant ``lr``."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = None
+    """Clip this optimiser's global gradient norm to this; None: no clipping."""
+
+    def lr_at(self, step: int) -> float:
+        """The lr of optimiser step ``step`` (counted from 0)."""
+        if self.total_steps <= 0 and step >= self.warmup_steps:
+            return self.lr
+        return lr_at(step, self.lr, self.warmup_steps, self.total_steps, self.min_lr_ratio)
 
 
 @dataclass
@@ -64,8 +112,8 @@ class Objective:
 
     batch_format: str = "torch"
     """How the loop hands batches over: ``torch`` (tensors) or ``numpy`` (arrays)."""
-    optimizer_names: tuple[str, ...] = ("model",)
-    """One optimiser per name, stepped in this order."""
+    phases: tuple[Phase, ...] = (Phase("model", "model"),)
+    """What one optimiser step runs, in order (discriminator before generator)."""
     headline: tuple[str, ...] = ("val/loss",)
     """Metrics shown in the progress lines."""
 
@@ -74,14 +122,24 @@ class Objective:
         raise NotImplementedError
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-        """One optimiser per name of ``optimizer_names`` (the loop sets their lr each step)."""
+        """One optimiser per optimiser name of ``phases``, each over its network's
+        parameters (the loop sets their lr each step from :meth:`schedules`)."""
         raise NotImplementedError
 
+    def schedules(self, default: Schedule) -> dict[str, Schedule]:
+        """Each optimiser's lr schedule and clip; ``default`` is the run's (``train.lr``,
+        warm-up, cosine, ``train.grad_clip``). A GAN gives its two networks their own."""
+        return {p.optimizer: default for p in self.phases}
+
     def loss(
-        self, model: nn.Module, batch: dict, info: StepInfo, optimizer: str, device: torch.device
+        self, model: nn.Module, batch: dict, info: StepInfo, phase: str, device: torch.device
     ) -> torch.Tensor:
-        """The scalar loss of ``batch`` for optimiser ``optimizer``."""
+        """The scalar loss of ``batch`` for phase ``phase``."""
         raise NotImplementedError
+
+    def after_step(self, model: nn.Module, info: StepInfo) -> None:
+        """Called on every worker after every phase of step ``info.step`` has stepped (an
+        EMA of a network). ``model`` is the plain model, its weights equal on every worker."""
 
     def evaluate(self, model: nn.Module, shard, split: str, ctx: EvalContext) -> Evaluation:
         """Metrics of ``split`` over this worker's ``shard`` (a Ray Data iterator), combined

@@ -12,7 +12,7 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError
 from sdofm.engine.checkpoint import MODEL_FILE, STATE_FILE
-from sdofm.models import encoders
+from sdofm.models import FAMILIES, encoder_class, family_of_encoder
 
 
 @dataclass
@@ -22,25 +22,25 @@ class Backbone:
     encoder_config: dict
     state_dict: dict
     source: str
+    family: str
+    """The model family whose encoder this is (a key of ``sdofm.models.FAMILIES``)."""
     run_id: str | None = None
     channels: list[str] | None = None
-    family: str = "mae"
-    """The model family whose encoder this is (``sdofm.models.encoders()``)."""
     model: tuple[str, dict] | None = None
     """(flavour, constructor arguments) of the whole pretrained model, decoder included,
     where the checkpoint records them (the scoreboard scores its reconstructions)."""
 
     def encoder(self) -> nn.Module:
-        """The encoder with these weights; only decoder keys may be left unused."""
-        enc = encoders()[self.family](**self.encoder_config)
+        """The encoder with these weights; only the keys its family's row lets a head ignore
+        (the decoder) may be left unused."""
+        enc = encoder_class(self.family)(**self.encoder_config)
         result = enc.load_state_dict(self.state_dict, strict=False)
-        assert result.missing_keys == [], (
-            f"{self.source}: encoder keys missing {result.missing_keys}"
-        )
-        stray = [
-            k for k in result.unexpected_keys if not (k.startswith("decoder") or k == "mask_token")
-        ]
-        assert not stray, f"{self.source}: unexpected non-decoder keys {stray}"
+        if result.missing_keys:
+            raise ConfigError(f"{self.source}: encoder keys missing {result.missing_keys}")
+        ignores = FAMILIES[self.family].head_ignores
+        stray = [k for k in result.unexpected_keys if not k.startswith(ignores)]
+        if stray:
+            raise ConfigError(f"{self.source}: unexpected keys beside the decoder's {stray}")
         return enc
 
     def check(self, cfg: Config, sample_shape: tuple[int, int, int, int]) -> None:
@@ -79,15 +79,19 @@ def _from_checkpoint(
             f"{source}: not a pretraining checkpoint folder such as "
             f"<storage>/<run>/checkpoint_00000132 ({e})"
         ) from None
-    if "encoder_config" not in state:
-        raise ConfigError(f"{source}: the checkpoint does not record its encoder_config")
+    family = state.get("encoder_family")
+    if "encoder_config" not in state or family not in FAMILIES:
+        raise ConfigError(
+            f"{source}: the checkpoint does not record its encoder_config and encoder_family "
+            f"(one of {', '.join(FAMILIES)})"
+        )
     return Backbone(
         state["encoder_config"],
         sd,
         source,
+        family,
         run_id or state.get("run_id"),
         state.get("channels"),
-        state.get("encoder_family", "mae"),
         (state["model_name"], state["model_config"]) if "model_name" in state else None,
     )
 
@@ -107,11 +111,11 @@ def resolve_backbone(
 
         with use_tracking_uri(tracking_uri):
             enc = mlflow.pytorch.load_model(spec)
-        family = next((f for f, cls in encoders().items() if type(enc) is cls), None)
+        family = family_of_encoder(enc)
         if family is None:
-            known = ", ".join(c.__name__ for c in encoders().values())
+            known = ", ".join(encoder_class(f).__name__ for f in FAMILIES)
             raise ConfigError(f"{spec} is a {type(enc).__name__}, not an encoder ({known})")
-        return Backbone(enc.encoder_config, enc.state_dict(), spec, family=family)
+        return Backbone(enc.encoder_config, enc.state_dict(), spec, family)
     if spec and ("/" in spec or Path(spec).exists()):
         return _from_checkpoint(spec, spec, storage_options=storage_options)
     client = MlflowClient(tracking_uri)

@@ -50,10 +50,10 @@ def random_init(backbone: Backbone, seed: int) -> Backbone:
     """The backbone's encoder architecture with freshly initialised weights."""
     import torch
 
-    from sdofm.models import encoders
+    from sdofm.models import encoder_class
 
     torch.manual_seed(seed)
-    enc = encoders()[backbone.family](**backbone.encoder_config)
+    enc = encoder_class(backbone.family)(**backbone.encoder_config)
     return dataclasses.replace(
         backbone,
         state_dict=enc.state_dict(),

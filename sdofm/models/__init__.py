@@ -1,4 +1,5 @@
-"""Model registry: ``get_model(name, **overrides)`` builds a flavour of ``FLAVOURS``.
+"""Model registry: ``get_model(name, **overrides)`` builds a flavour of ``FLAVOURS``;
+``FAMILIES`` says where each family's model, encoder and objective live.
 
 Models are plain PyTorch modules; training and distribution live elsewhere. Importing this
 package does not import torch (``sdofm.config`` reads the flavour table); building a model does.
@@ -6,28 +7,19 @@ package does not import torch (``sdofm.config`` reads the flavour table); buildi
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from sdofm.models.flavours import FLAVOURS, Flavour
+from sdofm.models.flavours import FAMILIES, FLAVOURS, Family, Flavour
 
 if TYPE_CHECKING:
     from torch import nn
 
 
-def families() -> dict[str, type[nn.Module]]:
-    """Model family -> class. Imports torch, hence a function rather than a module constant."""
-    from sdofm.models.mae import MaskedAutoencoder
-    from sdofm.models.nvae import NVAE
-
-    return {"mae": MaskedAutoencoder, "nvae": NVAE}
-
-
-def encoders() -> dict[str, type[nn.Module]]:
-    """Model family -> its encoder class (what finetuning heads sit on)."""
-    from sdofm.models.mae import MAEEncoder
-    from sdofm.models.nvae import NVAEEncoder
-
-    return {"mae": MAEEncoder, "nvae": NVAEEncoder}
+def resolve(path: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (importing the module)."""
+    module, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def list_models() -> list[str]:
@@ -35,13 +27,39 @@ def list_models() -> list[str]:
     return list(FLAVOURS)
 
 
-def get_model(name: str, **overrides: Any) -> nn.Module:
-    """Build flavour `name`; `overrides` replace its constructor arguments (e.g. img_size=64)."""
+def family_of(name: str) -> str:
+    """The family of flavour ``name``."""
     try:
-        flavour = FLAVOURS[name]
+        return FLAVOURS[name].family
     except KeyError:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(FLAVOURS)}") from None
-    return families()[flavour.family](**{**flavour.args, **overrides})
 
 
-__all__ = ["FLAVOURS", "Flavour", "encoders", "families", "get_model", "list_models"]
+def get_model(name: str, **overrides: Any) -> nn.Module:
+    """Build flavour `name`; `overrides` replace its constructor arguments (e.g. img_size=64)."""
+    family = family_of(name)
+    return resolve(FAMILIES[family].model)(**{**FLAVOURS[name].args, **overrides})
+
+
+def encoder_class(family: str) -> type[nn.Module]:
+    """The encoder class of ``family`` (what finetuning heads sit on)."""
+    return resolve(FAMILIES[family].encoder)
+
+
+def family_of_encoder(encoder: nn.Module) -> str | None:
+    """The family whose encoder class ``encoder`` is, or None."""
+    return next((f for f in FAMILIES if type(encoder) is encoder_class(f)), None)
+
+
+__all__ = [
+    "FAMILIES",
+    "FLAVOURS",
+    "Family",
+    "Flavour",
+    "encoder_class",
+    "family_of",
+    "family_of_encoder",
+    "get_model",
+    "list_models",
+    "resolve",
+]

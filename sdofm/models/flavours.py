@@ -1,14 +1,12 @@
-"""Every registered model in one table: flavour name -> model family and constructor arguments.
+"""Every registered model in one table: one row per model family, one row per flavour.
 
 This module imports nothing heavy (no torch), so that configs validate model names without
-importing torch; ``sdofm.models.get_model`` builds a flavour as
-``families()[flavour.family](**{**flavour.args, **overrides})``.
+importing torch; ``sdofm.models.get_model`` builds a flavour as the family's ``model`` class
+called with ``{**flavour.args, **overrides}``.
 
-To add a backbone, add its class to ``sdofm.models.families()`` and its rows here, a debug-sized
-one first (the tests run a forward and backward pass of every row). A future NVAE and StyleSwin
-becomes rows of family ``"styleswin"``::
-
-    "styleswin_debug": Flavour("styleswin", {"img_size": 32, ...}),
+To add a backbone: its model file under ``sdofm/models/``, its pretraining objective, one
+``FAMILIES`` row naming them, and its flavours here, a debug-sized one first (the tests run
+a forward and backward pass of every flavour). Nothing else branches on the family name.
 """
 
 from __future__ import annotations
@@ -19,13 +17,48 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class Family:
+    """One model family: where its pieces live, as ``"module:attribute"`` (imported when
+    used, so that this table stays free of torch)."""
+
+    model: str
+    """The whole model trained in pretraining (``nn.Module``; its ``encoder()`` returns the
+    encoder alone with its weights)."""
+    encoder: str
+    """The encoder the heads sit on, built from the checkpoint's ``encoder_config``; it takes
+    (B, C, T, H, W) images and returns tokens on the patch grid."""
+    objective: str
+    """The pretraining objective (``sdofm.engine.Objective``) of this family."""
+    head_ignores: tuple[str, ...]
+    """Prefixes of the pretrained model's state-dict keys that an encoder leaves unused when
+    it loads the checkpoint (the decoder); any other unused key is an error."""
+
+
+FAMILIES: dict[str, Family] = {
+    "mae": Family(
+        model="sdofm.models.mae:MaskedAutoencoder",
+        encoder="sdofm.models.mae:MAEEncoder",
+        objective="sdofm.pretraining.objective:MaskedReconstruction",
+        head_ignores=("decoder", "mask_token"),
+    ),
+    "nvae": Family(
+        model="sdofm.models.nvae:NVAE",
+        encoder="sdofm.models.nvae:NVAEEncoder",
+        objective="sdofm.pretraining.objective:ELBO",
+        head_ignores=("decoder_net",),
+    ),
+}
+"""Model family -> where its model, encoder and objective live."""
+
+
+@dataclass(frozen=True)
 class Flavour:
     """One size of one model family."""
 
     family: str
-    """Model family, a key of ``sdofm.models.families()`` (``"mae"``)."""
+    """Model family, a key of ``FAMILIES`` (``"mae"``)."""
     args: Mapping[str, Any]
-    """Constructor arguments of the family's class; ``get_model``'s overrides replace them."""
+    """Constructor arguments of the family's model; ``get_model``'s overrides replace them."""
 
 
 FLAVOURS: dict[str, Flavour] = {

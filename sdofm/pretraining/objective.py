@@ -6,12 +6,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
 from sdofm.config import ConfigError, ModelConfig
+from sdofm.datasets.blocks import make_preprocessor
 from sdofm.engine.objective import EvalContext, Evaluation, Objective, all_reduce_sum
 from sdofm.engine.optim import autocast, param_groups
-from sdofm.models import get_model
+from sdofm.models import FAMILIES, family_of, get_model, resolve
 
 
 def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -> dict[str, Any]:
@@ -114,9 +116,21 @@ class DimmingJitter:
         return y
 
 
+class NoSettings(BaseModel):
+    """An objective with no settings of its own (``model.objective`` must be empty)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
 class BackboneObjective(Objective):
     """What every pretraining objective shares: a registered model built with ``kwargs``,
-    and AdamW without decay on norms, biases and tokens."""
+    and AdamW without decay on norms, biases and tokens.
+
+    A family's objective is named in its ``sdofm.models.FAMILIES`` row; ``from_config``
+    builds it for training, ``for_scoring`` for the scoreboard."""
+
+    Settings: type[BaseModel] = NoSettings
+    """The objective's own settings, read from ``model.objective``."""
 
     def __init__(
         self,
@@ -131,6 +145,36 @@ class BackboneObjective(Objective):
         self.weight_decay, self.betas, self.seed = weight_decay, tuple(betas), seed
         self.augment: DimmingJitter | None = None
         """Applied to training inputs only (``train.augment_dim_min``)."""
+
+    @classmethod
+    def settings(cls, given: dict) -> BaseModel:
+        """``model.objective`` checked against :attr:`Settings` (a clear error naming a
+        misspelt or unknown key)."""
+        try:
+            return cls.Settings(**given)
+        except ValidationError as e:
+            err = e.errors()[0]
+            key = ".".join(str(p) for p in err["loc"])
+            valid = ", ".join(cls.Settings.model_fields) or "none"
+            raise ConfigError(
+                f"model.objective.{key} = {err.get('input')!r}: {err['msg']} "
+                f"({cls.__name__}; valid keys: {valid})"
+            ) from None
+
+    @classmethod
+    def from_config(cls, cfg, kwargs: dict[str, Any]) -> BackboneObjective:
+        """The objective of a pretraining run of ``cfg`` (model built with ``kwargs``)."""
+        tc = cfg.train
+        common = (cfg.model.name, kwargs, cfg.data.channels, tc.weight_decay, tc.betas, tc.seed)
+        return cls(*common, **cls.settings(cfg.model.objective).model_dump())
+
+    @classmethod
+    def for_scoring(
+        cls, model_name: str, kwargs: dict, channels: list[str], seed: int
+    ) -> BackboneObjective:
+        """The objective of a recorded backbone, to score its reconstructions: the training
+        settings play no part there."""
+        return cls(model_name, kwargs, channels, 0.0, (0.9, 0.95), seed)
 
     def train_inputs(self, batch, device) -> torch.Tensor:
         """The batch's images on ``device`` as float32, augmented when configured."""
@@ -159,7 +203,7 @@ class BackboneObjective(Objective):
         """The encoder's and the whole model's constructor arguments, and the channels."""
         return {
             "encoder_config": model.encoder_config,
-            "encoder_family": self.family,
+            "encoder_family": family_of(self.model_name),
             "model_name": self.model_name,
             "model_config": self.kwargs,
             "channels": self.channels,
@@ -172,7 +216,6 @@ class MaskedReconstruction(BackboneObjective):
     reconstructions (input, masked, reconstruction, |error|)."""
 
     headline = ("val/loss",)
-    family = "mae"
     score_name = "masked_mse"
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
@@ -261,8 +304,19 @@ class ELBO(BackboneObjective):
     """
 
     headline = ("val/elbo", "val/recon")
-    family = "nvae"
     score_name = "recon_nll"
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        kl_warmup: float = Field(0.3, ge=0, le=1)
+        """Share of the run's steps over which the KL weight rises from 0 to 1."""
+        free_bits: float = Field(0.05, ge=0)
+        """Nats per latent variable that each group's KL may hold without cost (free bits,
+        Kingma et al. 2016), so that no group collapses; 0 trains the plain ELBO."""
+        spectral_weight: float = Field(1e-4, ge=0)
+        """Weight of the spectral regulariser (sum of the convolutions' largest singular
+        values) against the loss in nats per input dimension."""
 
     def __init__(
         self,
@@ -272,8 +326,8 @@ class ELBO(BackboneObjective):
         weight_decay: float,
         betas: tuple[float, float],
         seed: int,
-        kl_warmup: float,
-        spectral_weight: float,
+        kl_warmup: float = 0.0,
+        spectral_weight: float = 0.0,
         free_bits: float = 0.0,
     ):
         super().__init__(model_name, kwargs, channels, weight_decay, betas, seed)
@@ -370,38 +424,27 @@ class ELBO(BackboneObjective):
         return f"samples/step_{ctx.step:08d}.png", samples_figure(samples, self.channels, title)
 
 
+def objective_class(family: str) -> type[BackboneObjective]:
+    """The pretraining objective of ``family`` (its ``FAMILIES`` row)."""
+    return resolve(FAMILIES[family].objective)
+
+
 def scoring_objective(
     family: str, model_name: str, kwargs: dict, channels: list[str], seed: int
 ) -> BackboneObjective:
     """The pretraining objective of a recorded backbone (``model_name`` built with
-    ``kwargs``), to score its reconstructions; the training settings play no part there."""
-    common = (model_name, kwargs, channels, 0.0, (0.9, 0.95), seed)
-    if family == "mae":
-        return MaskedReconstruction(*common)
-    if family == "nvae":
-        return ELBO(*common, kl_warmup=0.0, spectral_weight=0.0)
-    raise ConfigError(f"model {model_name!r}: no pretraining objective for family {family!r}")
+    ``kwargs``), to score its reconstructions."""
+    return objective_class(family).for_scoring(model_name, kwargs, channels, seed)
 
 
 def make_objective(cfg, sample_shape: tuple, stats: dict | None = None) -> Objective:
-    """The pretraining objective of ``cfg.model``'s family (MAE: masked reconstruction;
-    NVAE: the ELBO). ``stats``: the normalisation statistics, which the dimming
-    augmentation (``train.augment_dim_min``) needs; without them (scoring only) it is off."""
-    from sdofm.models.flavours import FLAVOURS
-
+    """The pretraining objective of ``cfg.model``'s family. ``stats``: the normalisation
+    statistics, which the dimming augmentation (``train.augment_dim_min``) needs; without
+    them (scoring only) it is off."""
     d, tc, mc = cfg.data, cfg.train, cfg.model
     kwargs = model_kwargs(mc, d.channels, sample_shape)
-    common = (mc.name, kwargs, d.channels, tc.weight_decay, tc.betas, tc.seed)
-    family = FLAVOURS[mc.name].family
-    if family == "mae":
-        objective = MaskedReconstruction(*common)
-    elif family == "nvae":
-        objective = ELBO(*common, mc.kl_warmup, mc.spectral_weight, mc.free_bits)
-    else:
-        raise ConfigError(f"model.name {mc.name!r}: no pretraining objective for family {family!r}")
+    objective = objective_class(family_of(mc.name)).from_config(cfg, kwargs)
     if tc.augment_dim_min is not None and (stats is not None or not cfg.transform.zscore):
-        from sdofm.datasets.blocks import make_preprocessor
-
         pre = make_preprocessor(d.channels, cfg.transform, sample_shape[-1], stats)
         objective.augment = DimmingJitter.from_preprocessor(
             pre, d.aia_channels, tc.augment_dim_min, tc.augment_dim_prob

@@ -159,8 +159,6 @@ def pretrain(cfg: Config) -> PretrainResult:
             precision=tc.precision,
             compile=tc.compile,
             torch_threads=sc.torch_threads,
-            fail_at_step=tc.fail_at_step,
-            fail_how=tc.fail_how,
             figures=cfg.tracking.figures,
             tracking_uri=uri,
             run_id=run_id,
@@ -190,8 +188,9 @@ def pretrain(cfg: Config) -> PretrainResult:
             with fs.open(path, "rb") as f:
                 model.load_state_dict(torch.load(f, map_location="cpu"))
             example = np.zeros((1, *shape), np.float32)
+            encoder = model.encoder().eval()
             try:
-                model_uri = tracking.log_model(uri, run_id, model.encoder().eval(), example)
+                model_uri = tracking.log_model(uri, run_id, encoder, example)
             except Exception as e:  # noqa: BLE001 - the checkpoint holds the weights anyway
                 say(f"warning: could not log the encoder to MLflow: {e}")
         # Finetuning finds the backbone of a run through these tags.

@@ -26,6 +26,7 @@ from sdofm.engine.checkpoint import (
 )
 from sdofm.pretraining import pretrain
 from tests.conftest import small_config
+from tests.faults import fail_at
 from tests.s3 import _wait_listening, free_port
 
 
@@ -79,19 +80,20 @@ def _history(uri, run_id, key="train/loss"):
 
 
 @pytest.mark.usefixtures("relay")
-def test_a_killed_worker_restarts_exactly_from_the_newest_checkpoint(synth_root, tmp_path, capfd):
+def test_a_killed_worker_restarts_exactly_from_the_newest_checkpoint(
+    synth_root, tmp_path, capfd, monkeypatch
+):
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "killed"  # same config, one killed
     ref_dir.mkdir()
     run_dir.mkdir()
     ref = pretrain(_cfg(synth_root, ref_dir, f"tracking.uri=sqlite:///{ref_dir / 'mlflow.db'}"))
     # SIGKILL rank 0 at step 11: steps 9 and 10 were logged, not yet covered by a checkpoint.
+    fail_at(monkeypatch, step=11, how="kill")
     killed = pretrain(
         _cfg(
             synth_root,
             run_dir,
             f"tracking.uri=sqlite:///{run_dir / 'mlflow.db'}",
-            "train.fail_at_step=11",
-            "train.fail_how=kill",
             "train.max_failures=1",
         )
     )

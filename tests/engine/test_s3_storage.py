@@ -12,6 +12,7 @@ from sdofm.finetuning.run import finetune
 from sdofm.finetuning.tune import sweep
 from sdofm.pretraining import pretrain
 from tests.conftest import small_config
+from tests.faults import fail_at
 from tests.s3 import storage_options
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -28,7 +29,7 @@ def _keys(s3_server, prefix: str) -> set[str]:
 
 
 def test_pretraining_finetuning_and_the_sweep_keep_their_state_on_s3(
-    s3_server, synth_root, tmp_path
+    s3_server, synth_root, tmp_path, monkeypatch
 ):
     s3_server.create_bucket(BUCKET)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -52,9 +53,9 @@ def test_pretraining_finetuning_and_the_sweep_keep_their_state_on_s3(
         "train.checkpoint_every=2",
         "train.val_every=4",
         "train.val_samples=8",
-        "train.fail_at_step=3",  # the restart reads step 2's checkpoint back from S3
         "train.max_failures=1",
     )
+    fail_at(monkeypatch, step=3)  # the restart reads step 2's checkpoint back from S3
     result = pretrain(cfg)
     assert result.metrics["step"] == 4
     assert result.checkpoint == f"s3://{BUCKET}/runs/pretrain/checkpoint_00000004"

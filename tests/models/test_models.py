@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 import sdofm
 import sdofm.models as models_pkg
-from sdofm.models import FLAVOURS, families, get_model, list_models
+from sdofm.models import FAMILIES, FLAVOURS, get_model, list_models, resolve
 from sdofm.models.mae import (
     MAEEncoder,
     active_latitude_weights,
@@ -71,13 +72,50 @@ def check_permutations(ids_keep, mask, ids_restore, len_keep: int) -> None:
 def test_registry_lists_the_flavour_table() -> None:
     assert list_models() == list(FLAVOURS)
     assert {"mae_debug", "mae_tiny", "mae_32m", "mae_104m", "prithvi_temporal"} <= set(FLAVOURS)
-    assert {f.family for f in FLAVOURS.values()} <= set(families())
+    assert {f.family for f in FLAVOURS.values()} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_family_row_names_its_model_encoder_objective_and_what_heads_ignore(family) -> None:
+    """The debug flavour's encoder, loaded from the whole model's state dict, leaves unused
+    exactly the keys that the row lets a head ignore, and needs every one of its own."""
+    from sdofm.engine import Objective
+
+    row = FAMILIES[family]
+    assert issubclass(resolve(row.objective), Objective)
+    model = get_model(f"{family}_debug")
+    enc = model.encoder()
+    assert type(enc) is resolve(row.encoder)
+    fresh = resolve(row.encoder)(**enc.encoder_config)
+    result = fresh.load_state_dict(model.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert result.unexpected_keys
+    assert all(k.startswith(row.head_ignores) for k in result.unexpected_keys)
+    for prefix in row.head_ignores:
+        assert any(k.startswith(prefix) for k in result.unexpected_keys), prefix
+
+
+def test_nothing_outside_the_registry_branches_on_a_family_name() -> None:
+    """A new family is one FAMILIES row and its own files: no other module of sdofm compares
+    with, defaults to or looks up a family by its name ("mae" is also a metric's name)."""
+    root = Path(sdofm.__file__).parent
+    own = {root / "models" / "flavours.py"}
+    names = "|".join(FAMILIES)
+    pattern = re.compile(rf"""(==|!=|family\W.*|\[)\s*(["'])({names})\2""")
+    found = [
+        f"{p.relative_to(root)}:{i}"
+        for p in root.rglob("*.py")
+        if p not in own
+        for i, line in enumerate(p.read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, found
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_every_flavour_builds_at_its_own_size(name: str) -> None:
     model = get_model(name)
-    assert isinstance(model, families()[FLAVOURS[name].family])
+    assert isinstance(model, resolve(FAMILIES[FLAVOURS[name].family].model))
     assert count_parameters(model) > 0
 
 

@@ -11,6 +11,7 @@ from mlflow import MlflowClient
 from sdofm.engine import RunFailedError
 from sdofm.pretraining import pretrain
 from tests.conftest import small_config
+from tests.faults import fail_at
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -105,7 +106,7 @@ def test_ddp_run_learns_and_is_tracked(synth_root, cache_dir, tmp_path):
 
 
 def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
-    synth_root, cache_dir, tmp_path
+    synth_root, cache_dir, tmp_path, monkeypatch
 ):
     base = ["train.log_every=2", "train.checkpoint_every=4", "train.val_every=100"]
     crashing = _cfg(
@@ -114,9 +115,9 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
         tmp_path,
         *base,
         "train.max_steps=10",
-        "train.fail_at_step=6",
         "train.max_failures=0",
     )
+    fail_at(monkeypatch, step=6)
     with pytest.raises(RunFailedError, match="injected failure at step 6") as failed:
         pretrain(crashing)
     # The error says where the run stands and how to continue it.
@@ -126,6 +127,7 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == ["checkpoint_00000004"]
 
     again = _cfg(synth_root, cache_dir, tmp_path, *base, "train.max_steps=10")
+    monkeypatch.undo()
     result = pretrain(again)
     assert result.metrics["step"] == 10
     state = json.loads((run_dir / "checkpoint_00000010" / "state.json").read_text())
@@ -140,7 +142,9 @@ def test_rerun_with_the_same_name_continues_from_the_last_checkpoint(
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
-def test_injected_worker_crash_is_survived_with_max_failures(synth_root, cache_dir, tmp_path):
+def test_injected_worker_crash_is_survived_with_max_failures(
+    synth_root, cache_dir, tmp_path, monkeypatch
+):
     cfg = _cfg(
         synth_root,
         cache_dir,
@@ -150,9 +154,9 @@ def test_injected_worker_crash_is_survived_with_max_failures(synth_root, cache_d
         "train.log_every=2",
         "train.checkpoint_every=3",
         "train.val_every=100",
-        "train.fail_at_step=5",
         "train.max_failures=1",
     )
+    fail_at(monkeypatch, step=5)
     result = pretrain(cfg)
     assert result.metrics["step"] == 8
     assert (tmp_path / "runs" / "pretrain" / "injected_failure").exists()
@@ -197,8 +201,8 @@ def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, ca
         "data.split.val_months=[11,12]",
         "data.split.test_months=[7]",
         "model.name=nvae_debug",
-        "model.kl_warmup=0.5",
-        "model.free_bits=0.05",
+        "model.objective.kl_warmup=0.5",
+        "model.objective.free_bits=0.05",
         "train.run_name=nvae",
         "train.weight_decay=3e-4",
         "train.max_steps=80",
