@@ -146,6 +146,11 @@ class Worker:
         self.params = {
             k: [p for g in o.param_groups for p in g["params"]] for k, o in self.optimizers.items()
         }
+        self.averagers = (
+            {k: GradientAverager(ps, self.world) for k, ps in self.params.items()}
+            if self.world > 1
+            else {}
+        )
         self.state = TrainState()
         # The newest complete checkpoint on storage, not ray.train.get_checkpoint(): Ray's
         # record can lag one report behind what is committed (its controller polls).
@@ -154,7 +159,7 @@ class Worker:
         if latest is not None:
             self.state = load_checkpoint(latest.url, model, self.optimizers, lc.storage_options)
         # Every worker starts from rank 0's weights. Gradients are averaged over the
-        # workers per phase (``_average_gradients``) rather than by a DDP wrapper: DDP
+        # workers per phase (``GradientAverager``) rather than by a DDP wrapper: DDP
         # reduces whatever one backward reaches, which is wrong when a step has phases
         # that each train one network of several.
         _broadcast(model.state_dict().values())
@@ -263,6 +268,8 @@ class Worker:
                     if id(p) not in trains:
                         saved[p] = p.requires_grad
                         p.requires_grad_(False)
+        averager = self.averagers.get(phase.optimizer)
+        last = len(self.micro_batches) - 1
         try:
             for micro, batch in enumerate(self.micro_batches):
                 # The objective's draws (masks, noise) follow the step, so a resumed run
@@ -276,13 +283,20 @@ class Worker:
                         f"(epoch {state.epoch}, rank {self.rank}); "
                         f"{self.objective.describe(batch)}"
                     )
-                (loss / lc.grad_accum).backward()
+                if averager is not None and micro == last:
+                    # The all-reduce of each bucket starts as soon as its gradients are
+                    # complete, while the backward pass goes on (as DDP overlaps it).
+                    with averager:
+                        (loss / lc.grad_accum).backward()
+                else:
+                    (loss / lc.grad_accum).backward()
                 self.loss_sums[phase.name] += loss.detach()
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
         self.phase_runs[phase.name] += 1
-        _average_gradients(params, self.world)
+        if averager is not None:
+            averager.finish()
         schedule = self.schedules[phase.optimizer]
         lr = schedule.lr_at(state.step)
         for group in opt.param_groups:
@@ -462,25 +476,69 @@ def _flat_buckets(tensors: list[torch.Tensor], bucket_bytes: int = 64 << 20):
     return [run for runs in groups.values() for run in runs if run]
 
 
-def _average_gradients(params: list[nn.Parameter], world: int) -> None:
-    """Average the gradients of ``params`` over every worker: flat buckets, one all-reduce
-    each. A parameter that got no gradient on this worker counts as a zero gradient."""
-    if world == 1 or not _distributed():
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    works = []
-    for run in _flat_buckets([p.grad for p in params]):
-        flat = torch.cat([g.reshape(-1) for g in run])
-        works.append((run, flat, dist.all_reduce(flat, async_op=True)))
-    for run, flat, work in works:
-        work.wait()
-        flat /= world
-        offset = 0
-        for g in run:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+class GradientAverager:
+    """Averages the gradients of one optimiser's parameters over every worker, in buckets
+    of about ``bucket_bytes``: within ``with averager:`` around the last backward of a
+    phase, a bucket's all-reduce starts as soon as its last gradient is accumulated;
+    ``finish()`` starts those not started (a parameter with no gradient counts as zero),
+    waits for all and writes the averages back."""
+
+    def __init__(self, params: list[nn.Parameter], world: int, bucket_bytes: int = 25 << 20):
+        self.world = world
+        self.buckets: list[list[nn.Parameter]] = []
+        size = bucket_bytes
+        for p in reversed(params):  # the backward pass reaches the last layers first
+            if size >= bucket_bytes:
+                self.buckets.append([])
+                size = 0
+            self.buckets[-1].append(p)
+            size += p.numel() * p.element_size()
+        self.bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b}
+        self.pending: list[int] = []
+        self.works: list = []
+        self.hooks: list = []
+
+    def __enter__(self) -> GradientAverager:
+        self.pending = [len(b) for b in self.buckets]
+        self.works = [None] * len(self.buckets)
+        self.hooks = [
+            p.register_post_accumulate_grad_hook(self._ready) for b in self.buckets for p in b
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
+
+    def _ready(self, p: nn.Parameter) -> None:
+        i = self.bucket_of[id(p)]
+        self.pending[i] -= 1
+        if self.pending[i] == 0:
+            self._launch(i)
+
+    def _launch(self, i: int) -> None:
+        bucket = self.buckets[i]
+        for p in bucket:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])
+        self.works[i] = (flat, dist.all_reduce(flat, async_op=True))
+
+    def finish(self) -> None:
+        if not self.works:  # the phase ran no backward under ``with``
+            self.works = [None] * len(self.buckets)
+        for i, started in enumerate(self.works):
+            if started is None:
+                self._launch(i)
+        for bucket, (flat, work) in zip(self.buckets, self.works, strict=True):
+            work.wait()
+            flat /= self.world
+            offset = 0
+            for p in bucket:
+                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+        self.works = []
 
 
 def _broadcast(tensors) -> None:

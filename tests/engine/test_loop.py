@@ -145,9 +145,9 @@ class ToyGANObjective(Objective):
     def loss(self, model, batch, info, phase, device):
         x, d, g = batch["x"].float(), model.D.w, model.G.w
         if phase == "D":
-            ids = batch["sample"].tolist()
-            path = Path(self.out, f"ids_{self.rank()}_{info.step}.json")
-            path.write_text(json.dumps(ids))
+            path = Path(self.out, f"ids_{self.rank()}_{info.step}.jsonl")
+            with path.open("a") as f:  # one line per micro-batch
+                f.write(json.dumps(batch["sample"].tolist()) + "\n")
             return ((x @ d - 1) ** 2).mean() + (((x * g) @ d) ** 2).mean()
         if phase == "D_reg":
             return REG_EVERY * REG * (d**2).sum()
@@ -207,13 +207,14 @@ def toy_data(n: int = 16):
     return xs, ray.data.from_items([{"sample": i, "x": xs[i]} for i in range(n)])
 
 
-def toy_loop(tmp_path: Path, max_steps: int) -> LoopConfig:
+def toy_loop(tmp_path: Path, max_steps: int, grad_accum: int = 1) -> LoopConfig:
     return LoopConfig(
         epochs=1,
         schedule_steps=4,
         lr=1.0,  # unused: the objective schedules both optimisers itself
         max_steps=max_steps,
-        batch_size=2,
+        batch_size=2 // grad_accum,
+        grad_accum=grad_accum,
         val_every=None,
         checkpoint_every=2,
         fallback_dir=str(tmp_path / "tracking"),
@@ -222,12 +223,12 @@ def toy_loop(tmp_path: Path, max_steps: int) -> LoopConfig:
 
 def read_run(out: Path, steps: int, workers: int):
     """Per step: the global batch's ids, and each worker's weights after it."""
-    batches = [
-        sorted(
-            i for r in range(workers) for i in json.loads((out / f"ids_{r}_{s}.json").read_text())
-        )
-        for s in range(steps)
-    ]
+
+    def ids(rank: int, step: int) -> list[int]:
+        lines = (out / f"ids_{rank}_{step}.jsonl").read_text().splitlines()
+        return [i for line in lines for i in json.loads(line)]
+
+    batches = [sorted(i for r in range(workers) for i in ids(r, s)) for s in range(steps)]
     weights = [
         [json.loads((out / f"w_{r}_{s}.json").read_text()) for r in range(workers)]
         for s in range(steps)
@@ -235,10 +236,14 @@ def read_run(out: Path, steps: int, workers: int):
     return batches, weights
 
 
-def test_two_workers_train_phases_d_then_g_with_identical_weights_equal_to_one_process(tmp_path):
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_two_workers_train_phases_d_then_g_with_identical_weights_equal_to_one_process(
+    tmp_path, grad_accum
+):
     """Two Ray Train workers (gloo): after every step both hold bit-identical D, G and EMA
-    weights, equal to one process trained on the same global batches, D before G; an
-    engine whose G phase saw the old D would be off by far more than the tolerance."""
+    weights, equal to one process trained on the same global batches, D before G (with
+    two micro-batches per step too); an engine whose G phase saw the old D would be off
+    by far more than the tolerance."""
     xs, data = toy_data()
     out = tmp_path / "out"
     out.mkdir()
@@ -246,7 +251,7 @@ def test_two_workers_train_phases_d_then_g_with_identical_weights_equal_to_one_p
         "gan",
         str(tmp_path),
         ToyGANObjective(str(out)),
-        toy_loop(tmp_path, 4),
+        toy_loop(tmp_path, 4, grad_accum),
         {"train": data},
         scaling(2),
     )
