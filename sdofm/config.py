@@ -456,6 +456,11 @@ class TrackingConfig(_Section):
 # --------------------------------------------------------------------------- finetuning
 
 
+def _listed(value: Any) -> Any:
+    """A bare number where a list of numbers is expected: a list of one."""
+    return [value] if isinstance(value, (int, float)) else value
+
+
 class FinetuneConfig(_Section):
     """A science head on a pretrained backbone (``sdofm.finetuning.tasks``: dimming, eve,
     missing-channel)."""
@@ -477,8 +482,12 @@ class FinetuneConfig(_Section):
     """Dimming factors are drawn uniformly from [alpha_min, 1], per sample, channel and epoch."""
     dim_seed: int = 0
     """Seed of the dimming factors (val and test factors are fixed, train ones change per epoch)."""
-    success_tolerance: float = Field(0.05, gt=0)
-    """A prediction succeeds when |alpha_hat - alpha| is below this."""
+    success_tolerance: Annotated[list[Annotated[float, Field(gt=0)]], BeforeValidator(_listed)] = (
+        Field([0.05, 0.1], min_length=1)
+    )
+    """dimming: a prediction succeeds when |alpha_hat - alpha| is below a tolerance; ``success``
+    (overall and per channel) takes the first, ``success_<t>`` each one (Dos Santos et al.
+    report 0.05 and 0.1). A single number is a list of one."""
     held_out: list[str] = ["94A"]
     """missing-channel: the channels withheld from the input (set to 0, their train mean)
     and reconstructed from the others."""
@@ -500,6 +509,13 @@ class FinetuneConfig(_Section):
     """Name of the run (checkpoints, MLflow)."""
     experiment: str = "sdofm-dimming"
     """MLflow experiment of finetuning runs and sweeps."""
+
+    @field_validator("success_tolerance")
+    @classmethod
+    def _distinct(cls, tolerances: list[float]) -> list[float]:
+        if len(set(tolerances)) != len(tolerances):
+            raise ValueError("a tolerance is listed twice")
+        return tolerances
 
     @field_validator("held_out")
     @classmethod

@@ -7,8 +7,10 @@ For each task the same head is trained three times on the same data, seed and se
   what pretraining adds from what the architecture and finetuning add;
 - ``from_scratch``: the task's from-scratch baseline (``finetune.head=baseline_cnn``).
 
-Each trained head predicts every test sample once; the board's metrics and their 95 %
-intervals come from a bootstrap over test samples. The comparison is paired: each
+Each trained head predicts every test sample once, through the task's own evaluation code:
+its per-sample scores and metrics are those of the engine's ``test/...`` metrics in MLflow,
+with the same thresholds from the config (``Task.test_scores``, ``Task.summarise``). The
+board's metrics and their 95 % intervals come from a bootstrap over test samples. The comparison is paired: each
 resample draws the same samples for all three arms, and "beats" means the 95 % interval
 of the difference lies on the better side of zero.
 
@@ -312,7 +314,7 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             point, draws = bootstrap(
                 lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed
             )
-            board.rows += board_rows(task_name, point, draws, task.board)
+            board.rows += board_rows(task_name, point, draws, task.board(cfg))
         backbone = resolve_backbone(
             cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
         )

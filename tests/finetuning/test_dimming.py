@@ -78,6 +78,23 @@ def test_metrics_per_channel():
     assert m["val/mae"] == pytest.approx(np.abs(pred - true).mean())
 
 
+def test_success_tolerances_come_from_the_config():
+    assert load_config().finetune.success_tolerance == [0.05, 0.1]  # Dos Santos et al.
+    cfg = load_config(None, ["finetune.success_tolerance=0.2"])
+    assert cfg.finetune.success_tolerance == [0.2]  # one number: a list of one
+    assert get_task("dimming").board(cfg) == (("mae", False), ("success_0.2", True))
+    with pytest.raises(ConfigError, match="listed twice"):
+        load_config(None, ["finetune.success_tolerance=[0.1, 0.1]"])
+    with pytest.raises(ConfigError, match="greater than 0"):
+        load_config(None, ["finetune.success_tolerance=[0.1, 0]"])
+    true = np.array([[0.5, 0.2], [0.9, 0.4]])
+    pred = np.array([[0.52, 0.5], [0.8, 0.41]])  # errors 0.02, 0.3, 0.1, 0.01
+    m = alpha_metrics(pred, true, ["171A", "193A"], [0.15, 0.05], "test")
+    assert m["test/success"] == m["test/success_0.15"] == 0.75
+    assert m["test/success_0.05"] == 0.5
+    assert m["test/success_171A"] == 1.0 and m["test/success_193A"] == 0.5  # the first
+
+
 @pytest.mark.parametrize(
     ("freeze", "blocks", "trainable_blocks"),
     [("frozen", 0, 0), ("partial", 1, 1), ("partial", 2, 2), ("full", 0, 2)],

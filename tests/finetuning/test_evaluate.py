@@ -5,14 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
 
+from sdofm.config import load_config
 from sdofm.datasets.index import load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
 from sdofm.datasets.stats import load_or_compute_stats
 from sdofm.engine.checkpoint import TrainState, save_checkpoint
+from sdofm.engine.objective import EvalContext
 from sdofm.finetuning.evaluate import (
     ARMS,
     RECONSTRUCTION,
@@ -21,9 +24,14 @@ from sdofm.finetuning.evaluate import (
     evaluate,
     format_board,
 )
+from sdofm.finetuning.run import Prepared
+from sdofm.finetuning.tasks import get_task
+from sdofm.finetuning.tasks.dimming import Dimming
+from sdofm.finetuning.tasks.missing_channel import withhold
 from sdofm.models import get_model
 from sdofm.pretraining.objective import make_objective
 from tests.conftest import small_config
+from tests.finetuning.test_dimming import STATS, _physical
 
 
 def _mae(s):
@@ -52,6 +60,122 @@ def test_paired_bootstrap_tells_a_real_gain_from_noise():
     acc = {a: {"err": (s["err"] < 0.05).astype(float)} for a, s in scores.items()}
     (row,) = board_rows("t", *bootstrap(_mae, acc, 300, seed=1), [("mae", True)])
     assert row["beats_random_init"]  # pretrained has more errors below 0.05
+
+
+class _Split:
+    """Rows of a split, served as a Ray Dataset (the driver) or a worker's shard of one."""
+
+    def __init__(self, rows: dict[str, np.ndarray]):
+        self.rows = rows
+
+    def iter_batches(self, batch_size: int, batch_format: str):
+        assert batch_format == "numpy"
+        n = len(next(iter(self.rows.values())))
+        for i in range(0, n, batch_size):
+            yield {k: v[i : i + batch_size] for k, v in self.rows.items()}
+
+    def select_columns(self, columns):
+        return _Split({c: self.rows[c] for c in columns})
+
+
+def _split(n: int, seed: int, **columns) -> _Split:
+    """n rows of sample ids out of order (as the readers deliver them), times, and ``columns``."""
+    ids = np.random.default_rng(seed).permutation(3 * n)[:n]
+    times = (ids.astype(np.int64) * 720 * 10**9)[:, None]
+    return _Split({"sample": ids, "time": times, **columns})
+
+
+def _eve(n: int, seed: int) -> np.ndarray:
+    """(n, 2, 1) EVE irradiances in W m^-2 with EVE's gaps: -1, NaN and 0."""
+    rng = np.random.default_rng(seed)
+    eve = 10 ** rng.normal([-4.0, -3.0], 0.2, (n, 2))
+    eve[rng.random((n, 2)) < 0.2] = -1.0
+    eve[0, 1], eve[1, 0] = np.nan, 0.0
+    return eve[:, :, None].astype(np.float32)
+
+
+def _task_data(task: str):
+    """-> (config, prepared) of a small test split (and a train split for EVE's statistics)."""
+    rng = np.random.default_rng(1)
+    common = ["finetune.head=baseline_cnn", "finetune.hidden=32", "finetune.batch_size=4"]
+    if task == "dimming":
+        # Tolerances far from the default: the board's success must follow the config.
+        cfg = load_config(None, [*common, "finetune.success_tolerance=[0.2, 0.3]"])
+        splits = {"test": _split(10, 0, image=_physical(10, 16))}
+    elif task == "eve":
+        cfg = load_config(None, [*common, "data.eve_lines=[He II, Fe IX]"])
+        image = rng.normal(size=(22, 12, 1, 16, 16)).astype(np.float32)
+        splits = {
+            "train": _split(12, 1, image=image[:12], eve=_eve(12, 1)),
+            "test": _split(10, 2, image=image[12:], eve=_eve(10, 2)),
+        }
+    else:
+        cfg = load_config(None, [*common, "finetune.held_out=[94A, Bz]"])
+        image = rng.normal(size=(10, 12, 1, 16, 16)).astype(np.float32)
+        image[4, 11] = 0.5  # a flat Bz: its correlation is NaN, left out of the means
+        splits = {"test": _split(10, 3, image=image)}
+    return cfg, Prepared((12, 1, 16, 16), STATS, None, splits, {}, "")
+
+
+@pytest.mark.parametrize("name", ["dimming", "eve", "missing-channel"])
+def test_the_board_scores_a_head_as_the_engine_logs_it(name):
+    """The scoreboard's per-sample scores and metrics and the engine's ``test/...`` metrics
+    (MLflow) of the same head on the same test split are equal, bit for bit."""
+    import matplotlib.pyplot as plt
+
+    task = get_task(name)
+    cfg, prepared = _task_data(name)
+    objective = task.objective(cfg, prepared)
+    torch.manual_seed(0)
+    model = objective.build_model()  # in train mode, as the loop hands it over
+    ctx = EvalContext(torch.device("cpu"), cfg.finetune.batch_size, 1, "fp32", 0, 0, True, 1)
+    engine = objective.evaluate(model, prepared.datasets["test"], "test", ctx)
+    assert model.training  # given back as it came
+    assert len(engine.figures) == 1
+    plt.close(engine.figures[0][1])
+
+    scores = task.test_scores(cfg, prepared, model)
+    n = len(prepared.datasets["test"].rows["sample"])
+    assert {len(v) for v in scores.values()} == {n}
+    board = task.summarise(cfg, scores)
+    assert list(board) == [m for m, _ in task.board(cfg)]
+    for metric, value in board.items():
+        assert np.isfinite(value), metric
+        assert value == engine.metrics[f"test/{metric}"], metric
+
+    # The board's rows are the test samples in sample order, as the bootstrap pairs them.
+    ids = prepared.datasets["test"].rows["sample"]
+    x = prepared.datasets["test"].rows["image"]
+    order = np.argsort(ids)
+    model.eval()
+    with torch.no_grad():
+        if name == "dimming":
+            # the share within the config's first tolerance, by hand
+            inputs, alpha = Dimming(cfg, STATS, 16)(x, ids, "test", 0)
+            err = np.abs(model(torch.from_numpy(inputs)).numpy() - alpha)
+            np.testing.assert_array_equal(scores["abs_err"], err[order])
+            assert [m for m, _ in task.board(cfg)] == ["mae", "success_0.2", "success_0.3"]
+            for tol in (0.2, 0.3):
+                assert board[f"success_{tol}"] == pytest.approx((err < tol).mean())
+            assert engine.metrics["test/success"] == board["success_0.2"]
+            assert 0 < board["success_0.2"] < 1 and (err < 0.05).mean() < board["success_0.2"]
+            assert [m for m, _ in task.board(load_config())] == [
+                "mae",
+                "success_0.05",
+                "success_0.1",
+            ]
+        elif name == "eve":
+            masked = (~np.isfinite(scores["rel"])).sum()
+            assert masked == engine.metrics["test/masked"] > 0
+        else:
+            inputs, y = withhold(x, [0, 11])
+            sq = ((model(torch.from_numpy(inputs)).numpy() - y) ** 2).mean(axis=(2, 3, 4))
+            np.testing.assert_allclose(scores["mse"], sq[order], rtol=1e-6)
+            assert np.isnan(scores["scores"][:, 1, 2]).sum() == 1
+            for k, c in enumerate(["94A", "Bz"]):
+                per = np.nanmean(scores["scores"][:, k], axis=0)
+                for j, col in enumerate(("psnr", "ssim", "corr")):
+                    assert engine.metrics[f"test/{col}_{c}"] == pytest.approx(per[j])
 
 
 def _images(pipe, split):

@@ -55,6 +55,17 @@ def test_scoreboard_summary_masks_gaps_like_the_metrics():
     assert board["rel_error_worst"] == pytest.approx(0.2)
 
 
+def test_a_nan_prediction_is_infinitely_wrong_not_masked_on_the_board_and_in_the_metrics():
+    pred = np.log10([[1.1e-4, 5.0], [np.nan, 1.0], [3e-4, 1.2e-3], [8e-4, 7.0]])
+    rel, count = relative_errors(pred, EVE)
+    assert np.isinf(rel[1, 0]) and count.tolist() == [4, 1]
+    m = eve_metrics(pred, EVE, ["A", "B"], np.log10([2e-4, 1e-3]), "test")
+    assert m["test/rel_error_A"] == np.inf and m["test/masked"] == 3
+    board = get_task("eve").summarise(None, {"rel": rel})
+    assert board["rel_error_worst"] == m["test/rel_error_worst"] == np.inf
+    assert board["rel_error_median"] == m["test/rel_error_median"]
+
+
 def test_line_statistics_use_valid_entries_only_and_name_an_empty_line():
     mean, std = line_statistics(EVE, ["A", "B"], "here")
     a = np.log10([1e-4, 2e-4, 4e-4, 8e-4])

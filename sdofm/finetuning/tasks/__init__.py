@@ -14,9 +14,9 @@ if TYPE_CHECKING:
     import numpy as np
     from torch import nn
 
-    from sdofm.engine.objective import Objective
     from sdofm.finetuning.backbone import Backbone
     from sdofm.finetuning.run import Prepared
+    from sdofm.finetuning.tasks.objective import HeadObjective
 
 
 class Task:
@@ -49,24 +49,31 @@ class Task:
         """The head model on ``backbone`` (None: a from-scratch baseline)."""
         raise NotImplementedError
 
-    def objective(self, cfg: Config, prepared: Prepared) -> Objective:
+    def objective(self, cfg: Config, prepared: Prepared) -> HeadObjective:
         """The engine objective that trains and scores the head."""
         raise NotImplementedError
 
-    board: tuple[tuple[str, bool], ...] = ()
-    """The scoreboard's metrics as (name, higher is better); the first is the headline."""
+    def board(self, cfg: Config) -> tuple[tuple[str, bool], ...]:
+        """The scoreboard's metrics as (name, higher is better); the first is the headline.
+        Each is also logged by the engine's test evaluation as ``test/{name}``."""
+        raise NotImplementedError
 
     def test_scores(
         self, cfg: Config, prepared: Prepared, model: nn.Module
     ) -> dict[str, np.ndarray]:
         """Per-sample scores of a trained head on the test split: name -> (n, ...) arrays,
         one row per test sample in the split's sample order (``sdofm evaluate`` resamples
-        these rows for its bootstrap intervals)."""
+        these rows for its bootstrap intervals), computed as the engine's evaluation does."""
+        return self.objective(cfg, prepared).test_scores(model, prepared.datasets["test"])
+
+    def metrics(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """The metrics of per-sample scores, by the function the engine's evaluation calls."""
         raise NotImplementedError
 
     def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        """The :attr:`board` metrics of (a resample of) the per-sample scores."""
-        raise NotImplementedError
+        """The :meth:`board` metrics of (a resample of) the per-sample scores."""
+        metrics = self.metrics(cfg, scores)
+        return {name: metrics.get(name, float("nan")) for name, _ in self.board(cfg)}
 
 
 def _registry() -> dict[str, Task]:

@@ -12,6 +12,8 @@ and applies the scaling and z-score of the pretraining transform.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import nn
@@ -19,9 +21,8 @@ from torch import nn
 from sdofm.config import Config, ConfigError, TransformConfig
 from sdofm.datasets.blocks import make_preprocessor, physical_transform
 from sdofm.datasets.transforms import dim, sample_dimming_factors
-from sdofm.engine.objective import EvalContext, Evaluation, all_gather
 from sdofm.finetuning.tasks import Task
-from sdofm.finetuning.tasks.objective import HeadObjective
+from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
 
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
@@ -67,14 +68,40 @@ class Dimming:
         return x, alpha
 
 
-def alpha_metrics(pred: np.ndarray, true: np.ndarray, names: list[str], tol: float, prefix: str):
-    """pred, true: (n, K) -> {prefix/mae, prefix/success, prefix/mae_<c>, prefix/success_<c>}."""
-    err = np.abs(pred - true)
-    out = {f"{prefix}/mae": float(err.mean()), f"{prefix}/success": float((err < tol).mean())}
+def success_name(tolerance: float) -> str:
+    """The metric of the share within ``tolerance``: ``success_0.05``."""
+    return f"success_{tolerance:g}"
+
+
+def alpha_errors(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """pred, true: (n, K) alpha -> (n, K) absolute errors, the per-sample scores."""
+    return np.abs(pred - true)
+
+
+def alpha_summary(
+    err: np.ndarray, names: list[str], tolerances: float | Sequence[float]
+) -> dict[str, float]:
+    """err: (n, K) absolute errors of alpha -> ``mae`` and ``success`` (the share within the
+    first tolerance), ``success_<t>`` for every tolerance t, and ``mae_<c>``, ``success_<c>``
+    per channel. The engine's evaluation and the scoreboard both score with this."""
+    tols = [float(t) for t in np.atleast_1d(tolerances)]
+    out = {"mae": float(err.mean()), "success": float((err < tols[0]).mean())}
+    out.update({success_name(t): float((err < t).mean()) for t in tols})
     for k, c in enumerate(names):
-        out[f"{prefix}/mae_{c}"] = float(err[:, k].mean())
-        out[f"{prefix}/success_{c}"] = float((err[:, k] < tol).mean())
+        out[f"mae_{c}"] = float(err[:, k].mean())
+        out[f"success_{c}"] = float((err[:, k] < tols[0]).mean())
     return out
+
+
+def alpha_metrics(
+    pred: np.ndarray,
+    true: np.ndarray,
+    names: list[str],
+    tolerances: float | Sequence[float],
+    prefix: str,
+) -> dict[str, float]:
+    """pred, true: (n, K) -> :func:`alpha_summary` of their errors, as ``{prefix}/name``."""
+    return prefixed(alpha_summary(alpha_errors(pred, true), names, tolerances), prefix)
 
 
 def scatter_figure(pred: np.ndarray, true: np.ndarray, names: list[str], title: str):
@@ -107,9 +134,10 @@ def scatter_figure(pred: np.ndarray, true: np.ndarray, names: list[str], title: 
 
 class DimmingObjective(HeadObjective):
     """Mean squared error of alpha; scored by its mean absolute error and the share of
-    predictions within ``finetune.success_tolerance``, per channel."""
+    predictions within ``finetune.success_tolerance``, per channel (:func:`alpha_summary`)."""
 
     headline = ("val/mae", "val/success")
+    score_keys = ("abs_err",)
 
     def __init__(self, task: Task, cfg: Config, prepared):
         super().__init__(task, cfg, prepared)
@@ -121,26 +149,25 @@ class DimmingObjective(HeadObjective):
         pred = model(torch.from_numpy(x).to(device))
         return nn.functional.mse_loss(pred.float(), torch.from_numpy(alpha).to(device))
 
-    @torch.no_grad()
-    def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
-        preds, trues = [], []
-        model.eval()
-        for batch in shard.iter_batches(batch_size=ctx.batch_size, batch_format="numpy"):
-            x, alpha = self.dimming(batch["image"], batch["sample"], split, 0)
-            preds.append(model(torch.from_numpy(x).to(ctx.device)).float().cpu().numpy())
-            trues.append(alpha)
-        model.train()
-        empty = np.zeros((0, len(self.names)), np.float32)
-        pred, true = all_gather(
-            (np.concatenate(preds) if preds else empty, np.concatenate(trues) if trues else empty)
+    def score_batch(self, model, batch, split, device) -> dict[str, np.ndarray]:
+        """-> ``abs_err``, ``pred`` and ``true`` alpha: (n, K) each."""
+        x, alpha = self.dimming(batch["image"], batch["sample"], split, 0)
+        pred = model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        return {"abs_err": alpha_errors(pred, alpha), "pred": pred, "true": alpha}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        return dict.fromkeys(
+            ("abs_err", "pred", "true"), np.zeros((0, len(self.names)), np.float32)
         )
-        fc = self.cfg.finetune
-        metrics = alpha_metrics(pred, true, self.names, fc.success_tolerance, split)
-        figures = []
-        if ctx.final and ctx.figures:
-            title = f"{split}: predicted vs true alpha ({fc.head})"
-            figures.append((f"scatter_{split}.png", scatter_figure(pred, true, self.names, title)))
-        return Evaluation(metrics, figures)
+
+    def metrics(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        return self.task.metrics(self.cfg, out)
+
+    def figures(self, out, split):
+        title = f"{split}: predicted vs true alpha ({self.cfg.finetune.head})"
+        return [
+            (f"scatter_{split}.png", scatter_figure(out["pred"], out["true"], self.names, title))
+        ]
 
 
 class DimmingTask(Task):
@@ -174,26 +201,11 @@ class DimmingTask(Task):
     def objective(self, cfg: Config, prepared) -> DimmingObjective:
         return DimmingObjective(self, cfg, prepared)
 
-    # Dos Santos et al. (2021) report the share of predictions within 0.05 and 0.1 of alpha.
-    board = (("mae", False), ("success_0.05", True), ("success_0.1", True))
+    def board(self, cfg: Config) -> tuple[tuple[str, bool], ...]:
+        # Dos Santos et al. (2021) report the share of predictions within 0.05 and 0.1 of
+        # alpha: the default tolerances.
+        return (("mae", False), *((success_name(t), True) for t in cfg.finetune.success_tolerance))
 
-    @torch.no_grad()
-    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
-        """``abs_err``: (n, K) |predicted - true alpha| of every test sample and AIA channel."""
-        dimming = Dimming(cfg, prepared.stats, prepared.sample_shape[2])
-        model.eval()
-        errs, ids = [], []
-        for batch in prepared.datasets["test"].iter_batches(batch_size=64, batch_format="numpy"):
-            x, alpha = dimming(batch["image"], batch["sample"], "test", 0)
-            errs.append(np.abs(model(torch.from_numpy(x)).float().numpy() - alpha))
-            ids.append(batch["sample"])
-        order = np.argsort(np.concatenate(ids))
-        return {"abs_err": np.concatenate(errs)[order]}
-
-    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        err = scores["abs_err"]
-        return {
-            "mae": float(err.mean()),
-            "success_0.05": float((err < 0.05).mean()),
-            "success_0.1": float((err < 0.1).mean()),
-        }
+    def metrics(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """``scores["abs_err"]``: (n, K) -> :func:`alpha_summary` at the config's tolerances."""
+        return alpha_summary(scores["abs_err"], self.targets(cfg), cfg.finetune.success_tolerance)

@@ -17,9 +17,8 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError
 from sdofm.constants import EVE_LINE_TABLE
-from sdofm.engine.objective import EvalContext, Evaluation, all_gather
 from sdofm.finetuning.tasks import Task
-from sdofm.finetuning.tasks.objective import HeadObjective
+from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
 
 WAVELENGTH_NM = {name: wl for name, wl, _ in EVE_LINE_TABLE}
@@ -51,16 +50,44 @@ def line_statistics(eve: np.ndarray, lines: list[str], where: str) -> tuple[np.n
 
 def relative_errors(pred_log: np.ndarray, eve: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """pred_log: (n, L) predicted log10 irradiance, eve: (n, L) as stored -> ((n, L)
-    |10^pred - true| / true, NaN where missing; (L,) valid entries per line)."""
+    |10^pred - true| / true, NaN exactly where missing; (L,) valid entries per line), the
+    per-sample scores."""
     true_log, valid = log_irradiance(eve)
     rel = np.abs(10.0 ** (np.asarray(pred_log, np.float64) - true_log) - 1.0)
+    # NaN marks a gap downstream: a NaN prediction of a valid entry is infinitely wrong
+    rel = np.where(np.isnan(rel), np.inf, rel)
     return np.where(valid, rel, np.nan), valid.sum(axis=0)
 
 
-def _line_means(rel: np.ndarray, count: np.ndarray) -> np.ndarray:
-    """(n, L) with NaN where missing -> (L,) means over the valid entries (NaN for none)."""
-    out = np.full(rel.shape[1], np.nan)
-    return np.divide(np.nansum(rel, axis=0), count, out=out, where=count > 0)
+def line_summary(rel: np.ndarray, lines: list[str] | None = None) -> dict[str, float]:
+    """rel: (n, L) relative errors, NaN where missing -> ``rel_error_<line>`` (with ``lines``)
+    the mean over the line's valid samples, ``rel_error`` the mean of those over the lines
+    with any, ``rel_error_median`` and ``rel_error_worst`` their median and maximum, and
+    ``masked`` the entries left out. The engine's evaluation and the scoreboard both score
+    with this."""
+    count = (~np.isnan(rel)).sum(axis=0)
+    per_line = np.full(rel.shape[1], np.nan)
+    np.divide(np.nansum(rel, axis=0), count, out=per_line, where=count > 0)
+    out = {}
+    if lines is not None:
+        out = {f"rel_error_{ln}": float(v) for ln, v in zip(lines, per_line, strict=True)}
+    scored = per_line[count > 0]
+    if len(scored):
+        out["rel_error"] = float(scored.mean())
+        out["rel_error_median"] = float(np.median(scored))
+        out["rel_error_worst"] = float(scored.max())
+    out["masked"] = float(np.size(rel) - count.sum())
+    return out
+
+
+def eve_summary(rel: np.ndarray, clim: np.ndarray, lines: list[str]) -> dict[str, float]:
+    """rel, clim: (n, L) relative errors of the prediction and of the climatology, NaN where
+    missing -> :func:`line_summary` of ``rel`` per line, and ``climatology_rel_error[_median]``
+    the same over the lines for ``clim``."""
+    out = line_summary(rel, lines)
+    c = line_summary(clim)
+    out.update({f"climatology_{k}": c[k] for k in ("rel_error", "rel_error_median") if k in c})
+    return out
 
 
 def eve_metrics(
@@ -70,29 +97,12 @@ def eve_metrics(
     climatology_log: np.ndarray,
     prefix: str,
 ) -> dict[str, float]:
-    """Relative absolute error of predicted log10 irradiances ``pred_log`` (n, L) against
-    the stored ``eve`` (n, L), gaps masked:
-
-    ``{prefix}/rel_error_<line>`` the mean over the line's valid samples, ``{prefix}/rel_error``
-    the mean of those over the lines, ``..._median`` and ``..._worst`` their median and
-    maximum; ``{prefix}/climatology_rel_error[_median]`` the same for every line at its
-    train mean ``climatology_log`` (L,); ``{prefix}/masked`` the entries left out.
-    """
-    out: dict[str, float] = {}
-    rel, count = relative_errors(pred_log, eve)
+    """Predicted log10 irradiances ``pred_log`` (n, L) against the stored ``eve`` (n, L),
+    and every line at its train mean ``climatology_log`` (L,): :func:`eve_summary` of their
+    relative errors, as ``{prefix}/name``."""
+    rel, _ = relative_errors(pred_log, eve)
     clim, _ = relative_errors(np.broadcast_to(climatology_log, np.shape(eve)), eve)
-    per_line, clim_line = _line_means(rel, count), _line_means(clim, count)
-    for ln, v in zip(lines, per_line, strict=True):
-        out[f"{prefix}/rel_error_{ln}"] = float(v)
-    scored = per_line[count > 0]
-    if len(scored):
-        out[f"{prefix}/rel_error"] = float(scored.mean())
-        out[f"{prefix}/rel_error_median"] = float(np.median(scored))
-        out[f"{prefix}/rel_error_worst"] = float(scored.max())
-        out[f"{prefix}/climatology_rel_error"] = float(clim_line[count > 0].mean())
-        out[f"{prefix}/climatology_rel_error_median"] = float(np.median(clim_line[count > 0]))
-    out[f"{prefix}/masked"] = float(np.size(eve) - count.sum())
-    return out
+    return prefixed(eve_summary(rel, clim, lines), prefix)
 
 
 def spectra_figure(
@@ -140,6 +150,7 @@ class EVEObjective(HeadObjective):
     relative error per line (:func:`eve_metrics`)."""
 
     headline = ("val/rel_error", "val/rel_error_worst")
+    score_keys = ("rel",)
 
     def __init__(self, task: Task, cfg: Config, prepared, mean: np.ndarray, std: np.ndarray):
         super().__init__(task, cfg, prepared)
@@ -158,35 +169,40 @@ class EVEObjective(HeadObjective):
         w = torch.from_numpy(valid.astype(np.float32)).to(device)
         return (((pred - torch.from_numpy(z).to(device)) ** 2) * w).sum() / w.sum().clamp_min(1)
 
-    @torch.no_grad()
-    def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
-        preds, eves, times = [], [], []
-        model.eval()
-        for batch in shard.iter_batches(batch_size=ctx.batch_size, batch_format="numpy"):
-            z = model(torch.as_tensor(batch["image"], device=ctx.device).float()).float()
-            preds.append(z.cpu().numpy() * self.std + self.mean)
-            eves.append(batch["eve"][:, :, -1])
-            times.append(batch["time"][:, -1])
-        model.train()
+    def score_batch(self, model, batch, split, device) -> dict[str, np.ndarray]:
+        """-> ``rel`` and ``clim`` (the climatology's), (n, L) relative errors with NaN where
+        missing; ``pred`` (n, L) log10 irradiance, ``eve`` (n, L) as stored, ``time`` (n,)."""
+        z = model(torch.as_tensor(batch["image"], device=device).float()).float()
+        pred = z.cpu().numpy() * self.std + self.mean
+        eve = batch["eve"][:, :, -1]
+        rel, _ = relative_errors(pred, eve)
+        clim, _ = relative_errors(np.broadcast_to(self.mean, eve.shape), eve)
+        return {"rel": rel, "clim": clim, "pred": pred, "eve": eve, "time": batch["time"][:, -1]}
+
+    def empty(self) -> dict[str, np.ndarray]:
         L = len(self.lines)
-        pred, eve, t = all_gather(
-            (
-                np.concatenate(preds) if preds else np.zeros((0, L), np.float32),
-                np.concatenate(eves) if eves else np.zeros((0, L), np.float32),
-                np.concatenate(times) if times else np.zeros(0, np.int64),
-            )
-        )
-        metrics = eve_metrics(pred, eve, self.lines, self.mean, split)
-        z, valid = self.targets({"eve": eve[:, :, None]})
-        zp = (pred - self.mean) / self.std
-        metrics[f"{split}/loss"] = float((((zp - z) ** 2) * valid).sum() / max(valid.sum(), 1))
-        figures = []
-        if ctx.final and ctx.figures and len(pred):
-            title = f"{split}: predicted vs true EVE spectra ({self.cfg.finetune.head})"
-            figures.append(
-                (f"spectra_{split}.png", spectra_figure(pred, eve, self.lines, t, title))
-            )
-        return Evaluation(metrics, figures)
+        return {
+            "rel": np.zeros((0, L)),
+            "clim": np.zeros((0, L)),
+            "pred": np.zeros((0, L), np.float32),
+            "eve": np.zeros((0, L), np.float32),
+            "time": np.zeros(0, np.int64),
+        }
+
+    def metrics(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        """:func:`eve_summary`, and the loss of the standardised targets."""
+        metrics = eve_summary(out["rel"], out["clim"], self.lines)
+        z, valid = self.targets({"eve": out["eve"][:, :, None]})
+        zp = (out["pred"] - self.mean) / self.std
+        metrics["loss"] = float((((zp - z) ** 2) * valid).sum() / max(valid.sum(), 1))
+        return metrics
+
+    def figures(self, out, split):
+        if not len(out["pred"]):
+            return []
+        title = f"{split}: predicted vs true EVE spectra ({self.cfg.finetune.head})"
+        fig = spectra_figure(out["pred"], out["eve"], self.lines, out["time"], title)
+        return [(f"spectra_{split}.png", fig)]
 
 
 class EVETask(Task):
@@ -217,33 +233,13 @@ class EVETask(Task):
             backbone.encoder(), L, fc.head, fc.hidden, fc.freeze, fc.unfreeze_blocks, squash=False
         )
 
-    # Szenicer et al. (2019) report the median and worst line's relative error.
-    board = (("rel_error", False), ("rel_error_median", False), ("rel_error_worst", False))
+    def board(self, cfg: Config) -> tuple[tuple[str, bool], ...]:
+        # Szenicer et al. (2019) report the median and worst line's relative error.
+        return (("rel_error", False), ("rel_error_median", False), ("rel_error_worst", False))
 
-    @torch.no_grad()
-    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
-        """``rel``: (n, L) relative error of every test sample and line, NaN where missing."""
-        obj = self.objective(cfg, prepared)
-        model.eval()
-        preds, eves, ids = [], [], []
-        for batch in prepared.datasets["test"].iter_batches(batch_size=64, batch_format="numpy"):
-            z = model(torch.as_tensor(batch["image"]).float()).float().numpy()
-            preds.append(z * obj.std + obj.mean)
-            eves.append(batch["eve"][:, :, -1])
-            ids.append(batch["sample"])
-        order = np.argsort(np.concatenate(ids))
-        rel, _ = relative_errors(np.concatenate(preds)[order], np.concatenate(eves)[order])
-        return {"rel": rel}
-
-    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        rel = scores["rel"]
-        per_line = _line_means(rel, np.isfinite(rel).sum(axis=0))
-        per_line = per_line[np.isfinite(per_line)]
-        return {
-            "rel_error": float(per_line.mean()),
-            "rel_error_median": float(np.median(per_line)),
-            "rel_error_worst": float(per_line.max()),
-        }
+    def metrics(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """``scores["rel"]``: (n, L) -> :func:`line_summary` over the lines."""
+        return line_summary(scores["rel"])
 
     def objective(self, cfg: Config, prepared) -> EVEObjective:
         """The objective, with each line's log statistics over the train split."""

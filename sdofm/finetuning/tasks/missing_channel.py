@@ -16,10 +16,10 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError
 from sdofm.datasets.blocks import make_preprocessor
-from sdofm.engine.objective import EvalContext, Evaluation, all_gather
+from sdofm.engine.objective import EvalContext, Evaluation
 from sdofm.finetuning.image_metrics import pixel_correlation, psnr, ssim
 from sdofm.finetuning.tasks import Task
-from sdofm.finetuning.tasks.objective import HeadObjective
+from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineReconstructor, EncoderReconstructor
 
 FIGURE_SAMPLES = 3
@@ -64,6 +64,27 @@ def image_scores(pred: torch.Tensor, true: torch.Tensor, data_range: np.ndarray)
     return out
 
 
+COLUMNS = ("psnr", "ssim", "corr")
+"""The image scores of :func:`image_scores`, in its order."""
+
+
+def image_summary(scores: np.ndarray, mse: np.ndarray, names: list[str]) -> dict[str, float]:
+    """scores: (n, K, 3) :func:`image_scores`, mse: (n, K) squared error of the z-scored
+    images -> ``psnr_<c>``, ``ssim_<c>``, ``corr_<c>``, ``mse_<c>`` each channel's mean over
+    the samples (NaN scores left out) and ``psnr``, ``ssim``, ``corr``, ``mse`` their mean
+    over the channels. The engine's evaluation and the scoreboard both score with this."""
+    K = len(names)
+    out: dict[str, float] = {}
+    for j, col in enumerate(COLUMNS):
+        per = np.nanmean(scores[:, :, j], axis=0) if len(scores) else np.full(K, np.nan)
+        out.update({f"{col}_{c}": float(v) for c, v in zip(names, per, strict=True)})
+        out[col] = float(np.mean(per))
+    per = mse.mean(axis=0) if len(mse) else np.full(K, np.nan)
+    out.update({f"mse_{c}": float(v) for c, v in zip(names, per, strict=True)})
+    out["mse"] = float(np.mean(per))
+    return out
+
+
 def reconstruction_figure(true: np.ndarray, pred: np.ndarray, names: list[str], title: str):
     """true, pred: (S, K, H, W) scaled units -> rows of samples and channels: true,
     reconstructed (one colour scale) and true - reconstructed (symmetric)."""
@@ -99,6 +120,7 @@ class MissingChannelObjective(HeadObjective):
     PSNR, SSIM and pixel correlation in scaled units."""
 
     headline = ("val/psnr", "val/ssim", "val/corr")
+    score_keys = ("scores", "mse")
 
     def __init__(self, task: Task, cfg: Config, prepared):
         from sdofm.datasets.stats import scaled_ranges
@@ -126,56 +148,56 @@ class MissingChannelObjective(HeadObjective):
         pred = model(torch.from_numpy(x).to(device))
         return nn.functional.mse_loss(pred.float(), torch.from_numpy(y).to(device))
 
+    def score_batch(self, model, batch, split, device) -> dict[str, np.ndarray]:
+        """-> ``scores`` (n, K, 3) :func:`image_scores` in scaled units and ``mse`` (n, K) the
+        squared error of the z-scored images, per sample and held-out channel."""
+        x, y = withhold(batch["image"], self.held)
+        z = model(torch.from_numpy(x).to(device)).float()
+        true = torch.from_numpy(y).to(device)
+        mse = ((z - true) ** 2).mean(dim=(2, 3, 4)).double().cpu().numpy()
+        scores = image_scores(self.scaled(z), self.scaled(true), self.data_range)
+        return {"scores": scores, "mse": mse}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        K = len(self.held)
+        return {"scores": np.zeros((0, K, 3)), "mse": np.zeros((0, K))}
+
+    def metrics(self, out: dict[str, np.ndarray]) -> dict[str, float]:
+        return self.task.metrics(self.cfg, out)
+
     @torch.no_grad()
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
-        scores, sq, shown = [], [], []
+        """The shared evaluation, and at the end the reconstructions of this worker's first
+        samples (drawn on rank 0)."""
+        want = ctx.figures * FIGURE_SAMPLES if ctx.final else 0
+        shown: list[np.ndarray] = []
+
+        def keep(batches):
+            for batch in batches:
+                if (n := want - sum(map(len, shown))) > 0:
+                    shown.append(batch["image"][:n])
+                yield batch
+
         model.eval()
-        for batch in shard.iter_batches(batch_size=ctx.batch_size, batch_format="numpy"):
-            x, y = withhold(batch["image"], self.held)
-            z = model(torch.from_numpy(x).to(ctx.device)).float()
-            true = torch.from_numpy(y).to(ctx.device)
-            sq.append(((z - true) ** 2).mean(dim=(2, 3, 4)).double().cpu().numpy())
-            pred_s, true_s = self.scaled(z), self.scaled(true)
-            scores.append(image_scores(pred_s, true_s, self.data_range))
-            want = ctx.figures * FIGURE_SAMPLES - len(shown) if ctx.final else 0
-            for i in range(min(want, len(y))):
-                shown.append((true_s[i, :, -1].cpu().numpy(), pred_s[i, :, -1].cpu().numpy()))
-        model.train()
-        K = len(self.held)
-        s, e = all_gather(
-            (
-                np.concatenate(scores) if scores else np.zeros((0, K, 3)),
-                np.concatenate(sq) if sq else np.zeros((0, K)),
-            )
-        )
-        metrics: dict[str, float] = {}
-        for j, col in enumerate(("psnr", "ssim", "corr")):
-            per = np.nanmean(s[:, :, j], axis=0) if len(s) else np.full(K, np.nan)
-            metrics.update(
-                {f"{split}/{col}_{c}": float(v) for c, v in zip(self.names, per, strict=True)}
-            )
-            metrics[f"{split}/{col}"] = float(np.mean(per))
-        mse = e.mean(axis=0) if len(e) else np.full(K, np.nan)
-        metrics.update({f"{split}/mse_{c}": float(v) for c, v in zip(self.names, mse, strict=True)})
-        metrics[f"{split}/mse"] = float(np.mean(mse))
+        batches = shard.iter_batches(batch_size=ctx.batch_size, batch_format="numpy")
+        out = self.predict(model, keep(batches), split, ctx.device)
         figures = []
-        if ctx.final and shown:
-            true = np.stack([t for t, _ in shown])
-            pred = np.stack([p for _, p in shown])
+        if shown:
+            x, y = withhold(np.concatenate(shown), self.held)
+            z = model(torch.from_numpy(x).to(ctx.device)).float()
+            true = self.scaled(torch.from_numpy(y).to(ctx.device))[:, :, -1].cpu().numpy()
+            pred = self.scaled(z)[:, :, -1].cpu().numpy()
             title = f"{split}: held-out {', '.join(self.names)} ({self.cfg.finetune.head})"
-            figures.append(
-                (
-                    f"reconstruction_{split}.png",
-                    reconstruction_figure(true, pred, self.names, title),
-                )
-            )
-        return Evaluation(metrics, figures)
+            fig = reconstruction_figure(true, pred, self.names, title)
+            figures.append((f"reconstruction_{split}.png", fig))
+        model.train()
+        return Evaluation(prefixed(self.metrics(out), split), figures)
 
 
 class MissingChannelTask(Task):
     name = "missing-channel"
     summary = "reconstruct held-out channels (finetune.held_out) from the others"
-    columns = ("psnr", "ssim", "corr")
+    columns = COLUMNS
     extra = ("mse",)
     sweep_metrics = ("val/mse",)
 
@@ -204,27 +226,13 @@ class MissingChannelTask(Task):
             backbone.encoder(), K, sample_shape, fc.hidden, fc.freeze, fc.unfreeze_blocks
         )
 
-    board = (("psnr", True), ("ssim", True), ("corr", True))
+    def board(self, cfg: Config) -> tuple[tuple[str, bool], ...]:
+        return tuple((col, True) for col in COLUMNS)
 
-    @torch.no_grad()
-    def test_scores(self, cfg: Config, prepared, model: nn.Module) -> dict[str, np.ndarray]:
-        """``scores``: (n, K, 3) PSNR, SSIM and correlation of every test sample and channel."""
-        obj = self.objective(cfg, prepared)
-        model.eval()
-        scores, ids = [], []
-        for batch in prepared.datasets["test"].iter_batches(batch_size=32, batch_format="numpy"):
-            x, y = withhold(batch["image"], obj.held)
-            z = model(torch.from_numpy(x)).float()
-            scores.append(
-                image_scores(obj.scaled(z), obj.scaled(torch.from_numpy(y)), obj.data_range)
-            )
-            ids.append(batch["sample"])
-        order = np.argsort(np.concatenate(ids))
-        return {"scores": np.concatenate(scores)[order]}
-
-    def summarise(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
-        s = scores["scores"]
-        return {c: float(np.nanmean(s[:, :, j])) for j, c in enumerate(("psnr", "ssim", "corr"))}
+    def metrics(self, cfg: Config, scores: dict[str, np.ndarray]) -> dict[str, float]:
+        """``scores``: (n, K, 3) and ``mse``: (n, K) -> :func:`image_summary` per held-out
+        channel."""
+        return image_summary(scores["scores"], scores["mse"], self.targets(cfg))
 
     def objective(self, cfg: Config, prepared) -> MissingChannelObjective:
         return MissingChannelObjective(self, cfg, prepared)
