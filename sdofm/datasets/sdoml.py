@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS, LEAP_SECONDS
+from sdofm.storage import join, open_url
 
 STORE_NAMES: dict[str, tuple[str, ...]] = {
     "aia": ("sdomlv2.zarr", "sdomlv2_small.zarr", "AIA.zarr"),
@@ -90,19 +91,6 @@ def transient(e: BaseException) -> bool:
 # --------------------------------------------------------------------------- opening
 
 
-def join_url(root: str, name: str) -> str:
-    """``name`` under ``root`` unless ``name`` is itself a URL or an absolute path."""
-    if "://" in name or name.startswith("/"):
-        return name
-    return root.rstrip("/") + "/" + name
-
-
-def _fs(url: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
 def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
     """Open a zarr v2 group at a local path or fsspec URL; read-only unless ``mode='w'``."""
     import zarr
@@ -139,9 +127,9 @@ def _probe(url: str, storage_options: dict | None) -> None:
     ``Exception ignored ... was created in a different Context`` traceback. One plain
     request fails alone, with the cause.
     """
-    fs, path = _fs(url, storage_options)
+    fs, path = open_url(url, storage_options)
     try:
-        fs.cat_file(path.rstrip("/") + "/.zgroup")
+        fs.cat_file(join(path, ".zgroup"))
     except FileNotFoundError:
         where = "the path does not exist" if not _exists(fs, path) else "it holds no .zgroup"
         raise StoreUnreachableError(f"no zarr group at {url}: {where}") from None
@@ -167,12 +155,12 @@ def find_store(
 ) -> str | None:
     """The URL of ``instrument``'s store under ``root`` (explicit ``name`` or the known namings)."""
     if name is not None:
-        return join_url(root, name)
+        return join(root, name)
     try:
-        fs, path = _fs(root, storage_options)
+        fs, path = open_url(root, storage_options)
         for candidate in STORE_NAMES[instrument]:
-            if fs.exists(path.rstrip("/") + "/" + candidate + "/.zgroup"):
-                return join_url(root, candidate)
+            if fs.exists(join(path, candidate, ".zgroup")):
+                return join(root, candidate)
     except Exception as e:
         raise StoreUnreachableError(f"cannot list {root}: {type(e).__name__}: {e}") from e
     return None
@@ -391,7 +379,7 @@ class ImageStore:
         if path not in self._listings:
             fs, root = self._filesystem()
             try:
-                entries = fs.ls(f"{root}/{path}".rstrip("/"), detail=True)
+                entries = fs.ls(join(root, path), detail=True)
             except FileNotFoundError:
                 entries = []
             self._listings[path] = sorted(
@@ -739,8 +727,7 @@ class ImageStore:
 
     def _filesystem(self):
         if self._fs_root is None:
-            fs, root = _fs(self.url, self.storage_options)
-            self._fs_root = (fs, root.rstrip("/"))
+            self._fs_root = open_url(self.url, self.storage_options)
         return self._fs_root
 
     def _chunk_filesystem(self):
@@ -756,7 +743,7 @@ class ImageStore:
                 config = dict(opts.get("config_kwargs") or {})
                 config.setdefault("retries", {"total_max_attempts": 1})
                 opts["config_kwargs"] = config
-                fs, _ = _fs(self.url, {**opts, "skip_instance_cache": True})
+                fs, _ = open_url(self.url, {**opts, "skip_instance_cache": True})
                 fs.retries = 1  # s3fs's own loop (an instance of our own: not shared)
             self._chunk_fs = (fs, root)
         return self._chunk_fs
@@ -897,9 +884,8 @@ class EVEStore:
         return np.stack(cols, axis=1).astype(np.float32, copy=False)
 
     def fingerprint(self) -> str:
-        fs, root = _fs(self.url, self.storage_options)
-        path = self.group.path
-        info = fs.info(f"{root.rstrip('/')}/{path + '/' if path else ''}Time/.zarray")
+        fs, root = open_url(self.url, self.storage_options)
+        info = fs.info(join(root, self.group.path, "Time", ".zarray"))
         t = self.group["Time"]
         stamp = (
             info.get("ETag") or info.get("mtime") or info.get("created") or info.get("LastModified")
@@ -953,7 +939,7 @@ class Archive:
             url = find_store(data_cfg.root, inst, name, opts)
             if url is None:
                 if inst in require:
-                    fs, path = _fs(data_cfg.root, opts)
+                    fs, path = open_url(data_cfg.root, opts)
                     raise LayoutError(
                         f"no {inst.upper()} store under {data_cfg.root} (looked for "
                         f"{', '.join(STORE_NAMES[inst])})"

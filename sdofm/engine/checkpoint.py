@@ -28,6 +28,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+# open_storage and join are re-exported here until engine/loop.py imports sdofm.storage.
+from sdofm.storage import join, write_atomic
+from sdofm.storage import open_url as open_storage
+
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -56,31 +60,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def open_storage(url: str, options: dict | None = None):
-    """``url`` (a folder or fsspec URL) -> (fsspec filesystem, path on it)."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(url), **(options or {}))
-
-
-def join(url: str, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *parts])
-
-
-def _write(fs, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def _write_atomic(fs, path: str, data: bytes) -> None:
-    """A whole file or none: one PUT on object stores, write-then-rename elsewhere."""
-    if "file" in fs.protocol or "local" in fs.protocol:
-        _write(fs, path + ".tmp", data)
-        fs.mv(path + ".tmp", path)
-    else:
-        _write(fs, path, data)
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -99,13 +78,13 @@ def save_checkpoint(
     ):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        _write(fs, f"{root}/{name}", buf.getvalue())
+        write_atomic(fs, f"{root}/{name}", buf.getvalue())
     if metrics is not None:
-        _write(
+        write_atomic(
             fs, f"{root}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in metrics).encode()
         )
     state_json = json.dumps({**asdict(state), **(meta or {})}, indent=1).encode()
-    _write_atomic(fs, f"{root}/{STATE_FILE}", state_json)
+    write_atomic(fs, f"{root}/{STATE_FILE}", state_json)
 
 
 def load_checkpoint(
