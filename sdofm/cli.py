@@ -138,9 +138,9 @@ def _progress(description: str):
 
 
 def _du(url: str, storage_options: dict) -> int:
-    import fsspec
+    from sdofm.storage import open_url
 
-    fs, path = fsspec.core.url_to_fs(url, **storage_options)
+    fs, path = open_url(url, storage_options)
     return int(fs.du(path)) if fs.exists(path) else 0
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from sdofm.storage import exists, join, open_url
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 RUN_NAME_TAG = "sdofm.run_name"
 STORAGE_TAG = "sdofm.storage"
@@ -51,7 +53,7 @@ def tracking_uri(configured: str | None = None) -> str:
 def fallback_dir(storage: str, run_name: str) -> str:
     """Where a run keeps its metrics and figures while MLflow cannot be reached: beside its
     checkpoints (a folder or URL that every node and ``sdofm mlflow sync`` can read)."""
-    return f"{storage.rstrip('/')}/{run_name}/tracking"
+    return join(storage, run_name, "tracking")
 
 
 BOUNDED_HTTP = {
@@ -343,9 +345,7 @@ def keep_for_sync(
 ) -> None:
     """Record in a run's tracking folder what the driver could not tell MLflow (the final
     status, tags) for ``sdofm mlflow sync``."""
-    from sdofm.engine.checkpoint import open_storage
-
-    fs, root = open_storage(folder, storage_options)
+    fs, root = open_url(folder, storage_options)
     fs.makedirs(root, exist_ok=True)
     run = {"tracking_uri": uri, "run_id": run_id}
     if fs.exists(f"{root}/{LOCAL_RUN}"):
@@ -366,10 +366,7 @@ def keep_for_sync(
 
 def kept_locally(folder: str, storage_options: dict | None = None) -> bool:
     """Whether a run's rank 0 switched to local files (its folder holds ``run.json``)."""
-    from sdofm.engine.checkpoint import open_storage
-
-    fs, root = open_storage(folder, storage_options)
-    return fs.exists(f"{root}/{LOCAL_RUN}")
+    return exists(join(folder, LOCAL_RUN), storage_options)
 
 
 LOCAL_METRICS = "metrics.jsonl"
@@ -411,9 +408,7 @@ class Tracker:
         return self._client is None
 
     def _fs(self):
-        from sdofm.engine.checkpoint import open_storage
-
-        return open_storage(self.fallback_dir, self.storage_options)
+        return open_url(self.fallback_dir, self.storage_options)
 
     def _fail(self, what: str, e: Exception) -> None:
         from sdofm.engine.progress import say
@@ -552,9 +547,7 @@ def send_records(client, run_id: str, records: list[dict]) -> None:
 
 def read_local_metrics(folder: str, storage_options: dict | None = None) -> list[dict]:
     """The records a run kept in ``folder`` while MLflow was unreachable."""
-    from sdofm.engine.checkpoint import open_storage
-
-    fs, root = open_storage(folder, storage_options)
+    fs, root = open_url(folder, storage_options)
     try:
         with fs.open(f"{root}/{LOCAL_METRICS}") as f:
             return [json.loads(x) for x in f.read().decode().splitlines() if x]
@@ -568,9 +561,7 @@ def sync(folder: str, storage_options: dict | None = None, uri: str | None = Non
     close the run with the status it ended with. -> what was sent."""
     from mlflow import MlflowClient
 
-    from sdofm.engine.checkpoint import open_storage
-
-    fs, root = open_storage(folder, storage_options)
+    fs, root = open_url(folder, storage_options)
     try:
         with fs.open(f"{root}/{LOCAL_RUN}") as f:
             run = json.load(f)

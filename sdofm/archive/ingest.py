@@ -36,10 +36,10 @@ from sdofm.datasets.sdoml import (
     LayoutError,
     SDOMLError,
     clear_header_cache,
-    join_url,
     open_group,
     parse_times,
 )
+from sdofm.storage import join, open_url
 
 FRAMES_PER_CHUNK = 15  # as the SDOML v2 converter scripts
 FITS_SUFFIXES = (".fits", ".fts", ".fit", ".fits.gz", ".fts.gz", ".fit.gz")
@@ -167,7 +167,7 @@ def store_url(out: str, instrument: str) -> str:
     """``out`` itself when it names a ``.zarr`` store, else the SDOML v2 store name under it."""
     if out.rstrip("/").endswith(".zarr"):
         return out.rstrip("/")
-    return join_url(out, STORE_NAMES[instrument][0])
+    return join(out, STORE_NAMES[instrument][0])
 
 
 @dataclass
@@ -181,21 +181,18 @@ class _Target:
 
 def _open_target(url: str, instrument: str, storage_options: dict | None) -> _Target:
     """Open (or create) the store to append to; :class:`LayoutError` if it has another layout."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    path = path.rstrip("/")
+    fs, path = open_url(url, storage_options)
     name = instrument.upper()
     if not fs.exists(path):  # created when the first frame is written
         return _Target(group=None, size=None, frames_per_chunk=None, times={}, dropped=0)
     if fs.isfile(path):
         raise LayoutError(f"{url} is a file, not an SDOML {name} store")
-    if fs.exists(path + "/zarr.json"):
+    if fs.exists(join(path, "zarr.json")):
         raise LayoutError(
             f"{url} is a zarr format 3 store; SDOML stores are zarr format 2: "
             "choose another output folder"
         )
-    if not fs.exists(path + "/.zgroup") and fs.ls(path):
+    if not fs.exists(join(path, ".zgroup")) and fs.ls(path):
         raise LayoutError(
             f"{url} exists and is not a zarr group (no .zgroup): choose a new folder "
             f"or an SDOML {name} store to append to"

@@ -15,7 +15,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +25,9 @@ import pandas as pd
 
 import sdofm
 from sdofm.config import DataConfig, dump_config
-from sdofm.datasets.cache import cache_file, is_url, read_bytes, write_bytes
+from sdofm.datasets.cache import cache_file
 from sdofm.datasets.sdoml import Archive, ImageStore, LayoutError
+from sdofm.storage import read_bytes, write_bytes
 
 INDEX_FORMAT = 2  # 2: DEG_COR of each AIA frame in the table
 _META_KEY = b"sdofm"
@@ -356,19 +356,9 @@ def write_index(table: pd.DataFrame, provenance: dict, path: str | Path) -> None
 
     arrow = pa.Table.from_pandas(table, preserve_index=False)
     meta = {**(arrow.schema.metadata or {}), _META_KEY: json.dumps(provenance).encode()}
-    if is_url(str(path)):
-        buf = pa.BufferOutputStream()
-        pq.write_table(arrow.replace_schema_metadata(meta), buf)
-        write_bytes(str(path), buf.getvalue().to_pybytes())
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        pq.write_table(arrow.replace_schema_metadata(meta), tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buf = pa.BufferOutputStream()
+    pq.write_table(arrow.replace_schema_metadata(meta), buf)
+    write_bytes(path, buf.getvalue().to_pybytes())
 
 
 def read_index(path: str | Path) -> tuple[pd.DataFrame, dict] | None:
@@ -376,8 +366,9 @@ def read_index(path: str | Path) -> tuple[pd.DataFrame, dict] | None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    data = read_bytes(str(path))
-    if data is None:
+    try:
+        data = read_bytes(path)
+    except FileNotFoundError:
         return None
     t = pq.read_table(pa.BufferReader(data))
     prov = json.loads((t.schema.metadata or {}).get(_META_KEY, b"{}"))

@@ -46,29 +46,12 @@ import pandas as pd
 
 from sdofm.config import Config, ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
 from sdofm.datasets.index import INDEX_KEYS
+from sdofm.storage import join, listdir, open_url, read_bytes, write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
 DATA_KEYS = (*INDEX_KEYS, "num_frames", "frame_step")
 TRANSFORM_KEYS = ("size", "limb", "scaling", "zscore", "magnetogram", "stats_samples", "stats_seed")
-
-
-def _fs(url: str, storage_options: dict):
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options if "://" in url else {}))
-    return fs, root.rstrip("/")
-
-
-def _put(fs, path: str, data: bytes) -> None:
-    """Readers never see half a file: one PUT on an object store, a temporary file and a
-    rename on a local disk (a killed job leaves at most a ``.tmp`` file, never a shard)."""
-    if "file" in fs.protocol:
-        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-        fs.pipe_file(tmp, data)
-        fs.mv(tmp, path)
-    else:
-        fs.pipe_file(path, data)
 
 
 def settings(data: DataConfig, transform: TransformConfig) -> dict:
@@ -166,7 +149,7 @@ class PreparedSet:
     def __init__(self, url: str, storage_options: dict):
         self.url = url.rstrip("/")
         self.storage_options = storage_options
-        self.fs, self.root = _fs(url, storage_options)
+        self.fs, self.root = open_url(url, storage_options)
         path = f"{self.root}/{MANIFEST}"
         try:
             self.manifest = json.loads(self.fs.cat_file(path))
@@ -305,7 +288,7 @@ class PrepareReport:
 
 
 def _shard_meta(root: str, split: str, k: int) -> str:
-    return f"{root}/{split}/{k:05d}.npz"
+    return join(root, split, f"{k:05d}.npz")
 
 
 def _write_shards(batch: dict, job: dict) -> dict:
@@ -314,7 +297,7 @@ def _write_shards(batch: dict, job: dict) -> dict:
 
     from sdofm.datasets.pipeline import _reader, _ReadSpec
 
-    fs, root = _fs(job["url"], job["storage_options"])
+    fs, root = open_url(job["url"], job["storage_options"])
     out = {"split": [], "shard": [], "samples": []}
     for split, k in zip(batch["split"], batch["shard"], strict=True):
         k = int(k)
@@ -355,26 +338,30 @@ def _write_shards(batch: dict, job: dict) -> dict:
                 for s in why
             ]
         cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-        _put(fs, f"{root}/{split}/{k:05d}.bin", cat.pop("image").tobytes())
+        write_atomic(fs, f"{root}/{split}/{k:05d}.bin", cat.pop("image").tobytes())
         meta = io.BytesIO()
         np.savez(meta, fingerprint=job["fingerprint"], skipped=json.dumps(skipped), **cat)
-        _put(fs, _shard_meta(root, split, k), meta.getvalue())  # commits the shard
+        write_atomic(fs, _shard_meta(root, split, k), meta.getvalue())  # commits the shard
         out["split"].append(split)
         out["shard"].append(k)
         out["samples"].append(len(cat["sample"]))
     return {k: np.array(v) for k, v in out.items()}
 
 
-def _committed(fs, root: str, split: str, n_shards: int, fingerprint: str) -> dict[int, dict]:
-    """The shards of ``split`` already written by a job of this fingerprint: k -> meta."""
+def _committed(
+    url: str, storage_options: dict, split: str, n_shards: int, fingerprint: str
+) -> dict[int, dict]:
+    """The shards of ``split`` under ``url`` already written by a job of this fingerprint:
+    k -> meta."""
     try:
-        names = {p.rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{split}", detail=False)}
+        names = set(listdir(join(url, split), storage_options))
     except FileNotFoundError:
         return {}
     out = {}
     for k in range(n_shards):
         if f"{k:05d}.npz" in names and f"{k:05d}.bin" in names:
-            z = np.load(io.BytesIO(fs.cat_file(_shard_meta(root, split, k))))
+            raw = read_bytes(_shard_meta(url, split, k), storage_options)
+            z = np.load(io.BytesIO(raw))
             if str(z["fingerprint"]) == fingerprint:
                 out[k] = {key: z[key] for key in z.files}
     return out
@@ -411,7 +398,7 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
         "format": FORMAT,
     }
     fingerprint = _digest(job_settings)
-    fs, root = _fs(out, d.storage_options)
+    fs, root = open_url(out, d.storage_options)
     mpath = f"{root}/{MANIFEST}"
     old = json.loads(fs.cat_file(mpath)) if fs.exists(mpath) else None
     if old is not None and old.get("fingerprint") != fingerprint:
@@ -433,7 +420,7 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
         "complete": False,
     }
     fs.makedirs(root, exist_ok=True)
-    _put(fs, mpath, json.dumps(manifest, indent=1).encode())
+    write_atomic(fs, mpath, json.dumps(manifest, indent=1).encode())
 
     report = PrepareReport(out)
     plans, shard_blocks, todo, metas, windows = {}, {}, [], {}, {}
@@ -450,7 +437,7 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
             ranges.append((b0, len(blocks)))
         plans[split] = ray.put(replace(plan, blocks=blocks))
         shard_blocks[split] = ray.put(ranges)
-        metas[split] = _committed(fs, root, split, len(shards), fingerprint)
+        metas[split] = _committed(out, d.storage_options, split, len(shards), fingerprint)
         report.kept[split] = len(metas[split])
         todo += [{"split": split, "shard": k} for k in range(len(shards)) if k not in metas[split]]
         fs.makedirs(f"{root}/{split}", exist_ok=True)
@@ -512,7 +499,7 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
             idx["eve"] = np.concatenate([metas[split][k]["eve"] for k in ks])
         buf = io.BytesIO()
         np.savez(buf, **idx)
-        _put(fs, f"{root}/{split}/index.npz", buf.getvalue())
+        write_atomic(fs, f"{root}/{split}/index.npz", buf.getvalue())
     report.skipped = [
         {**s, "samples": {k: sorted(v) for k, v in s["samples"].items()}}
         for _, s in sorted(seen.items())
@@ -530,6 +517,6 @@ def prepare(cfg: Config, out: str, progress=None) -> PrepareReport:
         created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         complete=True,
     )
-    _put(fs, mpath, json.dumps(manifest, indent=1).encode())  # last: the folder is usable
+    write_atomic(fs, mpath, json.dumps(manifest, indent=1).encode())  # last: the folder is usable
     report.seconds = time.perf_counter() - t0
     return report

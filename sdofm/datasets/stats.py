@@ -18,10 +18,11 @@ import pandas as pd
 
 from sdofm.config import ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
 from sdofm.datasets.blocks import make_preprocessor
-from sdofm.datasets.cache import cache_file, read_bytes, write_bytes
+from sdofm.datasets.cache import cache_file
 from sdofm.datasets.index import index_key
 from sdofm.datasets.pipeline import SDOMLPipeline
 from sdofm.datasets.transforms import Preprocessor, scaling_params
+from sdofm.storage import read_json, write_json
 
 N_BINS = 4096
 PERCENTILES = (0.5, 1.0, 5.0, 25.0, 50.0, 75.0, 95.0, 99.0, 99.5)
@@ -162,13 +163,16 @@ def load_or_compute_stats(
     if data.prepared:
         return _prepared_stats(data, transform, prov, recompute)
     path = stats_path(data.cache_dir, prov)
-    found = None if recompute else read_bytes(path)
-    if found is not None:
-        stats = json.loads(found)
-        if stats.get("provenance") == prov:
-            return {**stats, "path": path}
+    found = None
+    if not recompute:
+        try:
+            found = read_json(path)
+        except FileNotFoundError:
+            pass
+    if found is not None and found.get("provenance") == prov:
+        return {**found, "path": path}
     stats = {**compute_stats(data, transform, loader, table), "provenance": prov}
-    write_bytes(path, json.dumps(stats, indent=1).encode())
+    write_json(path, stats)
     stats["path"] = path
     return stats
 

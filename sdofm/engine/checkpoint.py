@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sdofm.storage import join, open_url, write_atomic
+
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -56,31 +58,6 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
-def open_storage(url: str, options: dict | None = None):
-    """``url`` (a folder or fsspec URL) -> (fsspec filesystem, path on it)."""
-    import fsspec
-
-    return fsspec.core.url_to_fs(str(url), **(options or {}))
-
-
-def join(url: str, *parts: str) -> str:
-    return "/".join([str(url).rstrip("/"), *parts])
-
-
-def _write(fs, path: str, data: bytes) -> None:
-    with fs.open(path, "wb") as f:
-        f.write(data)
-
-
-def _write_atomic(fs, path: str, data: bytes) -> None:
-    """A whole file or none: one PUT on object stores, write-then-rename elsewhere."""
-    if "file" in fs.protocol or "local" in fs.protocol:
-        _write(fs, path + ".tmp", data)
-        fs.mv(path + ".tmp", path)
-    else:
-        _write(fs, path, data)
-
-
 def save_checkpoint(
     path: str | Path,
     model: nn.Module,
@@ -91,7 +68,7 @@ def save_checkpoint(
     storage_options: dict | None = None,
 ) -> None:
     """Write a checkpoint into the folder or URL ``path``; ``state.json`` last."""
-    fs, root = open_storage(path, storage_options)
+    fs, root = open_url(path, storage_options)
     fs.makedirs(root, exist_ok=True)
     for name, obj in (
         (MODEL_FILE, unwrap(model).state_dict()),
@@ -99,13 +76,13 @@ def save_checkpoint(
     ):
         buf = io.BytesIO()
         torch.save(obj, buf)
-        _write(fs, f"{root}/{name}", buf.getvalue())
+        write_atomic(fs, f"{root}/{name}", buf.getvalue())
     if metrics is not None:
-        _write(
+        write_atomic(
             fs, f"{root}/{METRICS_FILE}", "".join(json.dumps(m) + "\n" for m in metrics).encode()
         )
     state_json = json.dumps({**asdict(state), **(meta or {})}, indent=1).encode()
-    _write_atomic(fs, f"{root}/{STATE_FILE}", state_json)
+    write_atomic(fs, f"{root}/{STATE_FILE}", state_json)
 
 
 def load_checkpoint(
@@ -115,7 +92,7 @@ def load_checkpoint(
     storage_options: dict | None = None,
 ) -> TrainState:
     """Load a checkpoint folder or URL into ``model`` (and ``optimizers``) -> where training was."""
-    fs, root = open_storage(path, storage_options)
+    fs, root = open_url(path, storage_options)
     with fs.open(f"{root}/{MODEL_FILE}", "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu"))
     if optimizers:
@@ -130,7 +107,7 @@ def load_checkpoint(
 
 def read_metrics(path: str, storage_options: dict | None = None) -> list[dict]:
     """The metrics a checkpoint recorded for its interval ([] when it has none)."""
-    fs, root = open_storage(path, storage_options)
+    fs, root = open_url(path, storage_options)
     try:
         with fs.open(f"{root}/{METRICS_FILE}") as f:
             return [json.loads(line) for line in f.read().decode().splitlines() if line]
@@ -159,7 +136,7 @@ def latest_checkpoint(
     ``storage``, or None when the run has none. The one answer to "where does this run
     resume": the driver, the workers and the restart messages all ask it."""
     run = join(storage, name)
-    fs, root = open_storage(run, storage_options)
+    fs, root = open_url(run, storage_options)
     try:
         fs.invalidate_cache()
         entries = fs.ls(root, detail=False)

@@ -23,7 +23,6 @@ from torch import nn
 from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
-    join,
     latest_checkpoint,
     load_checkpoint,
     read_metrics,
@@ -39,6 +38,7 @@ from sdofm.engine.objective import (
 )
 from sdofm.engine.optim import autocast
 from sdofm.engine.progress import quiet_reports, say
+from sdofm.storage import join
 
 
 @dataclass

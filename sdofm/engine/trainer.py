@@ -10,9 +10,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdofm.engine import progress
-from sdofm.engine.checkpoint import Latest, latest_checkpoint, open_storage
+from sdofm.engine.checkpoint import Latest, latest_checkpoint
 from sdofm.engine.loop import LoopConfig, train_loop_per_worker
 from sdofm.engine.objective import Objective
+from sdofm.storage import open_url
 
 
 @dataclass
@@ -43,7 +44,7 @@ def ray_storage(storage: str, storage_options: dict | None):
         return storage, None
     import pyarrow.fs
 
-    fs, root = open_storage(storage, storage_options)
+    fs, root = open_url(storage, storage_options)
     return root, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 

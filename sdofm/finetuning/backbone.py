@@ -13,6 +13,7 @@ from torch import nn
 from sdofm.config import Config, ConfigError
 from sdofm.engine.checkpoint import MODEL_FILE, STATE_FILE
 from sdofm.models import FAMILIES, encoder_class, family_of_encoder
+from sdofm.storage import open_url
 
 
 @dataclass
@@ -66,9 +67,7 @@ class Backbone:
 def _from_checkpoint(
     path: str, source: str, run_id: str | None = None, storage_options: dict | None = None
 ) -> Backbone:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = open_url(path, storage_options)
     try:
         with fs.open(f"{root}/{STATE_FILE}") as f:
             state = json.load(f)

@@ -7,7 +7,7 @@ cluster has one) and the driver writes the rows in fixed shards of sample ids::
     OUT_URL/embeddings.json              what made them (backbone, data, transform, pool)
     OUT_URL/<split>/part-00000.parquet   split, sample, time, embedding
 
-A shard is written whole (to a temporary name, then renamed), so an interrupted job
+A shard is written whole (:func:`sdofm.storage.write_atomic`), so an interrupted job
 re-run with the same arguments computes only the shards that are missing. A re-run
 with another backbone, pooling or data selection into the same folder is refused
 rather than mixed in.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
+from sdofm.storage import join, open_url, write_atomic
 
 MANIFEST = "embeddings.json"
 POOLS = ("mean", "summary", "tokens")
@@ -83,7 +84,7 @@ class _Embedder:
 
 
 def _shard_path(out: str, split: str, k: int) -> str:
-    return f"{out.rstrip('/')}/{split}/part-{k:05d}.parquet"
+    return join(out, split, f"part-{k:05d}.parquet")
 
 
 def _write_shard(fs, path: str, split: str, rows: dict[str, np.ndarray]) -> None:
@@ -102,11 +103,10 @@ def _write_shard(fs, path: str, split: str, rows: dict[str, np.ndarray]) -> None
             ),
         }
     )
-    tmp = path + ".tmp"
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    with fs.open(tmp, "wb") as f:
-        pq.write_table(table, f)
-    fs.mv(tmp, path)
+    write_atomic(fs, path, buf.getvalue().to_pybytes())
 
 
 def _check_manifest(fs, root: str, manifest: dict) -> None:
@@ -122,8 +122,7 @@ def _check_manifest(fs, root: str, manifest: dict) -> None:
             )
         manifest["splits"] = sorted(set(old.get("splits", [])) | set(manifest["splits"]))
     fs.makedirs(root, exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(manifest, f, indent=2)
+    write_atomic(fs, path, json.dumps(manifest, indent=2).encode())
 
 
 def embed(
@@ -137,7 +136,6 @@ def embed(
 ) -> EmbedResult:
     """Embed every sample of ``splits`` (of ``cfg.data``'s time range) with the encoder of
     ``cfg.finetune.backbone``; rows in the pipeline's sample ids of each split."""
-    import fsspec
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -167,8 +165,7 @@ def embed(
     )
     backbone.check(cfg, shape)
 
-    fs, root = fsspec.core.url_to_fs(out, **(d.storage_options if "://" in out else {}))
-    root = root.rstrip("/")
+    fs, root = open_url(out, d.storage_options)
     manifest = {
         "backbone": backbone.source,
         "backbone_run_id": backbone.run_id,
@@ -280,12 +277,11 @@ def _flush(fs, root: str, split: str, k: int, buf: dict, result: EmbedResult) ->
 
 def read_embeddings(out: str, split: str | None = None, storage_options: dict | None = None):
     """The embeddings under ``out`` (one split or all) as a pandas DataFrame, sorted."""
-    import fsspec
     import pandas as pd
     import pyarrow.parquet as pq
 
-    fs, root = fsspec.core.url_to_fs(out, **(storage_options or {}))
-    pattern = f"{root.rstrip('/')}/{split or '*'}/part-*.parquet"
+    fs, root = open_url(out, storage_options)
+    pattern = join(root, split or "*", "part-*.parquet")
     frames = []
     for p in sorted(fs.glob(pattern)):
         with fs.open(p, "rb") as f:

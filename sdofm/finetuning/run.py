@@ -14,9 +14,10 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
-from sdofm.engine.checkpoint import MODEL_FILE, open_storage
+from sdofm.engine.checkpoint import MODEL_FILE
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
+from sdofm.storage import join, open_url
 
 if TYPE_CHECKING:
     from sdofm.datasets.blocks import SkipReport
@@ -188,7 +189,7 @@ def load_head(cfg: Config, task: Task, prepared: Prepared, checkpoint: str) -> n
     import torch
 
     model = task.build_head(cfg, prepared.sample_shape, prepared.backbone)
-    fs, path = open_storage(f"{checkpoint}/{MODEL_FILE}", cfg.train.storage_options)
+    fs, path = open_url(join(checkpoint, MODEL_FILE), cfg.train.storage_options)
     with fs.open(path, "rb") as f:
         model.load_state_dict(torch.load(f, map_location="cpu"))
     return model.eval()

@@ -21,6 +21,7 @@ from sdofm.engine.progress import say
 from sdofm.engine.trainer import ray_storage, root_cause
 from sdofm.finetuning.run import Prepared, load_head, prepare, run_params, train_head
 from sdofm.finetuning.tasks import get_task
+from sdofm.storage import join
 
 TRIAL_RUN_ID = "mlflow_run_id"
 
@@ -184,9 +185,9 @@ def sweep(
             f"one of {', '.join(task.sweep_metrics)}"
         )
     storage = storage_path(cfg.train.storage_path)
-    path = f"{storage.rstrip('/')}/{tc.name}"
+    path = join(storage, tc.name)
     ray_path, ray_fs = ray_storage(storage, cfg.train.storage_options)
-    ray_sweep = f"{ray_path.rstrip('/')}/{tc.name}"
+    ray_sweep = join(ray_path, tc.name)
     if resume and not ray.tune.Tuner.can_restore(ray_sweep, storage_filesystem=ray_fs):
         raise ConfigError(
             f"--resume: no sweep {tc.name!r} under {storage} (tune.name, train.storage_path)"

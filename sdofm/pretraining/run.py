@@ -14,9 +14,10 @@ import numpy as np
 
 from sdofm.config import Config, dump_config
 from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
-from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint, open_storage
+from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint
 from sdofm.engine.progress import say
 from sdofm.pretraining.objective import make_objective
+from sdofm.storage import open_url
 
 if TYPE_CHECKING:
     from sdofm.datasets.blocks import SkipReport
@@ -184,7 +185,7 @@ def pretrain(cfg: Config) -> PretrainResult:
             raise RuntimeError(f"run {tc.run_name!r} finished without a checkpoint")
         model_uri = None
         if run_id is not None and cfg.tracking.log_model:
-            fs, path = open_storage(f"{result.checkpoint}/{MODEL_FILE}", options)
+            fs, path = open_url(f"{result.checkpoint}/{MODEL_FILE}", options)
             with fs.open(path, "rb") as f:
                 model.load_state_dict(torch.load(f, map_location="cpu"))
             example = np.zeros((1, *shape), np.float32)

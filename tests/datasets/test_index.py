@@ -225,8 +225,8 @@ def test_index_write_is_atomic(synth_root, tmp_path, monkeypatch):
     _, report = load_or_build_index(cfg)
     good = open(report.path, "rb").read()
 
-    def broken(table, path, *a, **k):
-        open(path, "wb").write(b"half a file")
+    def broken(table, where, *a, **k):
+        where.write(b"half a file")  # the stream the index file's bytes go through
         raise OSError("disk full")
 
     import pyarrow.parquet as pq

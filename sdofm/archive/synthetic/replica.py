@@ -22,7 +22,8 @@ import numpy as np
 
 from sdofm.archive.writer import create_frame_array
 from sdofm.constants import AIA_CHANNELS, AIA_WAVELENGTH, HMI_CHANNELS, disk_radius_px
-from sdofm.datasets.sdoml import STORE_NAMES, join_url, open_group
+from sdofm.datasets.sdoml import STORE_NAMES, open_group
+from sdofm.storage import join, open_url
 
 CADENCE = {"aia": dt.timedelta(minutes=6), "hmi": dt.timedelta(minutes=12)}
 _TEMPLATE_FILE = {"aia": "aia_171_level1.fits", "hmi": "resampled_hmi.fits"}
@@ -141,10 +142,8 @@ def write_replica(
     (the frames either side of each year boundary); every other chunk is unwritten.
     ``days``: only the first days of each year (small replicas for tests).
     """
-    import fsspec
-
     rng = np.random.default_rng(seed)
-    fs, base = fsspec.core.url_to_fs(root, **(storage_options or {}))
+    fs, base = open_url(root, storage_options)
     report = ReplicaReport(root=root)
     todo = [("aia", c) for c in aia_channels] + [("hmi", c) for c in hmi_channels]
     total, done = len(todo) * len(years), 0
@@ -153,7 +152,7 @@ def write_replica(
         if not channels:
             continue
         name = STORE_NAMES[instrument][0]
-        group = open_group(join_url(root, name), storage_options, mode="w")
+        group = open_group(join(root, name), storage_options, mode="w")
         group.attrs.update({"sdofm_replica": True, "instrument": instrument.upper()})
         template = template_header(instrument)
         for year in years:
@@ -176,7 +175,7 @@ def write_replica(
                     a[lo:hi] = image[None] * scale
                 own = _channel_lists(instrument, c, times, rng)
                 raw = _zarr2_json({**common, **{k: _zarr2_entry(k, v) for k, v in own.items()}})
-                fs.pipe_file(f"{base.rstrip('/')}/{name}/{year}/{c}/.zattrs", raw)
+                fs.pipe_file(join(base, name, str(year), c, ".zattrs"), raw)
                 report.frames[f"{year}/{c}"] = n
                 report.header_bytes[f"{year}/{c}"] = len(raw)
                 done += 1

@@ -37,9 +37,9 @@ from sdofm.datasets.sdoml import (
     SDOMLError,
     clear_header_cache,
     find_store,
-    join_url,
     open_group,
 )
+from sdofm.storage import join, open_url, read_json, write_atomic
 
 IMAGE_ORIENTATION = "FITS order: row 0 south, north at the last row; column 0 east"
 
@@ -165,7 +165,7 @@ def _write_images(
     if instrument == "hmi":  # the three components come from one inversion
         missing = {c: missing["Bx"] for c in channels}
     order = _stored_order(sun, steps)
-    group = open_group(join_url(root, STORE_NAMES[instrument][0]), storage_options, mode="w")
+    group = open_group(join(root, STORE_NAMES[instrument][0]), storage_options, mode="w")
     group.attrs.update({"sdofm_synthetic": True, "instrument": instrument.upper()})
     header = _frame_header(sun, instrument)
     counts: dict[str, int] = {}
@@ -253,7 +253,7 @@ def _write_eve(sun: SyntheticSun, root: str, storage_options: dict | None) -> in
     for _ in range(rng.poisson(0.5 * sun.t_end / DAY_S)):  # whole-instrument outages
         start = rng.uniform(0, sun.t_end)
         values[(t >= start) & (t < start + rng.uniform(1800, 7200))] = -1.0
-    root_group = open_group(join_url(root, STORE_NAMES["eve"][0]), storage_options, mode="w")
+    root_group = open_group(join(root, STORE_NAMES["eve"][0]), storage_options, mode="w")
     root_group.attrs.update({"sdofm_synthetic": True, "instrument": "EVE"})
     g = root_group.require_group("MEGS-A")
     chunk = min(len(t), 1440 * 7)
@@ -312,22 +312,17 @@ def _truth(sun: SyntheticSun) -> dict:
 
 def read_truth(root: str, storage_options: dict | None = None) -> dict | None:
     """The truth file written beside the stores, or None."""
-    import fsspec
-
-    fs, path = fsspec.core.url_to_fs(join_url(root, TRUTH_FILE), **(storage_options or {}))
-    if not fs.exists(path):
+    try:
+        return read_json(join(root, TRUTH_FILE), storage_options)
+    except FileNotFoundError:
         return None
-    with fs.open(path, "r") as f:
-        return json.load(f)
 
 
 def read_truth_frames(root: str, storage_options: dict | None = None):
     """The generator's frame table: instrument, channel, year, index, time (UTC)."""
     import pandas as pd
 
-    return pd.read_parquet(
-        join_url(root, TRUTH_FRAMES_FILE), storage_options=storage_options or None
-    )
+    return pd.read_parquet(join(root, TRUTH_FRAMES_FILE), storage_options=storage_options or None)
 
 
 def write_synthetic(
@@ -342,7 +337,6 @@ def write_synthetic(
     over anything else unless ``synth.overwrite``. ``progress(done, total)`` is
     called as time steps are rendered.
     """
-    import fsspec
     import pandas as pd
 
     opts = storage_options or {}
@@ -356,11 +350,11 @@ def write_synthetic(
     )
     if same and not synth.overwrite:
         return SynthReport(root=root, reused=True)
-    fs, base = fsspec.core.url_to_fs(root, **opts)
+    fs, base = open_url(root, opts)
     for inst in ("aia", "hmi", "eve"):
-        p = base.rstrip("/") + "/" + STORE_NAMES[inst][0]
+        p = join(base, STORE_NAMES[inst][0])
         if fs.exists(p) and not synth.overwrite:
-            ours = fs.exists(p + "/.zattrs") and json.loads(fs.cat(p + "/.zattrs")).get(
+            ours = fs.exists(join(p, ".zattrs")) and json.loads(fs.cat(join(p, ".zattrs"))).get(
                 "sdofm_synthetic"
             )
             if not (ours and existing is None):  # an interrupted synthetic write may be replaced
@@ -370,7 +364,7 @@ def write_synthetic(
                 )
         if fs.exists(p):
             fs.rm(p, recursive=True)
-    truth_path = base.rstrip("/") + "/" + TRUTH_FILE
+    truth_path = join(base, TRUTH_FILE)
     if fs.exists(truth_path):
         fs.rm(truth_path)
     fs.makedirs(base, exist_ok=True)
@@ -395,10 +389,9 @@ def write_synthetic(
     report.eve_rows = _write_eve(sun, root, opts)
     frames = pd.DataFrame(rows, columns=["instrument", "channel", "year", "index", "time_ns"])
     frames["time"] = pd.to_datetime(frames.pop("time_ns"), unit="ns", utc=True)
-    frames.to_parquet(join_url(root, TRUTH_FRAMES_FILE), storage_options=opts or None, index=False)
+    frames.to_parquet(join(root, TRUTH_FRAMES_FILE), storage_options=opts or None, index=False)
     # The truth file goes last: its presence marks a complete write.
-    with fs.open(truth_path, "w") as f:
-        json.dump(_truth(sun), f, indent=1)
+    write_atomic(fs, truth_path, json.dumps(_truth(sun), indent=1).encode())
     return report
 
 

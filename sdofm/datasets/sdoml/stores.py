@@ -1,9 +1,10 @@
-"""The SDOML v2 archive: open stores read-only, validate their layout, read headers and frames.
+"""The AIA, HMI and EVE stores: found under a root, opened read-only, their layout
+validated (:class:`LayoutError` naming every problem), frames read a chunk at a time.
 
 One code path for a local folder, ``file://``, ``memory://``, anonymous ``s3://`` and
 ``gs://`` (any fsspec URL). Both namings are accepted: ``sdomlv2*.zarr`` (EVE under
 ``MEGS-A/``) and SDO-FM's mounted ``AIA.zarr`` / ``HMI.zarr`` / ``EVE_legacy.zarr``
-(a flat EVE group). Per-frame headers are parsed once per process and cached.
+(a flat EVE group).
 """
 
 from __future__ import annotations
@@ -13,16 +14,25 @@ import hashlib
 import json
 import random
 import re
-import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
 import numpy as np
 
-from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS, LEAP_SECONDS
+from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
+from sdofm.datasets.sdoml.headers import (
+    HEADER_KEYS,
+    FrameTimes,
+    Header,
+    cached,
+    parse_frame_times,
+    parse_header,
+)
+from sdofm.datasets.sdoml.times import parse_times
+from sdofm.storage import join, open_url
 
 STORE_NAMES: dict[str, tuple[str, ...]] = {
     "aia": ("sdomlv2.zarr", "sdomlv2_small.zarr", "AIA.zarr"),
@@ -90,19 +100,6 @@ def transient(e: BaseException) -> bool:
 # --------------------------------------------------------------------------- opening
 
 
-def join_url(root: str, name: str) -> str:
-    """``name`` under ``root`` unless ``name`` is itself a URL or an absolute path."""
-    if "://" in name or name.startswith("/"):
-        return name
-    return root.rstrip("/") + "/" + name
-
-
-def _fs(url: str, storage_options: dict | None):
-    import fsspec
-
-    return fsspec.core.url_to_fs(url, **(storage_options or {}))
-
-
 def open_group(url: str, storage_options: dict | None = None, mode: str = "r"):
     """Open a zarr v2 group at a local path or fsspec URL; read-only unless ``mode='w'``."""
     import zarr
@@ -139,9 +136,9 @@ def _probe(url: str, storage_options: dict | None) -> None:
     ``Exception ignored ... was created in a different Context`` traceback. One plain
     request fails alone, with the cause.
     """
-    fs, path = _fs(url, storage_options)
+    fs, path = open_url(url, storage_options)
     try:
-        fs.cat_file(path.rstrip("/") + "/.zgroup")
+        fs.cat_file(join(path, ".zgroup"))
     except FileNotFoundError:
         where = "the path does not exist" if not _exists(fs, path) else "it holds no .zgroup"
         raise StoreUnreachableError(f"no zarr group at {url}: {where}") from None
@@ -167,177 +164,15 @@ def find_store(
 ) -> str | None:
     """The URL of ``instrument``'s store under ``root`` (explicit ``name`` or the known namings)."""
     if name is not None:
-        return join_url(root, name)
+        return join(root, name)
     try:
-        fs, path = _fs(root, storage_options)
+        fs, path = open_url(root, storage_options)
         for candidate in STORE_NAMES[instrument]:
-            if fs.exists(path.rstrip("/") + "/" + candidate + "/.zgroup"):
-                return join_url(root, candidate)
+            if fs.exists(join(path, candidate, ".zgroup")):
+                return join(root, candidate)
     except Exception as e:
         raise StoreUnreachableError(f"cannot list {root}: {type(e).__name__}: {e}") from e
     return None
-
-
-# --------------------------------------------------------------------------- time
-
-
-_T_RE = re.compile(
-    r"^\s*(\d{4})[-.](\d{2})[-.](\d{2})[T _](\d{2}):(\d{2}):(\d{2}(?:\.\d*)?)\s*(Z|_?TAI|_?UTC)?\s*$"
-)
-_EPOCH = dt.date(1970, 1, 1)
-_NS = 1_000_000_000
-_LEAP_UTC_NS = np.array(
-    [(dt.date.fromisoformat(d) - _EPOCH).days * 86400 * _NS for d, _ in LEAP_SECONDS],
-    dtype=np.int64,
-)
-_LEAP_OFFSET_NS = np.array([s * _NS for _, s in LEAP_SECONDS], dtype=np.int64)
-_LEAP_TAI_NS = _LEAP_UTC_NS + _LEAP_OFFSET_NS
-
-
-def tai_to_utc(tai_ns: np.ndarray) -> np.ndarray:
-    """TAI nanoseconds since 1970 -> UTC nanoseconds since 1970 (leap-second aware).
-
-    ``tai_ns: (N,) int64 -> (N,) int64``. An instant inside a leap second
-    (UTC 23:59:60.x) maps to 00:00:00.x of the next day.
-    """
-    # The leap second itself (TAI just before the new offset applies) keeps the old
-    # offset and so lands on 00:00:00.x of the next UTC day.
-    i = np.searchsorted(_LEAP_TAI_NS, tai_ns, side="right") - 1
-    return tai_ns - _LEAP_OFFSET_NS[np.clip(i, 0, None)]
-
-
-def parse_times(values: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Parse SDOML ``T_OBS`` strings into UTC.
-
-    ``values: (N,)`` strings such as ``2010-08-01T00:00:09.57Z`` (AIA, UTC),
-    ``2010.05.01_00:12:04_TAI`` (HMI, TAI) or ``2010-05-01 00:00:00.000`` (EVE);
-    formats may be mixed, seconds may read ``60``.
-    Returns ``(times: (N,) datetime64[ns], bad: (N,) bool)``; bad entries are NaT.
-    """
-    n = len(values)
-    out = np.zeros(n, dtype=np.int64)
-    bad = np.zeros(n, dtype=bool)
-    tai = np.zeros(n, dtype=bool)
-    day_cache: dict[tuple[int, int, int], int] = {}
-    for i, v in enumerate(values):
-        m = _T_RE.match(v) if isinstance(v, str) else None
-        if m is None:
-            bad[i] = True
-            continue
-        y, mo, d, hh, mm = (int(m.group(k)) for k in range(1, 6))
-        sec = float(m.group(6))
-        key = (y, mo, d)
-        days = day_cache.get(key)
-        if days is None:
-            try:
-                days = (dt.date(y, mo, d) - _EPOCH).days
-            except ValueError:
-                bad[i] = True
-                continue
-            day_cache[key] = days
-        if hh > 23 or mm > 59 or sec >= 61:
-            bad[i] = True
-            continue
-        out[i] = days * 86400 * _NS + (hh * 3600 + mm * 60) * _NS + round(sec * _NS)
-        tai[i] = "TAI" in (m.group(7) or "")
-    if tai.any():
-        out[tai] = tai_to_utc(out[tai])
-    times = out.view("datetime64[ns]").copy()
-    times[bad] = np.datetime64("NaT")
-    return times, bad
-
-
-# --------------------------------------------------------------------------- headers
-
-
-@dataclass
-class FrameTimes:
-    """Observation times of one array's frames, in stored order (not time order)."""
-
-    times: np.ndarray  # (N,) datetime64[ns], NaT where the header is unusable
-    problems: dict[str, list[int]] = field(default_factory=dict)  # reason -> frame indices
-
-    @property
-    def n_bad(self) -> int:
-        return int(np.isnat(self.times).sum())
-
-
-HEADER_KEYS = ("T_OBS", "DEG_COR", "EXPTIME", "QUALITY")
-"""The per-frame header keys sdofm keeps: the rest of a ``.zattrs`` (~175 keys) is never parsed."""
-
-
-@dataclass
-class Header:
-    """What sdofm keeps of one array's ``.zattrs``: ``T_OBS`` as stored and the numeric keys
-    of :data:`HEADER_KEYS` it has, each ``(len(list),) float64`` with NaN for nulls."""
-
-    t_obs: list | None
-    numbers: dict[str, np.ndarray]
-    nbytes: int  # size of the .zattrs document
-
-
-_HEADER_CACHE: dict[tuple, Any] = {}
-_HEADER_LOCK = threading.Lock()
-_KEY_LOCKS: dict[tuple, threading.Lock] = {}
-
-
-def _cached(key: tuple, make):
-    """``make()`` once per process and key, also when threads ask at the same time."""
-    with _HEADER_LOCK:
-        if key in _HEADER_CACHE:
-            return _HEADER_CACHE[key]
-        lock = _KEY_LOCKS.setdefault(key, threading.Lock())
-    with lock:
-        with _HEADER_LOCK:
-            if key in _HEADER_CACHE:
-                return _HEADER_CACHE[key]
-        value = make()
-        with _HEADER_LOCK:
-            _HEADER_CACHE[key] = value
-    return value
-
-
-def clear_header_cache() -> None:
-    """Forget parsed headers (after a store was rewritten in this process)."""
-    with _HEADER_LOCK:
-        _HEADER_CACHE.clear()
-        _KEY_LOCKS.clear()
-
-
-def _as_numbers(values: list) -> np.ndarray:
-    out = np.full(len(values), np.nan)
-    for i, v in enumerate(values):
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[i] = v
-    return out
-
-
-def parse_header(raw: bytes, keys: Sequence[str] = HEADER_KEYS) -> Header:
-    """Keep ``keys`` of a ``.zattrs`` document (``T_OBS`` as stored, the rest as float64).
-
-    A real ``.zattrs`` is up to ~221 MB of JSON: decoding all of its ~175 lists takes
-    seconds and GBs of Python objects for the few sdofm uses. Each wanted list is
-    decoded alone, from where its key stands (in JSON text an unescaped ``"KEY"``
-    followed by ``:`` can only be an object key); a key found twice (a nested object)
-    falls back to decoding the whole document.
-    """
-    text = raw.decode("utf-8")
-    names = "|".join(re.escape(k) for k in keys)
-    pattern = re.compile(rf'"({names})"\s*:\s*')
-    where: dict[str, list[int]] = {}
-    for m in pattern.finditer(text):
-        where.setdefault(m.group(1), []).append(m.end())
-    decoder = json.JSONDecoder()
-    found: dict[str, Any] = {}
-    if any(len(v) > 1 for v in where.values()):
-        whole = json.loads(text)
-        found = {k: whole[k] for k in keys if k in whole}
-    else:
-        for k, (pos,) in where.items():
-            found[k] = decoder.raw_decode(text, pos)[0]
-    t_obs = found.pop("T_OBS", None)
-    numbers = {k: _as_numbers(v) for k, v in found.items() if isinstance(v, list)}
-    return Header(t_obs=t_obs, numbers=numbers, nbytes=len(raw))
 
 
 # --------------------------------------------------------------------------- image stores
@@ -391,7 +226,7 @@ class ImageStore:
         if path not in self._listings:
             fs, root = self._filesystem()
             try:
-                entries = fs.ls(f"{root}/{path}".rstrip("/"), detail=True)
+                entries = fs.ls(join(root, path), detail=True)
             except FileNotFoundError:
                 entries = []
             self._listings[path] = sorted(
@@ -478,7 +313,7 @@ class ImageStore:
                 ) from e
             return parse_header(raw)
 
-        return _cached((self.url, year, channel, ".zattrs"), make)
+        return cached((self.url, year, channel, ".zattrs"), make)
 
     def validate(
         self, channels: Sequence[str], years: Sequence[str] | None = None
@@ -533,22 +368,9 @@ class ImageStore:
             raw = self.raw_header(year, channel).t_obs
             if not isinstance(raw, list):
                 raise LayoutError(f"{self.url} {year}/{channel}: T_OBS is not a per-frame list")
-            n = a.shape[0]
-            problems: dict[str, list[int]] = {}
-            if len(raw) != n:
-                problems["header_length_mismatch"] = list(range(len(raw), n))
-                raw = (raw + [None] * n)[:n]
-            times, bad = parse_times(raw)
-            nulls = [i for i in np.flatnonzero(bad) if raw[i] is None and i < n]
-            nulls = [i for i in nulls if i not in set(problems.get("header_length_mismatch", []))]
-            unparseable = [int(i) for i in np.flatnonzero(bad) if raw[i] is not None]
-            if nulls:
-                problems["header_null"] = [int(i) for i in nulls]
-            if unparseable:
-                problems["header_unparseable"] = unparseable
-            return FrameTimes(times=times, problems=problems)
+            return parse_frame_times(raw, a.shape[0])
 
-        return _cached((self.url, year, channel, "T_OBS"), make)
+        return cached((self.url, year, channel, "T_OBS"), make)
 
     def header(self, year: str, channel: str, key: str) -> np.ndarray:
         """One numeric per-frame header of :data:`HEADER_KEYS` (``DEG_COR``, ``EXPTIME``,
@@ -739,8 +561,7 @@ class ImageStore:
 
     def _filesystem(self):
         if self._fs_root is None:
-            fs, root = _fs(self.url, self.storage_options)
-            self._fs_root = (fs, root.rstrip("/"))
+            self._fs_root = open_url(self.url, self.storage_options)
         return self._fs_root
 
     def _chunk_filesystem(self):
@@ -756,7 +577,7 @@ class ImageStore:
                 config = dict(opts.get("config_kwargs") or {})
                 config.setdefault("retries", {"total_max_attempts": 1})
                 opts["config_kwargs"] = config
-                fs, _ = _fs(self.url, {**opts, "skip_instance_cache": True})
+                fs, _ = open_url(self.url, {**opts, "skip_instance_cache": True})
                 fs.retries = 1  # s3fs's own loop (an instance of our own: not shared)
             self._chunk_fs = (fs, root)
         return self._chunk_fs
@@ -883,7 +704,7 @@ class EVEStore:
             raw = self.group["Time"][:]
             return parse_times([str(v) for v in raw])[0]
 
-        return _cached((self.url, "", "Time", "EVE"), make)
+        return cached((self.url, "", "Time", "EVE"), make)
 
     def read(self, lines: Sequence[str], rows: np.ndarray | slice | None = None) -> np.ndarray:
         """``-> (len(rows), len(lines)) float32``; negative values mean missing (as stored)."""
@@ -897,9 +718,8 @@ class EVEStore:
         return np.stack(cols, axis=1).astype(np.float32, copy=False)
 
     def fingerprint(self) -> str:
-        fs, root = _fs(self.url, self.storage_options)
-        path = self.group.path
-        info = fs.info(f"{root.rstrip('/')}/{path + '/' if path else ''}Time/.zarray")
+        fs, root = open_url(self.url, self.storage_options)
+        info = fs.info(join(root, self.group.path, "Time", ".zarray"))
         t = self.group["Time"]
         stamp = (
             info.get("ETag") or info.get("mtime") or info.get("created") or info.get("LastModified")
@@ -953,7 +773,7 @@ class Archive:
             url = find_store(data_cfg.root, inst, name, opts)
             if url is None:
                 if inst in require:
-                    fs, path = _fs(data_cfg.root, opts)
+                    fs, path = open_url(data_cfg.root, opts)
                     raise LayoutError(
                         f"no {inst.upper()} store under {data_cfg.root} (looked for "
                         f"{', '.join(STORE_NAMES[inst])})"
@@ -972,90 +792,3 @@ class Archive:
                 EVEStore(url, opts) if inst == "eve" else ImageStore(url, inst, opts, read_policy)
             )
         return cls(**stores)
-
-
-# --------------------------------------------------------------------------- summaries
-
-
-def _codec(a) -> str:
-    comp = getattr(a.metadata, "compressor", None)
-    if comp is None:
-        return "none"
-    cfg = comp.get_config() if hasattr(comp, "get_config") else {}
-    shuffle = {0: "no shuffle", 1: "byte shuffle", 2: "bit-shuffle"}.get(cfg.get("shuffle"), "")
-    return " ".join(
-        str(x)
-        for x in (cfg.get("id", comp), cfg.get("cname", ""), cfg.get("clevel", ""), shuffle)
-        if x != ""
-    )
-
-
-def describe_image_store(
-    store: ImageStore, gap_factor: float = 1.5, years: Sequence[str] | None = None
-) -> dict:
-    """What an AIA/HMI store holds: per year (of ``years``, default all) and channel the
-    frame count, span and gaps.
-
-    A gap is a spacing between consecutive frames over ``gap_factor`` times the
-    channel's median spacing.
-    """
-    out: dict[str, Any] = {"url": store.url, "instrument": store.instrument.upper(), "years": {}}
-    for year in [y for y in store.years if years is None or y in years]:
-        rows = {}
-        for c in store.channels(year):
-            a = store.array(year, c)
-            ft = store.frame_times(year, c)
-            t = np.sort(ft.times[~np.isnat(ft.times)])
-            d = (
-                np.diff(t).astype("timedelta64[s]").astype(np.int64)
-                if len(t) > 1
-                else np.zeros(0, np.int64)
-            )
-            cadence = int(np.median(d)) if len(d) else 0
-            gaps = d[d > gap_factor * cadence] if cadence else d[:0]
-            rows[c] = {
-                "frames": int(a.shape[0]),
-                "shape": list(a.shape[1:]),
-                "chunks": list(a.chunks),
-                "dtype": str(a.dtype),
-                "codec": _codec(a),
-                "first": str(t[0])[:19] if len(t) else None,
-                "last": str(t[-1])[:19] if len(t) else None,
-                "cadence_s": cadence,
-                "gaps": int(len(gaps)),
-                "longest_gap_s": int(gaps.max()) if len(gaps) else 0,
-                "bad_headers": int(ft.n_bad),
-                "in_time_order": bool(
-                    np.all(np.diff(ft.times[~np.isnat(ft.times)].astype(np.int64)) > 0)
-                ),
-            }
-        out["years"][year] = rows
-    return out
-
-
-def describe_eve_store(store: EVEStore) -> dict:
-    t = store.times()
-    ok = t[~np.isnat(t)]
-    return {
-        "url": store.url,
-        "instrument": "EVE",
-        "lines": len(store.lines),
-        "rows": int(len(t)),
-        "first": str(ok.min())[:19] if len(ok) else None,
-        "last": str(ok.max())[:19] if len(ok) else None,
-    }
-
-
-def describe(
-    archive: Archive, start: dt.datetime | None = None, end: dt.datetime | None = None
-) -> dict:
-    """A summary of every store of the archive over the years ``start`` .. ``end`` touch
-    (what ``sdofm data info`` prints): only those years' headers are read."""
-    out = {}
-    for name in ("aia", "hmi"):
-        store = getattr(archive, name)
-        if store is not None:
-            out[name] = describe_image_store(store, years=store.years_between(start, end))
-    if archive.eve is not None:
-        out["eve"] = describe_eve_store(archive.eve)
-    return out

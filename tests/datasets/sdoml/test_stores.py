@@ -1,4 +1,7 @@
-import json
+"""Opening the stores, their layout errors, and frames read a chunk at a time."""
+
+from __future__ import annotations
+
 import shutil
 from pathlib import Path
 
@@ -14,60 +17,7 @@ from sdofm.datasets.sdoml import (
     ImageStore,
     LayoutError,
     StoreUnreachableError,
-    clear_header_cache,
-    describe,
-    parse_header,
-    parse_times,
-    tai_to_utc,
 )
-
-
-def _edit_attrs(array_dir: Path, edit) -> None:
-    path = array_dir / ".zattrs"
-    attrs = json.loads(path.read_text())
-    edit(attrs)
-    path.write_text(json.dumps(attrs))
-    clear_header_cache()
-
-
-# --------------------------------------------------------------------------- time
-
-
-@pytest.mark.parametrize(
-    "text,utc",
-    [
-        ("2010-08-01T00:00:09.57Z", "2010-08-01T00:00:09.570"),  # AIA, UTC
-        ("2010-08-01T00:00:09.57", "2010-08-01T00:00:09.570"),  # no Z (2020 mixes both)
-        ("2010-08-01 00:00:09.570", "2010-08-01T00:00:09.570"),  # EVE style
-        ("2010.05.01_00:12:04_TAI", "2010-05-01T00:11:30.000"),  # HMI: TAI - 34 s
-        ("2012.06.30_23:59:00_TAI", "2012-06-30T23:58:26.000"),  # before the 2012 leap second
-        ("2012.07.01_00:00:35_TAI", "2012-07-01T00:00:00.000"),  # after it: TAI - 35 s
-        ("2012.07.01_00:00:34_TAI", "2012-07-01T00:00:00.000"),  # the leap second 23:59:60 UTC
-        ("2017.01.01_00:01:37_TAI", "2017-01-01T00:01:00.000"),  # TAI - 37 s
-        ("2012.06.30_23:59:60_TAI", "2012-06-30T23:59:26.000"),  # seconds written as 60
-        ("2016-12-31T23:59:60.50Z", "2017-01-01T00:00:00.500"),  # UTC leap second
-    ],
-)
-def test_parse_times(text, utc):
-    times, bad = parse_times([text])
-    assert not bad[0]
-    assert times[0] == np.datetime64(utc, "ns")
-
-
-def test_parse_times_marks_bad_entries():
-    times, bad = parse_times(
-        ["2011-01-01T00:00:00Z", None, "yesterday", "2011-02-30T00:00:00Z", "2011-01-01T25:00:00Z"]
-    )
-    assert bad.tolist() == [False, True, True, True, True]
-    assert np.isnat(times[1:]).all() and not np.isnat(times[0])
-
-
-def test_tai_to_utc_is_monotonic_outside_leap_seconds():
-    t = np.arange(0, 3 * 86400, 3600, dtype=np.int64) * 10**9 + np.datetime64(
-        "2015-06-29", "ns"
-    ).astype(np.int64)
-    assert np.all(np.diff(tai_to_utc(t)) > 0)
-
 
 # --------------------------------------------------------------------------- opening and layout
 
@@ -139,52 +89,6 @@ def test_unreachable_urls():
         Archive.open(cfg.data)
 
 
-# --------------------------------------------------------------------------- headers
-
-
-def test_header_length_mismatch_and_nulls_are_listed(synth_copy):
-    arr = synth_copy / "sdomlv2.zarr" / "2012" / "171A"
-
-    def edit(attrs):
-        attrs["T_OBS"] = attrs["T_OBS"][:-3]  # 3 frames without an entry
-        attrs["T_OBS"][5] = None
-
-    _edit_attrs(arr, edit)
-    store = ImageStore(str(synth_copy / "sdomlv2.zarr"), "aia")
-    ft = store.frame_times("2012", "171A")
-    n = store.array("2012", "171A").shape[0]
-    assert ft.problems["header_length_mismatch"] == [n - 3, n - 2, n - 1]
-    assert ft.problems["header_null"] == [5]
-    assert ft.n_bad == 4 and np.isnat(ft.times[[5, n - 1]]).all()
-
-
-def test_parse_header_keeps_the_wanted_lists_as_json_reads_them():
-    attrs = {
-        "AAA": ["T_OBS"] * 3,  # a value that looks like a key
-        "DEG_COR": [0.9, None, 0.8],
-        "EXPTIME": [2.0, "2.0", 1.9],
-        "T_OBS": ["2012-06-29T00:00:00.12Z", None, "x"],
-        "ZZZ": [{"T_OBS": 1}],
-    }
-    flat = {k: v for k, v in attrs.items() if k != "ZZZ"}  # each key once: decoded alone
-    docs = [json.dumps(d, indent=i, sort_keys=True) for d in (attrs, flat) for i in (None, 4)]
-    for raw in docs:
-        h = parse_header(raw.encode())
-        assert h.t_obs == attrs["T_OBS"] and h.nbytes == len(raw)
-        np.testing.assert_array_equal(h.numbers["DEG_COR"], [0.9, np.nan, 0.8])
-        np.testing.assert_array_equal(h.numbers["EXPTIME"], [2.0, np.nan, 1.9])
-        assert "QUALITY" not in h.numbers
-    h = parse_header(json.dumps({"DEG_COR": [1.0]}).encode())
-    assert h.t_obs is None and list(h.numbers) == ["DEG_COR"]
-
-
-def test_headers_are_parsed_once_per_process(synth_root):
-    store = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")
-    assert store.frame_times("2012", "193A") is store.frame_times("2012", "193A")
-    other = ImageStore(str(synth_root / "sdomlv2.zarr"), "aia")  # a new handle, same process
-    assert other.frame_times("2012", "193A") is store.frame_times("2012", "193A")
-
-
 # --------------------------------------------------------------------------- frames
 
 
@@ -229,23 +133,6 @@ def test_nan_frames_are_refused(synth_copy):
     assert np.isnan(store.read_frames("2012", "94A", [2], check=False)).all()
     with pytest.raises(FrameError, match="index out of range"):
         store.read_frames("2012", "94A", [a.shape[0]])
-
-
-def test_describe_reports_counts_span_and_gaps(synth_root):
-    cfg = load_config(None, [f"data.root={synth_root}"])
-    s = describe(Archive.open(cfg.data, require=["aia", "hmi", "eve"]))
-    rows = s["aia"]["years"]["2012"]
-    assert set(rows) == {"94A", "131A", "171A", "193A", "211A", "304A", "335A", "1600A", "1700A"}
-    assert len({r["frames"] for r in rows.values()}) > 1  # per-channel frame counts differ
-    assert all(r["cadence_s"] == 360 and r["gaps"] > 0 for r in rows.values())
-    assert rows["171A"]["codec"] == "blosc zstd 5 bit-shuffle" and rows["171A"]["chunks"] == [
-        8,
-        32,
-        32,
-    ]
-    assert not rows["171A"]["in_time_order"]  # days are stored out of order
-    assert s["hmi"]["years"]["2012"]["Bz"]["cadence_s"] == 720
-    assert s["eve"]["lines"] == 39 and s["eve"]["first"].startswith("2012-06-29")
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
