@@ -16,7 +16,7 @@ import argparse
 from sdofm.archive.synthetic import ensure_data
 from sdofm.config import load_config
 from sdofm.datasets.index import load_or_build_index
-from sdofm.datasets.prepared import prepare
+from sdofm.datasets.prepare import prepare
 from sdofm.datasets.stats import load_or_compute_stats
 from sdofm.runtime import init_ray
 

@@ -417,7 +417,7 @@ def data_stats(
 
 
 def run_prepare(cfg, out: str) -> None:
-    from sdofm.datasets.prepared import prepare
+    from sdofm.datasets.prepare import prepare
 
     _start_ray()
     with _progress(f"prepared shards -> {out}") as update:

@@ -39,7 +39,7 @@ from sdofm.datasets.sdoml import Archive, FrameError
 
 
 @dataclass(frozen=True)
-class _ReadSpec:
+class ReadSpec:
     """What a read task needs to find (or build) its process's reader."""
 
     key: str  # one per dataset: names the reader in the process cache
@@ -54,7 +54,7 @@ class _ReadSpec:
 _READERS: dict[str, BlockReader] = {}
 
 
-def _reader(spec: _ReadSpec) -> BlockReader | PreparedReader:
+def reader_for(spec: ReadSpec) -> BlockReader | PreparedReader:
     """This process's reader for one dataset (created on first use, then reused): of the
     stores, or of prepared shards with ``data.prepared``."""
     if spec.key not in _READERS:
@@ -117,12 +117,12 @@ def _registry_class():
     return PipelineRegistry
 
 
-def _read_blocks(spec: _ReadSpec, blocks: np.ndarray, epoch: int | None):
+def _read_blocks(spec: ReadSpec, blocks: np.ndarray, epoch: int | None):
     """A read task: read ``blocks`` and yield one Ray Data block each."""
     import ray
     from ray.data.block import BlockAccessor
 
-    reader = _reader(spec)
+    reader = reader_for(spec)
     handle = ray.get_actor(spec.registry)
     for b in blocks:
         e = epoch if epoch is not None else ray.get(handle.next_epoch.remote(int(b)))
@@ -140,9 +140,7 @@ def _read_blocks(spec: _ReadSpec, blocks: np.ndarray, epoch: int | None):
         yield BlockAccessor.batch_to_block(batch)
 
 
-def _block_source(
-    spec: _ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool, epoch: int | None
-):
+def _block_source(spec: ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool, epoch: int | None):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
 
@@ -294,7 +292,7 @@ class SDOMLPipeline:
         self._latest[split] = registry
         self._subsets.append((split, subset))
         lc = self.loader
-        spec = _ReadSpec(
+        spec = ReadSpec(
             key, self.data, self.transform, lc, ray.put(plan), self.stats, registry=name
         )
         source = _block_source(spec, plan, lc.shuffle and split == "train", epoch)

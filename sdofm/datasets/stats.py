@@ -21,6 +21,7 @@ from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.cache import cache_file
 from sdofm.datasets.index import index_key
 from sdofm.datasets.pipeline import SDOMLPipeline
+from sdofm.datasets.prepared import MANIFEST, PreparedSet
 from sdofm.datasets.transforms import Preprocessor, scaling_params
 from sdofm.storage import read_json, write_json
 
@@ -182,7 +183,6 @@ def _prepared_stats(
 ) -> dict:
     """The statistics prepared shards were z-scored with (they travel in the manifest): the
     z-scored shards cannot give statistics of their own that would not be these."""
-    from sdofm.datasets.prepared import MANIFEST, PreparedSet
 
     ps = PreparedSet(data.prepared, data.storage_options)
     ps.check(data, transform)

@@ -6,7 +6,7 @@ loop, checkpoints, resume and rank-0 tracking are the same for all of them.
 """
 
 from sdofm.engine.checkpoint import TrainState, load_checkpoint, save_checkpoint
-from sdofm.engine.loop import LoopConfig
+from sdofm.engine.loop import LoopConfig, loop_config
 from sdofm.engine.objective import EvalContext, Evaluation, Objective, Phase, Schedule, StepInfo
 from sdofm.engine.trainer import FitResult, RunFailedError, fit, storage_path, tracked_run
 
@@ -23,6 +23,7 @@ __all__ = [
     "TrainState",
     "fit",
     "load_checkpoint",
+    "loop_config",
     "save_checkpoint",
     "storage_path",
     "tracked_run",

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from sdofm.config import Config
 from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -96,6 +97,27 @@ class LoopConfig:
     image_transform: Callable[[torch.Tensor], torch.Tensor] | None = None
     """Applied to each batch's ``image`` once it is on the device (train and evaluation):
     the model-input transforms when the readers only decode (``transform.on: device``)."""
+
+
+def loop_config(cfg: Config, **job: Any) -> LoopConfig:
+    """The loop settings of ``cfg`` that every job shares (clip, accumulation, precision,
+    compile, seed, loader, threads, figures, system metrics), with what the job sets
+    itself in ``job`` (epochs, schedule, lr, batch size, intervals, splits, run)."""
+    tc = cfg.train
+    shared = {
+        "min_lr_ratio": tc.min_lr_ratio,
+        "grad_clip": tc.grad_clip,
+        "grad_accum": tc.grad_accum,
+        "prefetch_batches": cfg.loader.prefetch_batches,
+        "shuffle_buffer": cfg.loader.shuffle_buffer,
+        "seed": tc.seed,
+        "precision": tc.precision,
+        "compile": tc.compile,
+        "torch_threads": cfg.scaling.torch_threads,
+        "figures": cfg.tracking.figures,
+        "system_metrics": cfg.tracking.system_metrics,
+    }
+    return LoopConfig(**{**shared, **job})
 
 
 class DeviceShard:

@@ -22,6 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
+from sdofm.datasets.index import index_key
+from sdofm.datasets.inputs import build_inputs
+from sdofm.engine import tracked_run
+from sdofm.engine.trainer import resolve_use_gpu
+from sdofm.finetuning.backbone import resolve_backbone
 from sdofm.storage import join, open_url, write_atomic
 
 MANIFEST = "embeddings.json"
@@ -140,24 +145,15 @@ def embed(
     from ray.data import ActorPoolStrategy
 
     from sdofm import tracking
-    from sdofm.datasets.index import index_key, load_or_build_index
-    from sdofm.datasets.pipeline import SDOMLPipeline
-    from sdofm.datasets.stats import load_or_compute_stats
-    from sdofm.engine import tracked_run
-    from sdofm.engine.trainer import resolve_use_gpu
-    from sdofm.finetuning.backbone import resolve_backbone
 
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
     t0 = time.perf_counter()
     d = cfg.data
-    table, _ = load_or_build_index(d)
-    stats = (
-        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
-    )
     loader = cfg.loader.model_copy(update={"shuffle": False})
     # The encoder sees model-ready images: transformed on the readers here.
-    pipe = SDOMLPipeline(d, cfg.transform.model_copy(update={"on": "reader"}), loader, table, stats)
+    transform = cfg.transform.model_copy(update={"on": "reader"})
+    pipe = build_inputs(cfg, transform=transform, loader=loader).pipeline
     shape = pipe.sample_shape()
     uri = tracking.tracking_uri(cfg.tracking.uri)
     backbone = resolve_backbone(

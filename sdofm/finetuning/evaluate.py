@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
+from sdofm.datasets.inputs import build_inputs
+from sdofm.engine import storage_path
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
+from sdofm.finetuning.run import load_head, prepare, train_head
+from sdofm.finetuning.tasks import TASK_NAMES, get_task
+from sdofm.models import encoder_class
+from sdofm.pretraining.objective import scoring_objective
 
 ARMS = ("pretrained", "random_init", "from_scratch")
 CONTROLS = ARMS[1:]
@@ -51,8 +57,6 @@ class Board:
 def random_init(backbone: Backbone, seed: int) -> Backbone:
     """The backbone's encoder architecture with freshly initialised weights."""
     import torch
-
-    from sdofm.models import encoder_class
 
     torch.manual_seed(seed)
     enc = encoder_class(backbone.family)(**backbone.encoder_config)
@@ -95,18 +99,9 @@ def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict]:
     arm's encoder), both on the same masks or posterior draws."""
     import torch
 
-    from sdofm.datasets.index import load_or_build_index
-    from sdofm.datasets.pipeline import SDOMLPipeline
-    from sdofm.datasets.stats import load_or_compute_stats
-    from sdofm.pretraining.objective import scoring_objective
-
     d = cfg.data
-    table, _ = load_or_build_index(d)
-    stats = (
-        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
-    )
     transform = cfg.transform.model_copy(update={"on": "reader"})
-    pipe = SDOMLPipeline(d, transform, cfg.loader, table, stats)
+    pipe = build_inputs(cfg, transform=transform).pipeline
     backbone.check(cfg, pipe.sample_shape())
     if pipe.num_samples("test") == 0:
         raise ConfigError(f"the test split of {d.root} is empty: check data.split")
@@ -224,9 +219,6 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
     """Score every task's head (pretrained, random-init and from-scratch arms) on the test
     split; one MLflow parent run holds the board, one child run per arm."""
     from sdofm import tracking
-    from sdofm.engine import storage_path
-    from sdofm.finetuning.run import load_head, prepare, train_head
-    from sdofm.finetuning.tasks import TASK_NAMES, get_task
 
     if cfg.finetune.head == "baseline_cnn":
         raise ConfigError(

@@ -13,8 +13,10 @@ import numpy as np
 from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
-from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
+from sdofm.datasets.inputs import build_inputs
+from sdofm.engine import fit, loop_config, storage_path, tracked_run
 from sdofm.engine.checkpoint import MODEL_FILE
+from sdofm.engine.progress import say
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
 from sdofm.storage import join, open_url
@@ -58,20 +60,14 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     """Index, statistics, backbone and the three splits in the task's transform; materialised
     once when they fit ``finetune.materialize_max_gb`` (the trials of a sweep then share them
     through the object store), else streamed by every run."""
-    from sdofm.datasets.index import load_or_build_index
-    from sdofm.datasets.pipeline import SDOMLPipeline
-    from sdofm.datasets.stats import load_or_compute_stats
     from sdofm.tracking import tracking_uri
 
     task.check(cfg)
     d = cfg.data
-    table, _ = load_or_build_index(d)
-    stats = (
-        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
-    )
     # Small sets, materialised once: transformed on the readers whatever transform.on says.
     transform = task.transform(cfg).model_copy(update={"on": "reader"})
-    pipe = SDOMLPipeline(d, transform, cfg.loader, table, stats if transform.zscore else None)
+    inputs = build_inputs(cfg, transform=transform)
+    pipe, stats = inputs.pipeline, inputs.stats
     shape = pipe.sample_shape()
     uri = tracking_uri(cfg.tracking.uri)
     backbone = None
@@ -104,8 +100,6 @@ def prepare(cfg: Config, task: Task) -> Prepared:
             counts[split] = ds.count()  # n, less the samples skipped
         datasets[split] = ds
     if not materialize:
-        from sdofm.engine.progress import say
-
         say(
             f"the splits take {gb:.1f} GB (> finetune.materialize_max_gb "
             f"{cfg.finetune.materialize_max_gb:g}): every run streams them from {d.root}"
@@ -128,22 +122,17 @@ def train_head(
     checkpointed every epoch, scored on the test split at the end."""
     fc, sc = cfg.finetune, cfg.scaling
     per_epoch = -(-(prepared.counts["train"] // sc.num_workers) // fc.batch_size)
-    loop = LoopConfig(
+    loop = loop_config(
+        cfg,
         epochs=fc.epochs,
         schedule_steps=per_epoch * fc.epochs,
         lr=fc.lr,
         warmup_steps=max(1, per_epoch // 10),
-        grad_clip=1.0,
         log_every=None,  # train, val and checkpoint at each epoch's end
         val_every=None,
         checkpoint_every=None,
         splits=("train", "val", "test"),
         batch_size=fc.batch_size,
-        prefetch_batches=cfg.loader.prefetch_batches,
-        shuffle_buffer=cfg.loader.shuffle_buffer,
-        seed=cfg.train.seed,
-        precision=cfg.train.precision,
-        torch_threads=sc.torch_threads,
         tracking_uri=prepared.tracking_uri,
         run_id=run_id,
         label=label,

@@ -11,9 +11,11 @@ from torch import nn
 
 from sdofm.config import ConfigError, ModelConfig
 from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.transforms import _zscore_params
 from sdofm.engine.objective import EvalContext, Evaluation, Objective, all_reduce_sum
 from sdofm.engine.optim import autocast, param_groups
 from sdofm.models import FAMILIES, family_of, get_model, resolve
+from sdofm.models.nvae import active_units_from_moments, kl_warmup_weight
 
 
 def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -> dict[str, Any]:
@@ -71,7 +73,6 @@ class DimmingJitter:
         cls, pre, aia_channels, alpha_min: float, prob: float = 1.0
     ) -> DimmingJitter:
         """For the log-scaled AIA channels of ``pre`` (a Preprocessor); an error if none is."""
-        from sdofm.datasets.transforms import _zscore_params
 
         n = len(pre.channels)
         plan = pre._plan(n)
@@ -335,7 +336,6 @@ class ELBO(BackboneObjective):
         self.free_bits = free_bits
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
-        from sdofm.models.nvae import kl_warmup_weight
 
         x = self.train_inputs(batch, device)
         weight = kl_warmup_weight(info.step, info.total_steps, self.kl_warmup)
@@ -357,7 +357,6 @@ class ELBO(BackboneObjective):
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
         """ELBO terms summed over every worker's shard; active units from the variance of
         the posterior means over all of them."""
-        from sdofm.models.nvae import active_units_from_moments
 
         model.eval()
         n = torch.zeros((), dtype=torch.float64, device=ctx.device)

@@ -13,9 +13,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdofm.config import Config, dump_config
-from sdofm.engine import LoopConfig, fit, storage_path, tracked_run
+from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.device import DeviceTransform
+from sdofm.datasets.inputs import build_inputs
+from sdofm.engine import fit, loop_config, storage_path, tracked_run
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint
 from sdofm.engine.progress import say
+from sdofm.models.mae import count_parameters
 from sdofm.pretraining.objective import make_objective
 from sdofm.storage import open_url
 
@@ -79,25 +83,15 @@ def pretrain(cfg: Config) -> PretrainResult:
     import torch
 
     from sdofm import tracking
-    from sdofm.datasets.index import load_or_build_index
-    from sdofm.datasets.pipeline import SDOMLPipeline
-    from sdofm.datasets.stats import load_or_compute_stats
-    from sdofm.models.mae import count_parameters
     from sdofm.tracking import CHECKPOINT_TAG, MODEL_URI_TAG
 
     d, tc, sc = cfg.data, cfg.train, cfg.scaling
-    table, _ = load_or_build_index(d)
-    stats = (
-        load_or_compute_stats(d, cfg.transform, cfg.loader, table) if cfg.transform.zscore else None
-    )
-    pipe = SDOMLPipeline(d, cfg.transform, cfg.loader, table, stats)
+    inputs = build_inputs(cfg)
+    pipe, stats = inputs.pipeline, inputs.stats
     shape = pipe.sample_shape()
     image_transform = None
     # The readers only decode: the rest runs on the GPU (prepared shards are transformed).
     if cfg.transform.on == "device" and not d.prepared:
-        from sdofm.datasets.blocks import make_preprocessor
-        from sdofm.datasets.device import DeviceTransform
-
         pre = make_preprocessor(d.channels, cfg.transform, shape[-1], stats)
         image_transform = DeviceTransform(pre)
     objective = make_objective(cfg, shape, stats)
@@ -140,30 +134,20 @@ def pretrain(cfg: Config) -> PretrainResult:
     with tracked_run(
         uri, cfg.tracking.experiment, tc.run_name, storage, params, tags, options, config
     ) as run_id:
-        loop = LoopConfig(
+        loop = loop_config(
+            cfg,
             epochs=tc.epochs,
             schedule_steps=total,
             max_steps=total,
             lr=peak_lr(cfg),
             warmup_steps=tc.warmup_steps,
-            min_lr_ratio=tc.min_lr_ratio,
-            grad_clip=tc.grad_clip,
-            grad_accum=tc.grad_accum,
             log_every=tc.log_every,
             val_every=tc.val_every,
             checkpoint_every=tc.checkpoint_every,
             splits=tuple(datasets),
             batch_size=cfg.loader.batch_size,
-            prefetch_batches=cfg.loader.prefetch_batches,
-            shuffle_buffer=cfg.loader.shuffle_buffer,
-            seed=tc.seed,
-            precision=tc.precision,
-            compile=tc.compile,
-            torch_threads=sc.torch_threads,
-            figures=cfg.tracking.figures,
             tracking_uri=uri,
             run_id=run_id,
-            system_metrics=cfg.tracking.system_metrics,
             epoch_registries={"train": pipe.registry("train")},
             image_transform=image_transform,
         )

@@ -16,7 +16,8 @@ from sdofm.cli import app
 from sdofm.config import ConfigError
 from sdofm.datasets.index import load_or_build_index
 from sdofm.datasets.pipeline import SDOMLPipeline
-from sdofm.datasets.prepared import decode, encode, prepare
+from sdofm.datasets.prepare import prepare
+from sdofm.datasets.prepared import decode, encode
 from sdofm.datasets.stats import load_or_compute_stats
 from tests.conftest import SMALL, small_config
 from tests.s3 import storage_options

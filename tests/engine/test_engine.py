@@ -83,3 +83,27 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(a, b), n
     assert fresh_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert not math.isnan(float(fresh_opt.state_dict()["state"][0]["exp_avg"].sum()))
+
+
+def test_every_job_takes_the_shared_loop_settings_from_the_config():
+    """Pretraining and finetuning build their loop settings in one place: what the config
+    says of clipping, accumulation, precision, compile, figures and system metrics
+    reaches the loop whatever the job; the job's own settings are its own."""
+    from sdofm.engine import loop_config
+
+    cfg = load_config(
+        None,
+        [
+            "train.grad_clip=0.5",
+            "train.grad_accum=3",
+            "train.compile=true",
+            "train.seed=7",
+            "tracking.figures=4",
+            "tracking.system_metrics=true",
+            "scaling.torch_threads=2",
+        ],
+    )
+    lc = loop_config(cfg, epochs=2, schedule_steps=10, lr=0.1, batch_size=5)
+    got = (lc.grad_clip, lc.grad_accum, lc.compile, lc.seed, lc.figures, lc.system_metrics)
+    assert got == (0.5, 3, True, 7, 4, True)
+    assert (lc.torch_threads, lc.epochs, lc.lr, lc.batch_size) == (2, 2, 0.1, 5)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from sdofm.archive.fits import read_fits
 from sdofm.archive.writer import create_frame_array
 from sdofm.constants import AIA_CHANNELS, AIA_WAVELENGTH, HMI_CHANNELS, disk_radius_px
 from sdofm.datasets.sdoml import STORE_NAMES, open_group
@@ -44,7 +45,6 @@ def template_header(instrument: str) -> dict:
     try:
         from sunpy.data.test import get_test_filepath
 
-        from sdofm.archive.fits import read_fits
     except ImportError as e:
         raise ImportError(
             "the replica takes its keyword set from sunpy's real test files: "

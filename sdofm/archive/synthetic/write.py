@@ -34,6 +34,7 @@ from sdofm.constants import (
 )
 from sdofm.datasets.sdoml import (
     STORE_NAMES,
+    Archive,
     SDOMLError,
     clear_header_cache,
     find_store,
@@ -413,7 +414,6 @@ def ensure_data(
     :class:`~sdofm.datasets.sdoml.LayoutError` naming what was looked for, never a
     silently fabricated Sun to train on. ``sdofm data synth`` writes one anywhere.
     """
-    from sdofm.datasets.sdoml import Archive
 
     if is_synthetic_default(data) and not any(
         find_store(data.root, inst, name, data.storage_options)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from sdofm.config import Config, ConfigError, TransformConfig
+from sdofm.models import resolve
 
 if TYPE_CHECKING:
     import numpy as np
@@ -76,21 +77,19 @@ class Task:
         return {name: metrics.get(name, float("nan")) for name, _ in self.board(cfg)}
 
 
-def _registry() -> dict[str, Task]:
-    from sdofm.finetuning.tasks.dimming import DimmingTask
-    from sdofm.finetuning.tasks.eve import EVETask
-    from sdofm.finetuning.tasks.missing_channel import MissingChannelTask
+TASKS: dict[str, str] = {
+    "dimming": "sdofm.finetuning.tasks.dimming:DimmingTask",
+    "eve": "sdofm.finetuning.tasks.eve:EVETask",
+    "missing-channel": "sdofm.finetuning.tasks.missing_channel:MissingChannelTask",
+}
+"""Task name -> where its class lives (imported on use: the CLI's help lists the names
+without importing torch)."""
 
-    return {t.name: t for t in (DimmingTask(), EVETask(), MissingChannelTask())}
-
-
-TASK_NAMES = ("dimming", "eve", "missing-channel")
-"""Task names, known without importing torch (the CLI's help lists them)."""
+TASK_NAMES = tuple(TASKS)
 
 
 def get_task(name: str) -> Task:
     """The task called ``name``."""
-    tasks = _registry()
-    if name not in tasks:
-        raise ConfigError(f"unknown finetuning task {name!r}; known: {', '.join(tasks)}")
-    return tasks[name]
+    if name not in TASKS:
+        raise ConfigError(f"unknown finetuning task {name!r}; known: {', '.join(TASKS)}")
+    return resolve(TASKS[name])()

@@ -16,6 +16,7 @@ from torch import nn
 
 from sdofm.config import Config, ConfigError
 from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.stats import scaled_ranges
 from sdofm.engine.objective import EvalContext, Evaluation
 from sdofm.finetuning.image_metrics import pixel_correlation, psnr, ssim
 from sdofm.finetuning.tasks import Task
@@ -123,7 +124,6 @@ class MissingChannelObjective(HeadObjective):
     score_keys = ("scores", "mse")
 
     def __init__(self, task: Task, cfg: Config, prepared):
-        from sdofm.datasets.stats import scaled_ranges
 
         super().__init__(task, cfg, prepared)
         self.held = held_out_channels(cfg)
