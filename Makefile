@@ -8,9 +8,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast test-netns lint clean
 
-$(STAMP): pyproject.toml
+# constraints.txt: the exact versions the tests passed with (pyproject.toml gives ranges).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev,ingest]'
+	$(BIN)/pip install --disable-pip-version-check -q -c constraints.txt -e '.[dev,ingest]'
 	$(BIN)/python -c "import sdofm, torch, ray, mlflow, zarr"
 	touch $(STAMP)
 

@@ -28,6 +28,37 @@ def test_help_imports_no_heavy_library():
     assert r.exit_code == 0 and "synth" in r.output and "index" in r.output and "info" in r.output
 
 
+def test_console_script_and_module_are_the_one_app():
+    """`sdofm` (pyproject's script) and `python -m sdofm.cli` (cluster scripts, benchmarks)."""
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="sdofm")
+    assert script.value == "sdofm.cli:app" and script.load() is app
+    out = subprocess.run(
+        [sys.executable, "-m", "sdofm.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    for command in ("data", "pretrain", "finetune", "tune", "evaluate", "embed", "mlflow", "demo"):
+        assert f" {command} " in out, command
+
+
+def test_verbose_reaches_the_ray_start(tmp_path, monkeypatch):
+    """The top-level --verbose is read when a command of another module starts Ray."""
+    import sdofm.runtime
+
+    calls = []
+
+    def fake_init_ray(**kwargs):
+        calls.append(kwargs)
+        raise RuntimeError("no Ray in this test")
+
+    monkeypatch.setattr(sdofm.runtime, "init_ray", fake_init_ray)
+    ingest = ["data", "ingest", str(tmp_path / "fits"), str(tmp_path), "--instrument", "aia"]
+    for flags, verbose in (([], False), (["--verbose"], True), ([], False)):
+        r = runner.invoke(app, [*flags, *ingest])
+        assert str(r.exception) == "no Ray in this test", r.output
+        assert calls.pop() == {"verbose": verbose, "dashboard": False}
+
+
 def test_synth_info_index(tmp_path):
     args = [f"data.root={tmp_path / 'sdoml'}", f"data.cache_dir={tmp_path / 'cache'}", *SMALL]
     r = runner.invoke(app, ["data", "synth", *args])

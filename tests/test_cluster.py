@@ -38,8 +38,8 @@ IMAGE_ROOT = "/home/ray/sdofm/"  # where cluster/Dockerfile puts the repository
 
 
 def pinned_ray_version() -> str:
-    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
-    (pin,) = [m.group(1) for d in deps if (m := re.match(r"ray(?:\[[^\]]*\])?==([\w.]+)$", d))]
+    lines = (REPO / "constraints.txt").read_text().splitlines()
+    (pin,) = [m.group(1) for line in lines if (m := re.match(r"ray==([\w.]+)$", line))]
     return pin
 
 
