@@ -47,6 +47,12 @@ FAMILIES: dict[str, Family] = {
         objective="sdofm.pretraining.objective:ELBO",
         head_ignores=("decoder_net",),
     ),
+    "styleswin": Family(
+        model="sdofm.models.styleswin:StyleSwin",
+        encoder="sdofm.models.styleswin:StyleSwinEncoder",
+        objective="sdofm.pretraining.styleswin:StyleSwinGAN",
+        head_ignores=("G.", "G_ema.", "D.head."),
+    ),
 }
 """Model family -> where its model, encoder and objective live."""
 
@@ -177,6 +183,54 @@ FLAVOURS: dict[str, Flavour] = {
             "groups_per_scale": 4,
             "latent_channels": 24,
             "cells_per_group": 2,
+        },
+    ),
+    # Tiny StyleSwin for tests: 32 px, 12 channels, widths 32 (4 to 16 px) and 16 (32 px),
+    # style 32, window 4 (shifted from 8 px); G 0.13 M, D 0.06 M.
+    "styleswin_debug": Flavour(
+        "styleswin",
+        {
+            "img_size": 32,
+            "in_chans": 12,
+            "style_dim": 32,
+            "channel_base": 512,
+            "channel_max": 32,
+            "window_size": 4,
+        },
+    ),
+    # Small StyleSwin: 64 px, 12 channels, widths 128 (4 to 32 px) and 64 (64 px), style 128,
+    # window 8; G 2.48 M, D 1.18 M.
+    "styleswin_tiny": Flavour(
+        "styleswin",
+        {
+            "img_size": 64,
+            "in_chans": 12,
+            "style_dim": 128,
+            "channel_base": 4096,
+            "channel_max": 128,
+        },
+    ),
+    # StyleSwin at 256 px as the paper's FFHQ/CelebA-HQ 256 model (channel multiplier 2:
+    # widths 512 up to 64 px, 256 at 128, 128 at 256), style 512, window 8, 12 channels.
+    "styleswin_256": Flavour(
+        "styleswin",
+        {
+            "img_size": 256,
+            "in_chans": 12,
+            "style_dim": 512,
+            "channel_base": 32768,
+            "channel_max": 512,
+        },
+    ),
+    # StyleSwin at 512 px: the 256 model's widths with one more stage (64 channels at 512).
+    "styleswin_512": Flavour(
+        "styleswin",
+        {
+            "img_size": 512,
+            "in_chans": 12,
+            "style_dim": 512,
+            "channel_base": 32768,
+            "channel_max": 512,
         },
     ),
 }

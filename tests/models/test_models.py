@@ -32,7 +32,14 @@ from sdofm.models.vit import (
 )
 
 # Small enough for CPU seconds; everything but the image size keeps the registered config.
-SMALL = {"mae_debug": {}, "nvae_debug": {}, "nvae_21m": {"img_size": 32}}
+SMALL = {
+    "mae_debug": {},
+    "nvae_debug": {},
+    "nvae_21m": {"img_size": 32},
+    "styleswin_debug": {},
+    "styleswin_256": {"img_size": 32},
+    "styleswin_512": {"img_size": 32},
+}
 DEFAULT_SMALL = {"img_size": 64}
 
 
@@ -174,11 +181,22 @@ def test_forward_backward(name: str) -> None:
     elif family == "nvae":
         assert out["x_hat"].shape == imgs.shape
         assert out["kl"].shape == (model.num_latent_groups,)
+    elif family == "styleswin":
+        assert out["fake"].shape == imgs.shape
+        assert out["d_real"].shape == out["d_fake"].shape == (2,)
+        torch.testing.assert_close(out["loss"], out["loss_D"] + out["loss_G"])
     else:
         raise AssertionError(f"no output checks for family {family!r}")
 
+    # Only a GAN's EMA copy of its generator is frozen: it follows G, it is not trained.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    expected = {n for n, _ in model.named_parameters() if n.startswith("G_ema.")}
+    assert frozen == expected
     out["loss"].backward()
     for pname, param in model.named_parameters():
+        if pname in frozen:
+            assert param.grad is None, pname
+            continue
         assert param.grad is not None, pname
         assert torch.isfinite(param.grad).all(), pname
 
