@@ -14,6 +14,7 @@ from sdofm.engine.objective import EvalContext, Evaluation, Phase, Schedule, all
 from sdofm.engine.optim import autocast
 from sdofm.models.styleswin import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from sdofm.pretraining.objective import BackboneObjective, draw_seed
+from sdofm.pretraining.run import effective_batch
 
 ADAM_BETAS = (0.0, 0.99)
 """StyleGAN2's and StyleSwin's Adam: no momentum, so that each network answers the other's
@@ -107,7 +108,6 @@ class StyleSwinGAN(BackboneObjective):
 
     @classmethod
     def from_config(cls, cfg, kwargs: dict[str, Any]) -> StyleSwinGAN:
-        from sdofm.pretraining.run import effective_batch
 
         tc = cfg.train
         common = (cfg.model.name, kwargs, cfg.data.channels, tc.weight_decay, tc.betas, tc.seed)
