@@ -36,7 +36,7 @@ from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.run import load_head, prepare, train_head
 from sdofm.finetuning.tasks import TASK_NAMES, get_task
 from sdofm.models import encoder_class
-from sdofm.pretraining.objective import scoring_objective
+from sdofm.pretraining.objective import objective_class, scoring_objective
 
 ARMS = ("pretrained", "random_init", "from_scratch")
 CONTROLS = ARMS[1:]
@@ -314,6 +314,11 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             board.skipped[RECONSTRUCTION] = (
                 f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
                 "older checkpoint): give its pretraining run id or checkpoint folder"
+            )
+        elif not objective_class(backbone.family).reconstructs:
+            board.skipped[RECONSTRUCTION] = (
+                f"a {backbone.family} backbone reconstructs no input (its pretraining "
+                "objective scores no per-sample reconstruction)"
             )
         else:
             score, scores = reconstruction_scores(cfg, backbone)

@@ -132,6 +132,9 @@ class BackboneObjective(Objective):
 
     Settings: type[BaseModel] = NoSettings
     """The objective's own settings, read from ``model.objective``."""
+    reconstructs: bool = True
+    """Whether :meth:`sample_errors` scores a per-sample reconstruction (a GAN's does not:
+    the scoreboard leaves its reconstruction section out, saying why)."""
 
     def __init__(
         self,

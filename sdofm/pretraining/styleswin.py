@@ -59,6 +59,7 @@ class StyleSwinGAN(BackboneObjective):
 
     headline = ("val/loss_D", "val/loss_G", "val/d_real", "val/d_fake")
     score_name = "generation"
+    reconstructs = False
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
