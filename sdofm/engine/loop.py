@@ -211,9 +211,11 @@ class Worker:
                 # The interval the checkpoint covers may have missed MLflow (a failure
                 # between the commit and the flush): send what is not there yet.
                 self.tracker.log_records(read_metrics(latest.url, lc.storage_options), missing=True)
-        self.micro_batches: list[dict] = []
-        """Micro-batches of the gradient accumulation under way (an accumulation may run
-        on into the next epoch)."""
+        self.micro = 0
+        """Micro-batches of the gradient accumulation under way (it may run on into the
+        next epoch)."""
+        self.held: list[dict] = []
+        """Those micro-batches, kept when several phases are due at this step."""
         self.pending: dict[int, dict] = {}
         """Metrics since the last checkpoint, by step: MLflow gets them once that checkpoint
         is committed, so a resumed run logs every step once."""
@@ -259,17 +261,27 @@ class Worker:
 
     def train_step(self, batch: dict) -> bool:
         """Take one micro-batch; after the last of an accumulation, one optimiser step
-        (-> True): every phase due at this step, in order, then ``after_step``."""
-        self.micro_batches.append(batch)
+        (-> True): every phase due at this step, in order, then ``after_step``.
+
+        With one phase due, each micro-batch's backward runs as it arrives; with several,
+        the micro-batches are held until the step, since each phase must see all of them
+        before the next phase starts."""
+        lc, state = self.lc, self.state
+        info = StepInfo(state.step, state.epoch, lc.schedule_steps)
+        due = [(i, p) for i, p in enumerate(self.phases) if state.step % p.every == 0]
         self.window_samples += len(batch["sample"])
-        if len(self.micro_batches) < self.lc.grad_accum:
+        if len(due) == 1:
+            self._backward(*due[0], self.micro, batch, info)
+        else:
+            self.held.append(batch)
+        self.micro += 1
+        if self.micro < lc.grad_accum:
             return False
-        state = self.state
-        info = StepInfo(state.step, state.epoch, self.lc.schedule_steps)
-        for index, phase in enumerate(self.phases):
-            if state.step % phase.every == 0:
-                self._run_phase(index, phase, info)
-        self.micro_batches = []
+        for index, phase in due:
+            for micro, held in enumerate(self.held):
+                self._backward(index, phase, micro, held, info)
+            self._step(phase)
+        self.micro, self.held = 0, []
         self.objective.after_step(self.core, info)
         # Buffers (batch-norm statistics) follow rank 0, as DDP's broadcast_buffers does.
         _broadcast(self.core.buffers())
@@ -277,12 +289,11 @@ class Worker:
         self.window_steps += 1
         return True
 
-    def _run_phase(self, index: int, phase: Phase, info: StepInfo) -> None:
-        """Forward and backward of every micro-batch for ``phase``, the gradients averaged
-        over the workers, clipped, and its optimiser's step."""
+    def _backward(self, index: int, phase: Phase, micro: int, batch: dict, info: StepInfo):
+        """Forward and backward of one micro-batch for ``phase``: only its optimiser's
+        parameters take gradients."""
         lc, state = self.lc, self.state
-        opt, params = self.optimizers[phase.optimizer], self.params[phase.optimizer]
-        trains = {id(p) for p in params}
+        trains = {id(p) for p in self.params[phase.optimizer]}
         saved = {}
         for name, other in self.params.items():
             if name != phase.optimizer:
@@ -291,36 +302,38 @@ class Worker:
                         saved[p] = p.requires_grad
                         p.requires_grad_(False)
         averager = self.averagers.get(phase.optimizer)
-        last = len(self.micro_batches) - 1
         try:
-            for micro, batch in enumerate(self.micro_batches):
-                # The objective's draws (masks, noise) follow the step, so a resumed run
-                # repeats exactly what an uninterrupted one would have drawn.
-                torch.manual_seed(_draw_seed(lc.seed, state.step, micro, self.rank, index))
-                with autocast(self.device, lc.precision):
-                    loss = self.objective.loss(self.model, batch, info, phase.name, self.device)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"non-finite {phase.name} loss {float(loss)} at step {state.step} "
-                        f"(epoch {state.epoch}, rank {self.rank}); "
-                        f"{self.objective.describe(batch)}"
-                    )
-                if averager is not None and micro == last:
-                    # The all-reduce of each bucket starts as soon as its gradients are
-                    # complete, while the backward pass goes on (as DDP overlaps it).
-                    with averager:
-                        (loss / lc.grad_accum).backward()
-                else:
+            # The objective's draws (masks, noise) follow the step, so a resumed run
+            # repeats exactly what an uninterrupted one would have drawn.
+            torch.manual_seed(_draw_seed(lc.seed, state.step, micro, self.rank, index))
+            with autocast(self.device, lc.precision):
+                loss = self.objective.loss(self.model, batch, info, phase.name, self.device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite {phase.name} loss {float(loss)} at step {state.step} "
+                    f"(epoch {state.epoch}, rank {self.rank}); {self.objective.describe(batch)}"
+                )
+            if averager is not None and micro == lc.grad_accum - 1:
+                # The all-reduce of each bucket starts as soon as its gradients are
+                # complete, while the backward pass goes on (as DDP overlaps it).
+                with averager:
                     (loss / lc.grad_accum).backward()
-                self.loss_sums[phase.name] += loss.detach()
+            else:
+                (loss / lc.grad_accum).backward()
+            self.loss_sums[phase.name] += loss.detach()
         finally:
             for p, flag in saved.items():
                 p.requires_grad_(flag)
+
+    def _step(self, phase: Phase) -> None:
+        """``phase``'s gradients averaged over the workers, clipped, and its optimiser's step."""
+        opt, params = self.optimizers[phase.optimizer], self.params[phase.optimizer]
         self.phase_runs[phase.name] += 1
+        averager = self.averagers.get(phase.optimizer)
         if averager is not None:
             averager.finish()
         schedule = self.schedules[phase.optimizer]
-        lr = schedule.lr_at(state.step)
+        lr = schedule.lr_at(self.state.step)
         for group in opt.param_groups:
             group["lr"] = lr
         norm = nn.utils.clip_grad_norm_(params, schedule.grad_clip or float("inf"))

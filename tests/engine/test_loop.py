@@ -118,8 +118,10 @@ class ToyGANObjective(Objective):
     phases = (Phase("D", "D"), Phase("D_reg", "D", every=REG_EVERY), Phase("G", "G"))
     headline = ()
 
-    def __init__(self, out: str):
+    def __init__(self, out: str, only_g: bool = False):
         self.out = out
+        if only_g:  # one phase: each micro-batch's backward runs as it arrives
+            self.phases = (Phase("G", "G"),)
 
     def build_model(self):
         return ToyGAN()
@@ -144,10 +146,11 @@ class ToyGANObjective(Objective):
 
     def loss(self, model, batch, info, phase, device):
         x, d, g = batch["x"].float(), model.D.w, model.G.w
-        if phase == "D":
+        if phase == self.phases[0].name:
             path = Path(self.out, f"ids_{self.rank()}_{info.step}.jsonl")
             with path.open("a") as f:  # one line per micro-batch
                 f.write(json.dumps(batch["sample"].tolist()) + "\n")
+        if phase == "D":
             return ((x @ d - 1) ** 2).mean() + (((x * g) @ d) ** 2).mean()
         if phase == "D_reg":
             return REG_EVERY * REG * (d**2).sum()
@@ -167,9 +170,12 @@ class ToyGANObjective(Objective):
         return "toy"
 
 
-def reference(xs: np.ndarray, batches: list[list[int]], stale_d: bool = False) -> list[dict]:
+def reference(
+    xs: np.ndarray, batches: list[list[int]], stale_d: bool = False, only_g: bool = False
+) -> list[dict]:
     """The toy GAN trained in one process on each step's global batch: D's step(s), then
-    G's against the updated d (``stale_d``: against d as it was before D's step)."""
+    G's against the updated d (``stale_d``: against d as it was before D's step;
+    ``only_g``: G's step alone)."""
     d = torch.tensor(D0, requires_grad=True)
     g = torch.tensor(G0, requires_grad=True)
     g_ema = torch.tensor(G0)
@@ -186,8 +192,9 @@ def reference(xs: np.ndarray, batches: list[list[int]], stale_d: bool = False) -
     for step, ids in enumerate(batches):
         x = torch.tensor(xs[ids])
         d_before = d.detach().clone()
-        sgd_clipped(((x @ d - 1) ** 2).mean() + (((x * g.detach()) @ d) ** 2).mean())
-        if step % REG_EVERY == 0:
+        if not only_g:
+            sgd_clipped(((x @ d - 1) ** 2).mean() + (((x * g.detach()) @ d) ** 2).mean())
+        if step % REG_EVERY == 0 and not only_g:
             sgd_clipped(REG_EVERY * REG * (d**2).sum())
         d_seen = d_before if stale_d else d.detach()
         adam.param_groups[0]["lr"] = LR_G * min(1.0, (step + 1) / WARMUP_G)
@@ -286,6 +293,22 @@ def test_a_resumed_phase_run_continues_as_the_uninterrupted_one(tmp_path):
     fit("gan", str(tmp_path), objective, toy_loop(tmp_path, 4), {"train": data}, scaling(2))
     batches, weights = read_run(out, 4, workers=2)
     ref = reference(xs, batches)
+    for step in range(4):
+        assert weights[step][0] == weights[step][1]
+        for key, want in ref[step].items():
+            np.testing.assert_allclose(weights[step][0][key], want.numpy(), rtol=0, atol=2e-6)
+
+
+def test_one_phase_runs_each_micro_batch_as_it_arrives_and_matches_one_process(tmp_path):
+    """A single phase with two micro-batches per step on two workers (the path MAE and
+    NVAE take: no micro-batch held) equals the one-process reference."""
+    xs, data = toy_data()
+    out = tmp_path / "out"
+    out.mkdir()
+    objective = ToyGANObjective(str(out), only_g=True)
+    fit("g", str(tmp_path), objective, toy_loop(tmp_path, 4, 2), {"train": data}, scaling(2))
+    batches, weights = read_run(out, 4, workers=2)
+    ref = reference(xs, batches, only_g=True)
     for step in range(4):
         assert weights[step][0] == weights[step][1]
         for key, want in ref[step].items():
