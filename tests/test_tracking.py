@@ -122,8 +122,10 @@ def test_a_logged_model_loads_in_a_python_without_sdofm(tmp_path):
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-5, atol=1e-6)
     import mlflow.artifacts
 
-    with tracking.use_tracking_uri(uri):
-        local = mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model"))
+    location = tracking.model_location(MlflowClient(uri), model_uri)
+    local = mlflow.artifacts.download_artifacts(
+        location, dst_path=str(tmp_path / "model"), tracking_uri=uri
+    )
     names = [line.split("==")[0] for line in (Path(local) / "requirements.txt").read_text().split()]
     assert "torch" in names and "sdofm" not in names
 

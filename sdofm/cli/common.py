@@ -10,6 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sdofm.console import log_file
+
 console = Console(width=None if Console().is_terminal else 140)
 _verbose = False
 
@@ -29,8 +31,6 @@ def start_ray(dashboard: bool = False) -> None:
 
 
 def where_logs() -> None:
-    from sdofm.runtime import log_file
-
     if log_file() is not None:
         console.print(
             f"Ray, Tune and MLflow log lines: {log_file()} (workers' output: Ray's session logs, "

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sdofm.config import Config
+from sdofm.console import quiet_reports, say
 from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -38,8 +39,8 @@ from sdofm.engine.objective import (
     all_reduce_sum,
 )
 from sdofm.engine.optim import autocast
-from sdofm.engine.progress import quiet_reports, say
 from sdofm.storage import join
+from sdofm.tracking import Tracker
 
 
 @dataclass
@@ -200,8 +201,6 @@ class Worker:
             }
         self.tracker = None
         if self.rank == 0:
-            from sdofm.tracking import Tracker
-
             self.tracker = Tracker(lc.tracking_uri, lc.run_id, lc.fallback_dir, lc.storage_options)
             if lc.system_metrics:
                 self.tracker.start_system_metrics()

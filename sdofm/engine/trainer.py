@@ -1,19 +1,18 @@
-"""The driver side of the engine: one ``TorchTrainer`` set-up and one MLflow run set-up for
-pretraining, finetuning and every trial of a sweep."""
+"""The driver side of the engine: one ``TorchTrainer`` set-up for pretraining, finetuning and
+every trial of a sweep."""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from sdofm.engine import progress
+from sdofm import console
 from sdofm.engine.checkpoint import Latest, latest_checkpoint
 from sdofm.engine.loop import LoopConfig, train_loop_per_worker
 from sdofm.engine.objective import Objective
 from sdofm.storage import open_url
+from sdofm.tracking import fallback_dir
 
 
 @dataclass
@@ -78,12 +77,12 @@ def _restarts_callback(name: str, storage: str, storage_options: dict, max_failu
             step = latest.step if latest else 0
             n = "unlimited" if max_failures < 0 else str(max_failures)
             if max_failures < 0 or self.failures <= max_failures:
-                progress.say(
+                console.say(
                     f"worker rank {ranks} failed ({cause}); restart {self.failures} of {n} "
                     f"from step {step}"
                 )
             else:
-                progress.say(f"worker rank {ranks} failed ({cause}); no restarts left ({n})")
+                console.say(f"worker rank {ranks} failed ({cause}); no restarts left ({n})")
 
     return Restarts()
 
@@ -111,48 +110,6 @@ def resolve_use_gpu(use_gpu: bool | str) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
-@contextmanager
-def tracked_run(
-    uri: str,
-    experiment: str,
-    name: str,
-    storage: str,
-    params: dict,
-    tags: dict,
-    storage_options: dict | None = None,
-    config: dict | None = None,
-) -> Iterator[str | None]:
-    """The MLflow run of ``name`` (reopened when it exists), marked FINISHED when the block
-    ends and FAILED (KILLED on Ctrl-C) when it raises. Yields the run id (None when the
-    tracking store cannot be reached: the workers then keep metrics locally). ``config``:
-    the whole resolved config, logged as ``config.yaml``.
-
-    When the server was lost during the run, its end is kept with the metrics in the
-    run's tracking folder, and the console says how to merge them once it is back."""
-    from sdofm import tracking
-
-    run_id = tracking.start_run(uri, experiment, name, storage, params, tags, config)
-    status = "FINISHED"
-    try:
-        yield run_id
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
-        ended = tracking.end_run(uri, run_id, status)
-        folder = tracking.fallback_dir(storage, name)
-        if run_id is not None and (not ended or tracking.kept_locally(folder, storage_options)):
-            tracking.keep_for_sync(folder, uri, run_id, status, storage_options=storage_options)
-            progress.say(
-                f"MLflow ({uri}) was lost during the run: its metrics, figures and end "
-                f"({status}) are kept in {folder}; once the server is back: "
-                f"sdofm mlflow sync {folder}"
-            )
-
-
 def fit(
     name: str,
     storage: str,
@@ -170,8 +127,6 @@ def fit(
     with ``storage_options``) continues from its newest complete checkpoint."""
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from sdofm.tracking import fallback_dir
 
     options = dict(storage_options or {})
     loop = replace(
@@ -216,6 +171,6 @@ def fit(
         latest = latest_checkpoint(storage, name, options)
         raise RunFailedError(_how_to_resume(name, storage, latest, max_failures, e)) from e
     finally:
-        progress.flush()  # the workers' last lines before the caller's summary
+        console.flush()  # the workers' last lines before the caller's summary
     latest = latest_checkpoint(storage, name, options)
     return FitResult(dict(result.metrics or {}), latest.url if latest else None)

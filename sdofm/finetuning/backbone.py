@@ -14,6 +14,7 @@ from sdofm.config import Config, ConfigError
 from sdofm.engine.checkpoint import MODEL_FILE, STATE_FILE
 from sdofm.models import FAMILIES, encoder_class, family_of_encoder
 from sdofm.storage import open_url
+from sdofm.tracking import CHECKPOINT_TAG, load_model
 
 
 @dataclass
@@ -103,13 +104,8 @@ def resolve_backbone(
     options of a checkpoint URL (``train.storage_options``, where pretraining wrote it)."""
     from mlflow import MlflowClient
 
-    from sdofm.tracking import CHECKPOINT_TAG, use_tracking_uri
-
     if spec and spec.startswith(("models:/", "runs:/")):
-        import mlflow.pytorch
-
-        with use_tracking_uri(tracking_uri):
-            enc = mlflow.pytorch.load_model(spec)
+        enc = load_model(tracking_uri, spec)
         family = family_of_encoder(enc)
         if family is None:
             known = ", ".join(encoder_class(f).__name__ for f in FAMILIES)

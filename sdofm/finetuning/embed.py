@@ -24,10 +24,10 @@ import numpy as np
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.datasets.index import index_key
 from sdofm.datasets.inputs import build_inputs
-from sdofm.engine import tracked_run
 from sdofm.engine.trainer import resolve_use_gpu
 from sdofm.finetuning.backbone import resolve_backbone
 from sdofm.storage import join, open_url, write_atomic
+from sdofm.tracking import log_metrics, log_text, tracked_run, tracking_uri
 
 MANIFEST = "embeddings.json"
 POOLS = ("mean", "summary", "tokens")
@@ -144,8 +144,6 @@ def embed(
     import ray
     from ray.data import ActorPoolStrategy
 
-    from sdofm import tracking
-
     if pool not in POOLS:
         raise ConfigError(f"pool must be one of {', '.join(POOLS)}, not {pool!r}")
     t0 = time.perf_counter()
@@ -155,7 +153,7 @@ def embed(
     transform = cfg.transform.model_copy(update={"on": "reader"})
     pipe = build_inputs(cfg, transform=transform, loader=loader).pipeline
     shape = pipe.sample_shape()
-    uri = tracking.tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri)
     backbone = resolve_backbone(
         cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
     )
@@ -191,9 +189,9 @@ def embed(
     tags = {"sdofm.task": "embed", "sdofm.backbone": backbone.source, "sdofm.embeddings": out}
     name = f"embed-{index_key(d)}-{pool}"
     with tracked_run(
-        uri, cfg.tracking.experiment, name, out, params, tags, config=dump_config(cfg)
-    ) as run_id:
-        result.run_id = run_id
+        uri, cfg.tracking.experiment, name, out, params, tags, d.storage_options, dump_config(cfg)
+    ) as run:
+        result.run_id = run_id = run.run_id
         for split in splits:
             n = pipe.num_samples(split)
             shards = [np.arange(a, min(a + shard_size, n)) for a in range(0, n, shard_size)]
@@ -246,8 +244,8 @@ def embed(
                 _flush(fs, root, split, k, buf, result)
         result.seconds = time.perf_counter() - t0
         total = sum(result.rows.values())
-        tracking.log_text(uri, run_id, json.dumps(manifest, indent=2), MANIFEST)
-        tracking.log_metrics(
+        log_text(uri, run_id, json.dumps(manifest, indent=2), MANIFEST)
+        log_metrics(
             uri,
             run_id,
             {

@@ -37,6 +37,7 @@ from sdofm.finetuning.run import load_head, prepare, train_head
 from sdofm.finetuning.tasks import TASK_NAMES, get_task
 from sdofm.models import encoder_class
 from sdofm.pretraining.objective import objective_class, scoring_objective
+from sdofm.tracking import log_metrics, log_text, tracked_run, tracking_uri
 
 ARMS = ("pretrained", "random_init", "from_scratch")
 CONTROLS = ARMS[1:]
@@ -218,15 +219,14 @@ def format_board(board: Board) -> str:
 def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 1000) -> Board:
     """Score every task's head (pretrained, random-init and from-scratch arms) on the test
     split; one MLflow parent run holds the board, one child run per arm."""
-    from sdofm import tracking
-
     if cfg.finetune.head == "baseline_cnn":
         raise ConfigError(
             "sdofm evaluate trains the baseline itself: set finetune.head to an encoder head "
             "(pool, conv or linear), not baseline_cnn"
         )
-    uri = tracking.tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri)
     storage = storage_path(cfg.train.storage_path)
+    options = cfg.train.storage_options
     name = f"evaluate-{dt.datetime.now():%Y%m%d-%H%M%S}"
     tasks = list(task_names or TASK_NAMES)
     board = Board(n_boot=n_boot)
@@ -236,16 +236,16 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
         "bootstrap": n_boot,
         **{f"finetune.{k}": v for k, v in dump_config(cfg.finetune).items()},
     }
-    parent = tracking.start_run(
+    with tracked_run(
         uri,
         cfg.finetune.experiment,
         name,
         storage,
         params,
         {"sdofm.task": "evaluate"},
-        config=dump_config(cfg),
-    )
-    try:
+        options,
+        dump_config(cfg),
+    ) as parent:
         for task_name in tasks:
             task = get_task(task_name)
             try:
@@ -271,45 +271,35 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             for arm, (arm_cfg, arm_prep) in arms.items():
                 run_name = f"{name}-{task_name}-{arm}"
                 b = arm_prep.backbone
-                run_id = tracking.start_run(
-                    uri,
-                    cfg.finetune.experiment,
-                    run_name,
-                    storage,
-                    {
-                        "arm": arm,
-                        "head": arm_cfg.finetune.head,
-                        "backbone": b.source if b else "none",
-                    },
-                    {
-                        "mlflow.parentRunId": parent or "",
-                        "sdofm.task": f"evaluate-{task_name}",
-                        "sdofm.arm": arm,
-                    },
-                )
-                status = "FAILED"
-                try:
+                arm_params = {
+                    "arm": arm,
+                    "head": arm_cfg.finetune.head,
+                    "backbone": b.source if b else "none",
+                }
+                arm_tags = {
+                    "mlflow.parentRunId": parent.run_id or "",
+                    "sdofm.task": f"evaluate-{task_name}",
+                    "sdofm.arm": arm,
+                }
+                with tracked_run(
+                    uri, cfg.finetune.experiment, run_name, storage, arm_params, arm_tags, options
+                ) as child:
                     fitted = train_head(
                         arm_cfg,
                         task,
                         arm_prep,
-                        run_id,
+                        child.run_id,
                         run_name,
                         storage,
                         label=f"{task_name} {arm}",
                     )
                     model = load_head(arm_cfg, task, arm_prep, fitted.checkpoint)
                     scores[arm] = task.test_scores(arm_cfg, arm_prep, model)
-                    status = "FINISHED"
-                finally:
-                    tracking.end_run(uri, run_id, status)
             point, draws = bootstrap(
                 lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed
             )
             board.rows += board_rows(task_name, point, draws, task.board(cfg))
-        backbone = resolve_backbone(
-            cfg.finetune.backbone, uri, cfg.tracking.experiment, cfg.train.storage_options
-        )
+        backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment, options)
         if backbone.model is None:
             board.skipped[RECONSTRUCTION] = (
                 f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
@@ -331,16 +321,15 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             )
             metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
             board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
-    except BaseException:
-        tracking.end_run(uri, parent, "FAILED")
-        raise
-    board.run_id = parent
-    text = format_board(board)
-    tracking.log_text(uri, parent, text, "scoreboard.txt")
-    tracking.log_text(uri, parent, json.dumps(board.rows, indent=2), "scoreboard.json")
-    metrics = {
-        f"{r['task']}/{arm}/{r['metric']}": r[arm] for r in board.rows for arm in ARMS if arm in r
-    }
-    tracking.log_metrics(uri, parent, metrics)
-    tracking.end_run(uri, parent, "FINISHED")
+        board.run_id = parent.run_id
+        text = format_board(board)
+        log_text(uri, parent.run_id, text, "scoreboard.txt")
+        log_text(uri, parent.run_id, json.dumps(board.rows, indent=2), "scoreboard.json")
+        metrics = {
+            f"{r['task']}/{arm}/{r['metric']}": r[arm]
+            for r in board.rows
+            for arm in ARMS
+            if arm in r
+        }
+        log_metrics(uri, parent.run_id, metrics)
     return board

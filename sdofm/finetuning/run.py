@@ -13,13 +13,14 @@ import numpy as np
 from torch import nn
 
 from sdofm.config import Config, ConfigError, dump_config
+from sdofm.console import say
 from sdofm.datasets.inputs import build_inputs
-from sdofm.engine import fit, loop_config, storage_path, tracked_run
+from sdofm.engine import fit, loop_config, storage_path
 from sdofm.engine.checkpoint import MODEL_FILE
-from sdofm.engine.progress import say
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.tasks import Task, get_task
 from sdofm.storage import join, open_url
+from sdofm.tracking import log_model, log_skipped, section_params, tracked_run, tracking_uri
 
 if TYPE_CHECKING:
     from sdofm.datasets.blocks import SkipReport
@@ -60,8 +61,6 @@ def prepare(cfg: Config, task: Task) -> Prepared:
     """Index, statistics, backbone and the three splits in the task's transform; materialised
     once when they fit ``finetune.materialize_max_gb`` (the trials of a sweep then share them
     through the object store), else streamed by every run."""
-    from sdofm.tracking import tracking_uri
-
     task.check(cfg)
     d = cfg.data
     # Small sets, materialised once: transformed on the readers whatever transform.on says.
@@ -160,8 +159,6 @@ def run_params(cfg: Config, prepared: Prepared, sections: tuple[str, ...] = HEAD
     """A head run's params: the config ``sections`` that shaped it, the two ``train``
     settings a head uses, and the backbone and sample counts it got (the whole config is
     the run's ``config.yaml``)."""
-    from sdofm.tracking import section_params
-
     b = prepared.backbone
     return {
         **section_params(dump_config(cfg), sections),
@@ -186,8 +183,6 @@ def load_head(cfg: Config, task: Task, prepared: Prepared, checkpoint: str) -> n
 
 def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     """Train the task's head once, logged to MLflow as one run tagged with its backbone."""
-    from sdofm import tracking
-
     task = get_task(task_name)
     prepared = prepare(cfg, task)
     storage = storage_path(cfg.train.storage_path)
@@ -204,13 +199,13 @@ def finetune(cfg: Config, task_name: str) -> FinetuneResult:
     config = dump_config(cfg)
     with tracked_run(
         uri, cfg.finetune.experiment, name, storage, params, tags, options, config
-    ) as run_id:
-        fitted = train_head(cfg, task, prepared, run_id, name, storage)
-        result = FinetuneResult(run_id, fitted.metrics, fitted.checkpoint)
+    ) as run:
+        fitted = train_head(cfg, task, prepared, run.run_id, name, storage)
+        result = FinetuneResult(run.run_id, fitted.metrics, fitted.checkpoint)
         result.skipped = prepared.skipped
-        tracking.log_skipped(uri, run_id, prepared.skipped)
-        if run_id is not None and fitted.checkpoint:
+        log_skipped(uri, run.run_id, prepared.skipped)
+        if run.run_id is not None and fitted.checkpoint:
             model = load_head(cfg, task, prepared, fitted.checkpoint)
             example = np.zeros((1, *prepared.sample_shape), np.float32)
-            result.model_uri = tracking.log_model(uri, run_id, model, example, "regressor")
+            result.model_uri = log_model(uri, run.run_id, model, example, "regressor")
     return result

@@ -16,12 +16,24 @@ import numpy as np
 import ray.tune
 
 from sdofm.config import Config, ConfigError, dump_config
+from sdofm.console import say
 from sdofm.engine import storage_path
-from sdofm.engine.progress import say
 from sdofm.engine.trainer import ray_storage, root_cause
 from sdofm.finetuning.run import Prepared, load_head, prepare, run_params, train_head
 from sdofm.finetuning.tasks import get_task
 from sdofm.storage import join
+from sdofm.tracking import (
+    MODEL_URI_TAG,
+    end_run,
+    fallback_dir,
+    find_run,
+    log_model,
+    log_skipped,
+    log_text,
+    set_tags,
+    start_run,
+    tracked_run,
+)
 
 TRIAL_RUN_ID = "mlflow_run_id"
 
@@ -50,13 +62,11 @@ def head_trial(
     recorded as a child MLflow run of the sweep."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from sdofm import tracking
-
     cfg = Config.model_validate({**base, "finetune": {**base["finetune"], **params}})
     trial_id = ray.tune.get_context().get_trial_id()
     name = trial_run_name(cfg.tune.name, trial_id)
     uri = prepared.tracking_uri
-    run_id = tracking.start_run(
+    run_id = start_run(
         uri,
         cfg.finetune.experiment,
         name,
@@ -101,32 +111,37 @@ class TrialEnds(ray.tune.Callback):
     interrupted trial from a finished one.
     """
 
-    def __init__(self, uri: str, experiment: str, sweep_name: str, storage: str, path: str):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        sweep_name: str,
+        storage: str,
+        path: str,
+        storage_options: dict | None = None,
+    ):
         self.uri, self.experiment = uri, experiment
         self.sweep_name, self.storage, self.path = sweep_name, storage, path
+        self.storage_options = storage_options
 
     def on_step_end(self, iteration, trials, **info):
         _last_status[self.path] = {t.trial_id: t.status for t in trials}
 
-    def _end(self, trial, status: str, tags: dict[str, str] | None = None) -> None:
-        from sdofm import tracking
-
-        run_id = (trial.last_result or {}).get(TRIAL_RUN_ID) or tracking.find_run(
-            self.uri, self.experiment, trial_run_name(self.sweep_name, trial.trial_id), self.storage
+    def _end(self, trial, status: str, reason: str | None = None) -> None:
+        name = trial_run_name(self.sweep_name, trial.trial_id)
+        run_id = (trial.last_result or {}).get(TRIAL_RUN_ID) or find_run(
+            self.uri, self.experiment, name, self.storage
         )
-        if tags:
-            tracking.set_tags(self.uri, run_id, tags)
-        tracking.end_run(self.uri, run_id, status)
+        folder = fallback_dir(self.storage, name)
+        end_run(self.uri, run_id, status, reason, folder, self.storage_options)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         # Tune calls this when a trial's function returns or the scheduler stops it, not
         # for the trials an interruption stops (those are KILLED by ``sweep``).
-        from sdofm.tracking import STOPPED_TAG
-
         result = trial.last_result or {}
         finished = any(k.startswith("test/") for k in result)
         epochs = result.get("epoch", "?")
-        stopped = {} if finished else {STOPPED_TAG: f"asha early stop at epoch {epochs}"}
+        stopped = None if finished else f"asha early stop at epoch {epochs}"
         self._end(trial, "FINISHED", stopped)
         say(
             f"trial {trial.trial_id} {'finished' if finished else 'stopped early'} after {epochs} epochs"
@@ -160,10 +175,6 @@ def sweep(
 ) -> SweepResult:
     """Sweep the hyperparameters of task ``task_name``'s head; ``resume`` continues an
     interrupted sweep of the same ``tune.name`` (finished trials are kept, not rerun)."""
-    from ray.tune.schedulers import ASHAScheduler
-
-    from sdofm import tracking
-
     tc = cfg.tune
     if num_samples is not None or max_concurrent is not None:
         cfg = cfg.model_copy(
@@ -195,86 +206,102 @@ def sweep(
 
     prepared = prepare(cfg, task)
     uri = prepared.tracking_uri
-    parent = tracking.start_run(
+    params = run_params(cfg, prepared, ("tune", "finetune"))
+    with tracked_run(
         uri,
         cfg.finetune.experiment,
         tc.name,
         storage,
-        run_params(cfg, prepared, ("tune", "finetune")),
-        tags={"sdofm.task": f"tune-{task.name}"},
-        config=dump_config(cfg),
-    )
-    tracking.log_skipped(uri, parent, prepared.skipped)
-    trainable = ray.tune.with_resources(
-        ray.tune.with_parameters(
-            head_trial,
-            base=dump_config(cfg),
-            task_name=task.name,
-            prepared=prepared,
-            parent=parent,
-            storage=storage,
-        ),
-        {"cpu": tc.trial_cpus},
-    )
-    if resume:
-        say(f"resuming sweep {tc.name!r} from {path}: finished trials are kept")
-        tuner = ray.tune.Tuner.restore(
-            ray_sweep,
-            trainable,
-            resume_errored=False,
-            restart_errored=False,
-            storage_filesystem=ray_fs,
-        )
-    else:
-        if tc.search == "optuna":
-            from ray.tune.search.optuna import OptunaSearch
-
-            try:
-                import optuna  # noqa: F401
-            except ImportError:
-                raise ConfigError(
-                    "tune.search=optuna needs Optuna: pip install -e '.[optuna]'"
-                ) from None
-            search_alg = OptunaSearch(metric=tc.metric, mode="min", seed=cfg.train.seed)
-        else:  # seeded: the same config samples the same trials
-            from ray.tune.search import BasicVariantGenerator
-
-            search_alg = BasicVariantGenerator(
-                random_state=cfg.train.seed, max_concurrent=tc.max_concurrent
-            )
-        tuner = ray.tune.Tuner(
-            trainable,
-            param_space=space,
-            tune_config=ray.tune.TuneConfig(
-                num_samples=tc.num_samples,
-                max_concurrent_trials=tc.max_concurrent,
-                search_alg=search_alg,
-                scheduler=ASHAScheduler(
-                    metric=tc.metric,
-                    mode="min",
-                    time_attr="epoch",
-                    # Past the last epoch: Tune would otherwise stop a trial on its final
-                    # report, before its Ray Train run has shut down and released its CPUs.
-                    max_t=cfg.finetune.epochs + 1,
-                    grace_period=min(tc.grace_period, cfg.finetune.epochs),
-                    reduction_factor=tc.reduction_factor,
-                ),
+        params,
+        {"sdofm.task": f"tune-{task.name}"},
+        cfg.train.storage_options,
+        dump_config(cfg),
+    ) as run:
+        log_skipped(uri, run.run_id, prepared.skipped)
+        trainable = ray.tune.with_resources(
+            ray.tune.with_parameters(
+                head_trial,
+                base=dump_config(cfg),
+                task_name=task.name,
+                prepared=prepared,
+                parent=run.run_id,
+                storage=storage,
             ),
-            run_config=ray.tune.RunConfig(
-                name=tc.name,
-                storage_path=ray_path,
+            {"cpu": tc.trial_cpus},
+        )
+        if resume:
+            say(f"resuming sweep {tc.name!r} from {path}: finished trials are kept")
+            tuner = ray.tune.Tuner.restore(
+                ray_sweep,
+                trainable,
+                resume_errored=False,
+                restart_errored=False,
                 storage_filesystem=ray_fs,
-                failure_config=ray.tune.FailureConfig(max_failures=0),
-                callbacks=[TrialEnds(uri, cfg.finetune.experiment, tc.name, storage, path)],
-                verbose=0,  # the trials' progress lines and the final table say it all
-            ),
-        )
-    try:
+            )
+        else:
+            tuner = _new_tuner(cfg, trainable, space, ray_path, ray_fs, uri, storage, path)
         grid = tuner.fit()
-    except BaseException:
-        tracking.end_run(uri, parent, "FAILED")
-        raise
+        return _collect(cfg, task, prepared, run, grid, storage, path)
 
+
+def _new_tuner(cfg: Config, trainable, space: dict, ray_path, ray_fs, uri, storage, path):
+    """The Tuner of a new sweep: its search, ASHA, and the callback that ends trials' runs."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    tc = cfg.tune
+    if tc.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError(
+                "tune.search=optuna needs Optuna: pip install -e '.[optuna]'"
+            ) from None
+        search_alg = OptunaSearch(metric=tc.metric, mode="min", seed=cfg.train.seed)
+    else:  # seeded: the same config samples the same trials
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(
+            random_state=cfg.train.seed, max_concurrent=tc.max_concurrent
+        )
+    ends = TrialEnds(
+        uri, cfg.finetune.experiment, tc.name, storage, path, cfg.train.storage_options
+    )
+    return ray.tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=ray.tune.TuneConfig(
+            num_samples=tc.num_samples,
+            max_concurrent_trials=tc.max_concurrent,
+            search_alg=search_alg,
+            scheduler=ASHAScheduler(
+                metric=tc.metric,
+                mode="min",
+                time_attr="epoch",
+                # Past the last epoch: Tune would otherwise stop a trial on its final
+                # report, before its Ray Train run has shut down and released its CPUs.
+                max_t=cfg.finetune.epochs + 1,
+                grace_period=min(tc.grace_period, cfg.finetune.epochs),
+                reduction_factor=tc.reduction_factor,
+            ),
+        ),
+        run_config=ray.tune.RunConfig(
+            name=tc.name,
+            storage_path=ray_path,
+            storage_filesystem=ray_fs,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+            callbacks=[ends],
+            verbose=0,  # the trials' progress lines and the final table say it all
+        ),
+    )
+
+
+def _collect(cfg: Config, task, prepared: Prepared, run, grid, storage: str, path: str):
+    """The sweep's result from Tune's grid: the trials' table (logged to the parent run),
+    and the best head logged as a model; an interrupted sweep ends its runs KILLED."""
+    tc, uri, options = cfg.tune, prepared.tracking_uri, cfg.train.storage_options
+    parent = run.run_id
     # Ctrl-C: Tune saved its state and returned with trials that have not ended.
     status = _last_status.pop(path, {})
     unended = {t for t, s in status.items() if s not in ENDED}
@@ -284,14 +311,17 @@ def sweep(
     for row in table:  # a trial that failed before its first report: find its run by name
         if not row["run_id"]:
             name = trial_run_name(tc.name, row["trial"])
-            row["run_id"] = tracking.find_run(uri, cfg.finetune.experiment, name, storage) or ""
+            row["run_id"] = find_run(uri, cfg.finetune.experiment, name, storage) or ""
     text = format_table(table, tc.metric)
-    tracking.log_text(uri, parent, text, "trials.txt")
+    log_text(uri, parent, text, "trials.txt")
     if interrupted:
         for row in table:  # the trials Tune had not ended; --resume reopens their runs
             if row["status"] == "unfinished":
-                tracking.end_run(uri, row["run_id"] or None, "KILLED")
-        tracking.end_run(uri, parent, "KILLED")
+                folder = fallback_dir(storage, trial_run_name(tc.name, row["trial"]))
+                end_run(
+                    uri, row["run_id"] or None, "KILLED", folder=folder, storage_options=options
+                )
+        run.end_as("KILLED")
         say(f"sweep {tc.name!r} interrupted; continue it with --resume (finished trials are kept)")
         return SweepResult(parent, table, None, None, path, True, prepared.skipped)
     best = next((r for r in table if r["status"] == "finished"), None)
@@ -303,11 +333,9 @@ def sweep(
         model = load_head(best_cfg, task, prepared, best["checkpoint"])
         example = np.zeros((1, *prepared.sample_shape), np.float32)
         # From the winning trial's run: the model shows that trial's settings and scores.
-        model_uri = tracking.log_model(uri, best["run_id"], model, example, "best_head")
-        tracking.set_tags(
-            uri, parent, {"sdofm.best_run_id": best["run_id"], tracking.MODEL_URI_TAG: model_uri}
-        )
-    tracking.end_run(uri, parent, "FINISHED")
+        model_uri = log_model(uri, best["run_id"], model, example, "best_head")
+        tags = {"sdofm.best_run_id": best["run_id"], MODEL_URI_TAG: model_uri}
+        set_tags(uri, parent, tags, run.folder, options)
     return SweepResult(parent, table, best, model_uri, path, skipped=prepared.skipped)
 
 

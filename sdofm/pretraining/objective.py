@@ -16,6 +16,7 @@ from sdofm.engine.objective import EvalContext, Evaluation, Objective, all_reduc
 from sdofm.engine.optim import autocast, param_groups
 from sdofm.models import FAMILIES, family_of, get_model, resolve
 from sdofm.models.nvae import active_units_from_moments, kl_warmup_weight
+from sdofm.tracking import reconstruction_figure, samples_figure
 
 
 def model_kwargs(model: ModelConfig, channels: list[str], sample_shape: tuple) -> dict[str, Any]:
@@ -278,8 +279,6 @@ class MaskedReconstruction(BackboneObjective):
         return Evaluation(metrics, [self._figure(s, i, ctx.step) for i, s in enumerate(samples)])
 
     def _figure(self, sample: tuple, i: int, step: int) -> tuple[str, Any]:
-        from sdofm.tracking import reconstruction_figure
-
         image, masked, recon, t = sample
         when = np.datetime64(t, "ns").astype("datetime64[s]")
         title = f"step {step} | val sample {i} | {when}"
@@ -409,16 +408,12 @@ class ELBO(BackboneObjective):
         return Evaluation(metrics, figures)
 
     def _figures(self, model, example, ctx: EvalContext) -> tuple[str, Any]:
-        from sdofm.tracking import reconstruction_figure
-
         image, recon = example
         title = f"step {ctx.step} | val sample 0 | reconstruction"
         fig = reconstruction_figure(image, None, recon, self.channels, title=title)
         return f"reconstructions/step_{ctx.step:08d}_0.png", fig
 
     def _prior_figure(self, model, ctx: EvalContext) -> tuple[str, Any]:
-        from sdofm.tracking import samples_figure
-
         with torch.random.fork_rng(devices=[ctx.device] if ctx.device.type == "cuda" else []):
             torch.manual_seed(self.seed + 54321)
             samples = model.sample(4).float()[:, :, -1].cpu().numpy()

@@ -13,15 +13,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sdofm.config import Config, dump_config
+from sdofm.console import say
 from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.device import DeviceTransform
 from sdofm.datasets.inputs import build_inputs
-from sdofm.engine import fit, loop_config, storage_path, tracked_run
+from sdofm.engine import fit, loop_config, storage_path
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint
-from sdofm.engine.progress import say
 from sdofm.models.mae import count_parameters
 from sdofm.pretraining.objective import make_objective
 from sdofm.storage import open_url
+from sdofm.tracking import (
+    CHECKPOINT_TAG,
+    MODEL_URI_TAG,
+    guarded,
+    log_model,
+    log_skipped,
+    section_params,
+    set_tags,
+    tracked_run,
+    tracking_uri,
+)
 
 if TYPE_CHECKING:
     from sdofm.datasets.blocks import SkipReport
@@ -82,9 +93,6 @@ def pretrain(cfg: Config) -> PretrainResult:
     name from its last checkpoint; log to MLflow; return where everything is."""
     import torch
 
-    from sdofm import tracking
-    from sdofm.tracking import CHECKPOINT_TAG, MODEL_URI_TAG
-
     d, tc, sc = cfg.data, cfg.train, cfg.scaling
     inputs = build_inputs(cfg)
     pipe, stats = inputs.pipeline, inputs.stats
@@ -127,13 +135,14 @@ def pretrain(cfg: Config) -> PretrainResult:
             np.random.default_rng(tc.seed).permutation(n_val)[: min(n_val, tc.val_samples)]
         )
         datasets["val"] = pipe.dataset("val", epoch=0, subset=subset)
-    uri = tracking.tracking_uri(cfg.tracking.uri)
+    uri = tracking_uri(cfg.tracking.uri)
     config = dump_config(cfg)
-    params = {**tracking.section_params(config, PRETRAIN_SECTIONS), **derived}
+    params = {**section_params(config, PRETRAIN_SECTIONS), **derived}
     tags = {"sdofm.task": "pretrain", "sdofm.model": cfg.model.name}
     with tracked_run(
         uri, cfg.tracking.experiment, tc.run_name, storage, params, tags, options, config
-    ) as run_id:
+    ) as run:
+        run_id = run.run_id
         loop = loop_config(
             cfg,
             epochs=tc.epochs,
@@ -164,7 +173,7 @@ def pretrain(cfg: Config) -> PretrainResult:
                 storage_options=options,
             )
         skipped = pipe.skipped()
-        tracking.log_skipped(uri, run_id, skipped)
+        log_skipped(uri, run_id, skipped)
         if result.checkpoint is None:
             raise RuntimeError(f"run {tc.run_name!r} finished without a checkpoint")
         model_uri = None
@@ -174,16 +183,19 @@ def pretrain(cfg: Config) -> PretrainResult:
                 model.load_state_dict(torch.load(f, map_location="cpu"))
             example = np.zeros((1, *shape), np.float32)
             encoder = model.encoder().eval()
-            try:
-                model_uri = tracking.log_model(uri, run_id, encoder, example)
-            except Exception as e:  # noqa: BLE001 - the checkpoint holds the weights anyway
-                say(f"warning: could not log the encoder to MLflow: {e}")
+            # The checkpoint holds the weights anyway: a failure is a warning.
+            model_uri = guarded(
+                uri,
+                "log the encoder to MLflow",
+                lambda _: log_model(uri, run_id, encoder, example),
+                on_error=lambda e: say(f"warning: could not log the encoder to MLflow: {e}"),
+            )
         # Finetuning finds the backbone of a run through these tags.
-        tracking.tag_run(
+        set_tags(
             uri,
             run_id,
             {CHECKPOINT_TAG: result.checkpoint, MODEL_URI_TAG: model_uri or ""},
-            tracking.fallback_dir(storage, tc.run_name),
+            run.folder,
             options,
         )
     return PretrainResult(

@@ -15,6 +15,7 @@ from sdofm.engine.optim import autocast
 from sdofm.models.styleswin import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from sdofm.pretraining.objective import BackboneObjective, draw_seed
 from sdofm.pretraining.run import effective_batch
+from sdofm.tracking import samples_figure
 
 ADAM_BETAS = (0.0, 0.99)
 """StyleGAN2's and StyleSwin's Adam: no momentum, so that each network answers the other's
@@ -208,8 +209,6 @@ class StyleSwinGAN(BackboneObjective):
 
     def _figure(self, model, reals: list[np.ndarray], ctx: EvalContext) -> tuple[str, Any]:
         """Real frames, then G_ema's samples of fixed latents, one row per channel."""
-        from sdofm.tracking import samples_figure
-
         g = torch.Generator().manual_seed(self.seed + 54321)
         with autocast(ctx.device, ctx.precision):
             fake = model.sample(FIGURE_SAMPLES, generator=g).float()[:, :, -1].cpu().numpy()

@@ -70,7 +70,7 @@ def _cfg(root, tmp_path, *extra):
 @pytest.fixture
 def relay(ray_session):
     """Workers' and the controller's progress lines printed by this process (as the CLI does)."""
-    from sdofm.engine.progress import start_relay
+    from sdofm.console import start_relay
 
     start_relay()
 

@@ -24,6 +24,7 @@ from sdofm.datasets.transforms import dim, sample_dimming_factors
 from sdofm.finetuning.tasks import Task
 from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
+from sdofm.tracking import pyplot
 
 SPLIT_CODE = {"train": 0, "val": 1, "test": 2}
 
@@ -106,10 +107,7 @@ def alpha_metrics(
 
 def scatter_figure(pred: np.ndarray, true: np.ndarray, names: list[str], title: str):
     """Predicted vs true alpha, one panel per channel, with the identity line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     K = len(names)
     cols = min(K, 3)

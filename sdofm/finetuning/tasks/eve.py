@@ -20,6 +20,7 @@ from sdofm.constants import EVE_LINE_TABLE
 from sdofm.finetuning.tasks import Task
 from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineCNN, EncoderRegressor
+from sdofm.tracking import pyplot
 
 WAVELENGTH_NM = {name: wl for name, wl, _ in EVE_LINE_TABLE}
 
@@ -110,10 +111,7 @@ def spectra_figure(
 ):
     """Predicted and true spectra of the quietest, the median and the brightest sample (by
     total irradiance), lines by wavelength, and each line's median relative error."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     order = np.argsort([WAVELENGTH_NM.get(ln, i) for i, ln in enumerate(lines)])
     wl = np.array([WAVELENGTH_NM.get(ln, np.nan) for ln in lines])[order]

@@ -22,6 +22,7 @@ from sdofm.finetuning.image_metrics import pixel_correlation, psnr, ssim
 from sdofm.finetuning.tasks import Task
 from sdofm.finetuning.tasks.objective import HeadObjective, prefixed
 from sdofm.models.heads import BaselineReconstructor, EncoderReconstructor
+from sdofm.tracking import pyplot
 
 FIGURE_SAMPLES = 3
 
@@ -89,10 +90,7 @@ def image_summary(scores: np.ndarray, mse: np.ndarray, names: list[str]) -> dict
 def reconstruction_figure(true: np.ndarray, pred: np.ndarray, names: list[str], title: str):
     """true, pred: (S, K, H, W) scaled units -> rows of samples and channels: true,
     reconstructed (one colour scale) and true - reconstructed (symmetric)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     S, K = true.shape[:2]
     fig, axes = plt.subplots(S * K, 3, figsize=(8, 2.6 * S * K), squeeze=False)
