@@ -547,6 +547,25 @@ def _finetune_value(key: str, value: Any) -> Any:
         raise ValueError(f"space.{key}: {value!r} is not a valid finetune.{key} ({msg})") from None
 
 
+class GenerationConfig(_Section):
+    """How ``sdofm evaluate`` scores a generative backbone (StyleSwin): its EMA generator's
+    frames against the held-out (test) frames, every metric calibrated against two halves of
+    the real frames and deliberate corruptions of them (``sdofm.generation``)."""
+
+    feature_backbone: str | None = None
+    """The pretrained MAE whose encoder is the learned feature space (a run id, ``models:/``
+    URI or checkpoint folder); None: the newest finished MAE pretraining run of
+    ``tracking.experiment`` that fits the data, and without one that space is skipped."""
+    splits: int = Field(5, ge=2)
+    """Random halvings of the real frames; a metric separates a corruption (or one generator
+    beats another) when it is worse (better) on every split."""
+    train_frames: int = Field(256, ge=8)
+    """Training frames the memorisation check compares generated frames with."""
+    seed: int = 0
+    """Seed of the random feature network, the splits, the corruptions' noise and the
+    generators' latents."""
+
+
 class SweepConfig(_Section):
     """The Ray Tune sweep over the head's hyperparameters (the ``tune`` section)."""
 
@@ -635,6 +654,8 @@ class Config(_Section):
     """The science head and how it is trained."""
     tune: SweepConfig = SweepConfig()
     """The hyperparameter sweep of the head."""
+    generation: GenerationConfig = GenerationConfig()
+    """How ``sdofm evaluate`` scores a generative backbone's samples."""
 
 
 # --------------------------------------------------------------------------- loading

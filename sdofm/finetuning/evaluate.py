@@ -18,6 +18,9 @@ The backbone itself is scored too, in its own section: its pretraining objective
 reconstruction term per channel on the test split (the MAE's squared error on masked
 patches in z-scored units, the NVAE's Gaussian NLL), against the same whole model with
 random weights on the same masks or posterior draws. There is no from-scratch arm there.
+A generative backbone (StyleSwin) reconstructs nothing; its EMA generator is scored instead,
+against the held-out frames, every metric calibrated against the real frames' own noise
+floor and deliberate corruptions (``sdofm.finetuning.generation``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ from sdofm.config import Config, ConfigError, dump_config
 from sdofm.datasets.inputs import build_inputs
 from sdofm.engine import storage_path
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
+from sdofm.finetuning.generation import ARMS as GENERATION_ARMS
+from sdofm.finetuning.generation import GenerationSection, format_section, generation_section
 from sdofm.finetuning.run import load_head, prepare, train_head
 from sdofm.finetuning.tasks import TASK_NAMES, get_task
 from sdofm.models import encoder_class
@@ -43,6 +48,8 @@ ARMS = ("pretrained", "random_init", "from_scratch")
 CONTROLS = ARMS[1:]
 RECONSTRUCTION = "reconstruction"
 """The board's section (its ``task``) of the backbone's own masked-reconstruction error."""
+GENERATION = "generation"
+"""The board's section of a generative backbone's samples (``sdofm.finetuning.generation``)."""
 
 
 @dataclass
@@ -53,6 +60,8 @@ class Board:
     """task -> why it was not scored with this config."""
     run_id: str | None = None
     n_boot: int = 0
+    generation: GenerationSection | None = None
+    """A generative backbone's generator against held-out frames, calibrated."""
 
 
 def random_init(backbone: Backbone, seed: int) -> Backbone:
@@ -212,6 +221,8 @@ def format_board(board: Board) -> str:
         f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
         "'beats': the interval of the pretrained arm's gain lies above zero)"
     )
+    if board.generation is not None:
+        out.append(format_section(board.generation))
     out += [f"{t}: not scored ({why})" for t, why in board.skipped.items()]
     return "\n".join(out)
 
@@ -300,15 +311,17 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             )
             board.rows += board_rows(task_name, point, draws, task.board(cfg))
         backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment, options)
+        scorer = objective_class(backbone.family)
         if backbone.model is None:
-            board.skipped[RECONSTRUCTION] = (
+            board.skipped[RECONSTRUCTION if scorer.reconstructs else GENERATION] = (
                 f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
                 "older checkpoint): give its pretraining run id or checkpoint folder"
             )
-        elif not objective_class(backbone.family).reconstructs:
+        elif not scorer.reconstructs:
             board.skipped[RECONSTRUCTION] = (
                 f"a {backbone.family} backbone reconstructs no input (its pretraining "
                 "objective scores no per-sample reconstruction)"
+                + ("; its generator is scored below" if scorer.generates else "")
             )
         else:
             score, scores = reconstruction_scores(cfg, backbone)
@@ -321,6 +334,8 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             )
             metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
             board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
+        if scorer.generates and backbone.model is not None:
+            board.generation = generation_section(cfg, backbone, uri)
         board.run_id = parent.run_id
         text = format_board(board)
         log_text(uri, parent.run_id, text, "scoreboard.txt")
@@ -331,5 +346,15 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             for arm in ARMS
             if arm in r
         }
+        if board.generation is not None:
+            for r in board.generation.rows:
+                for arm in ("floor", *GENERATION_ARMS):
+                    metrics[f"{GENERATION}/{arm}/{r['metric']}"] = r[arm]
+            log_text(
+                uri,
+                parent.run_id,
+                json.dumps(board.generation.rows, indent=2),
+                "generation.json",
+            )
         log_metrics(uri, parent.run_id, metrics)
     return board

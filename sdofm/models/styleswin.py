@@ -693,6 +693,7 @@ class StyleSwin(nn.Module):
         super().__init__()
         self.img_size = to_2tuple(img_size)
         self.in_chans, self.num_frames, self.style_dim = in_chans, num_frames, style_dim
+        self.window_size = window_size
         self.G = Generator(
             img_size,
             in_chans,

@@ -136,6 +136,8 @@ class BackboneObjective(Objective):
     reconstructs: bool = True
     """Whether :meth:`sample_errors` scores a per-sample reconstruction (a GAN's does not:
     the scoreboard leaves its reconstruction section out, saying why)."""
+    generates: bool = False
+    """Whether :meth:`generate` draws new frames (the scoreboard's generation section)."""
 
     def __init__(
         self,
@@ -203,6 +205,16 @@ class BackboneObjective(Objective):
         depend on the seed and the sample ids only, so two models of one architecture are
         scored on the same draws (a paired comparison)."""
         raise NotImplementedError
+
+    def generate(self, model, n: int, generator: torch.Generator) -> torch.Tensor:
+        """-> (n, C, T, H, W) new frames of the trained model, its latents drawn from
+        ``generator`` (objectives with ``generates``)."""
+        raise NotImplementedError(f"{type(self).__name__} generates no frames")
+
+    def seam_window(self, model) -> int:
+        """The period, px, at which the generator's frames could show seams (its attention
+        window), which the power-spectrum check watches."""
+        raise NotImplementedError(f"{type(self).__name__} generates no frames")
 
     def checkpoint_meta(self, model: nn.Module) -> dict:
         """The encoder's and the whole model's constructor arguments, and the channels."""

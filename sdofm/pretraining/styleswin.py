@@ -10,8 +10,17 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from sdofm.engine.objective import EvalContext, Evaluation, Phase, Schedule, all_reduce_sum
+from sdofm.engine.objective import (
+    EvalContext,
+    Evaluation,
+    Phase,
+    Schedule,
+    all_gather,
+    all_reduce_sum,
+)
 from sdofm.engine.optim import autocast
+from sdofm.generation import Summary, scores, summarise
+from sdofm.generation.metrics import Standardiser
 from sdofm.models.styleswin import d_logistic_loss, g_nonsaturating_loss, r1_penalty
 from sdofm.pretraining.objective import BackboneObjective, draw_seed
 from sdofm.pretraining.run import effective_batch
@@ -20,6 +29,7 @@ from sdofm.tracking import samples_figure
 ADAM_BETAS = (0.0, 0.99)
 """StyleGAN2's and StyleSwin's Adam: no momentum, so that each network answers the other's
 latest move rather than an average of its past ones."""
+GENERATE_BATCH = 32
 FIGURE_SAMPLES, FIGURE_REALS = 4, 2
 """EMA-generator samples and real validation frames drawn side by side at each validation."""
 
@@ -55,12 +65,17 @@ class StyleSwinGAN(BackboneObjective):
     (``d_real``, ``d_fake``), both losses (``loss_D``, which is also ``loss``, and ``loss_G``)
     and the R1 penalty without its weight (``r1``); each sample's latent is drawn from the seed
     and its id, so validations compare across steps. The figure shows EMA samples beside real
-    frames, channel by channel.
+    frames, channel by channel. With them, the generation scores (``sdofm.generation``:
+    Frechet and kernel distances, precision and recall in the random-CNN and physical feature
+    spaces, value distributions, power spectra) of G_ema's samples of the same latents
+    against the real frames, as ``<split>/gen/<metric>``; their calibration against the
+    noise floor and corruptions is ``sdofm evaluate``'s.
     """
 
-    headline = ("val/loss_D", "val/loss_G", "val/d_real", "val/d_fake")
+    headline = ("val/loss_D", "val/loss_G", "val/d_real", "val/d_fake", "val/gen/fd/random_cnn")
     score_name = "generation"
     reconstructs = False
+    generates = True
 
     class Settings(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -153,12 +168,17 @@ class StyleSwinGAN(BackboneObjective):
             zs.append(torch.randn(1, model.G.style_dim, generator=g))
         return torch.cat(zs)
 
-    def sample_errors(self, model, imgs: torch.Tensor, ids):
-        raise NotImplementedError(
-            "StyleSwin is scored by the generation section of the scoreboard (distances "
-            "between generated and real frames), which is not implemented yet: a GAN has no "
-            "per-sample reconstruction error"
-        )
+    @torch.no_grad()
+    def generate(self, model, n: int, generator: torch.Generator) -> torch.Tensor:
+        """-> (n, C, T, H, W) frames of G_ema, in batches of ``GENERATE_BATCH``."""
+        model.eval()
+        parts = [
+            model.sample(min(GENERATE_BATCH, n - i), generator) for i in range(0, n, GENERATE_BATCH)
+        ]
+        return torch.cat(parts).float()
+
+    def seam_window(self, model) -> int:
+        return model.window_size
 
     @torch.no_grad()
     def evaluate(self, model, shard, split: str, ctx: EvalContext) -> Evaluation:
@@ -167,6 +187,7 @@ class StyleSwinGAN(BackboneObjective):
         model.eval()  # spectral norms keep their power-iteration state
         sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
         reals: list[np.ndarray] = []
+        frames: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
         for batch in shard.iter_torch_batches(
             batch_size=ctx.batch_size, prefetch_batches=ctx.prefetch_batches
         ):
@@ -192,6 +213,10 @@ class StyleSwinGAN(BackboneObjective):
             ).double()
             if ctx.figures and len(reals) < FIGURE_REALS:
                 reals += [f[:, -1].cpu().numpy() for f in x[: FIGURE_REALS - len(reals)]]
+            with autocast(ctx.device, ctx.precision):
+                ema = model.G_ema(z)
+            frames["real"].append(x[:, :, -1].float().cpu().numpy())
+            frames["fake"].append(ema[:, :, -1].float().cpu().numpy())
         all_reduce_sum(sums)
         n = max(float(sums[0]), 1.0)
         d_real, d_fake, loss_d, loss_g, r1 = (float(v) / n for v in sums[1:])
@@ -203,9 +228,21 @@ class StyleSwinGAN(BackboneObjective):
             f"{split}/loss": loss_d,
             f"{split}/r1": r1,
         }
+        real, fake = (self._gathered(frames[k], model) for k in ("real", "fake"))
+        if len(real) >= 2:
+            gen = scores(real, fake, Standardiser(real), model.window_size)
+            metrics.update({f"{split}/gen/{k}": v for k, v in gen.items()})
         figures = [self._figure(model, reals, ctx)] if ctx.figures and reals else []
         model.train()
         return Evaluation(metrics, figures)
+
+    def _gathered(self, parts: list[np.ndarray], model) -> Summary:
+        """This worker's frames -> the Summary of every worker's (in rank order)."""
+        shape = (0, len(self.channels), *model.img_size)
+        s = summarise(np.concatenate(parts) if parts else np.zeros(shape), self.channels, self.seed)
+        spaces = list(s.features)
+        *feats, hist, spectrum = all_gather((*(s.features[k] for k in spaces), s.hist, s.spectrum))
+        return Summary(dict(zip(spaces, feats, strict=True)), hist, spectrum, s.channels)
 
     def _figure(self, model, reals: list[np.ndarray], ctx: EvalContext) -> tuple[str, Any]:
         """Real frames, then G_ema's samples of fixed latents, one row per channel."""

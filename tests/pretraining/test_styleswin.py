@@ -148,11 +148,20 @@ def test_settings_come_from_model_objective_and_the_ema_clock_from_the_batch():
         )
 
 
-def test_scoring_says_generation_is_not_scored_yet():
+def test_scoring_generates_from_g_ema_with_the_given_latents():
     objective = scoring_objective("styleswin", "styleswin_debug", KWARGS, CHANNELS, 0)
+    assert objective.generates and not objective.reconstructs
     model = objective.build_model()
-    with pytest.raises(NotImplementedError, match="generation section"):
-        objective.sample_errors(model, torch.zeros(1, 12, 1, 32, 32), [0])
+    with torch.no_grad():  # G and G_ema apart, so that the test tells which one draws
+        for p in model.G.parameters():
+            p.add_(0.1)
+    frames = objective.generate(model, 40, torch.Generator().manual_seed(3))
+    z = torch.randn(40, model.G.style_dim, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(frames, model.G_ema(z))  # two batches of 32 and 8, same latents
+        assert not torch.allclose(frames, model.G(z))
+    assert frames.shape == (40, 12, 1, 32, 32)
+    assert objective.seam_window(model) == 4
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,8 +342,12 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
 ):
     from mlflow import MlflowClient
 
+    from sdofm.datasets.inputs import build_inputs
+    from sdofm.finetuning.evaluate import evaluate, format_board
     from sdofm.finetuning.run import prepare, train_head
     from sdofm.finetuning.tasks import get_task
+    from sdofm.generation import Calibrator, summarise
+    from sdofm.models import get_model
     from sdofm.models.styleswin import StyleSwinEncoder
     from sdofm.pretraining import pretrain
     from tests.conftest import small_config
@@ -376,6 +389,13 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
     assert history("train/loss_D") == history("train/loss_G") == [2, 3, 4, 6]
     assert history("train/loss_D_reg") == [2, 3, 6]  # R1 at steps 0, 2, 4 (from 0)
     assert history("val/d_real") == history("val/r1") == [3, 6]
+    # The generation scores of G_ema's samples at each validation (their calibration is
+    # sdofm evaluate's, below).
+    run = client.get_run(result.run_id)
+    gen = {k: v for k, v in run.data.metrics.items() if k.startswith("val/gen/")}
+    assert {"val/gen/fd/random_cnn", "val/gen/kid/physical", "val/gen/seams"} <= set(gen)
+    assert all(math.isfinite(v) for v in gen.values()) and gen["val/gen/fd/physical"] > 0
+    assert history("val/gen/fd/random_cnn") == [3, 6]
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert int(run.data.params["derived.parameters"]) == 126_131 + 56_897  # G and D
@@ -404,3 +424,40 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
     assert prepared.backbone.family == "styleswin"
     fitted = train_head(head_cfg, task, prepared, None, "styleswin_head", str(tmp_path / "runs"))
     assert fitted.metrics["epoch"] == 1 and 0 < fitted.metrics["test/mae"] < 1
+
+    # sdofm evaluate: no reconstruction section, a generation section instead.
+    board = evaluate(head_cfg, ["dimming"], n_boot=50)
+    text = format_board(board)
+    assert "reconstruction: not scored (a styleswin backbone reconstructs no input" in text
+    assert "-- generation: G_ema's frames against" in text
+    assert "no encoder space: no finished mae pretraining run" in text  # none in this store
+    rows = {r["metric"]: r for r in board.generation.rows}
+    assert "fd/random_cnn" in rows and "fd/encoder" not in rows
+    logged = client.get_run(board.run_id).data.metrics
+    assert logged["generation/pretrained/spectrum"] == rows["spectrum"]["pretrained"]
+    assert logged["generation/floor/fd/physical"] == rows["fd/physical"]["floor"]
+    # The section's generators, by hand: G_ema of the checkpoint and of a seeded random
+    # model, latents from generation.seed, against the test frames read here.
+    gc = head_cfg.generation
+    pipe = build_inputs(
+        head_cfg, transform=head_cfg.transform.model_copy(update={"on": "reader"})
+    ).pipeline
+    batches = list(pipe.dataset("test", epoch=0).iter_batches(batch_size=64))
+    order = np.argsort(np.concatenate([b["sample"] for b in batches]))
+    real = np.concatenate([b["image"][:, :, -1] for b in batches])[order]
+    ckpt = torch.load(Path(result.checkpoint) / "model.pt", map_location="cpu")
+    torch.manual_seed(head_cfg.train.seed)
+    models = {"random_init": get_model("styleswin_debug", img_size=32, in_chans=12)}
+    models["pretrained"] = get_model("styleswin_debug", img_size=32, in_chans=12)
+    models["pretrained"].load_state_dict(ckpt)
+    cal = Calibrator(summarise(real, CHANNELS, gc.seed), gc.splits, gc.seed, 4)
+    reference = cal.calibrate({})
+    for arm, model in models.items():
+        with torch.no_grad():
+            z = torch.randn(len(real), 32, generator=torch.Generator().manual_seed(gc.seed))
+            frames = model.eval().G_ema(z)[:, :, -1].numpy()
+        cal.add_arm(reference, arm, summarise(frames, CHANNELS, gc.seed))
+        for m in ("value_w1", "spectrum", "fd/random_cnn", "fd/physical"):
+            assert rows[m][arm] == pytest.approx(reference.arms[arm][m].mean(), rel=1e-6), (arm, m)
+    for m in ("value_w1", "seams", "kid/physical"):
+        assert rows[m]["floor"] == pytest.approx(reference.floor[m].mean(), rel=1e-9)
