@@ -21,7 +21,9 @@ from sdofm.cli.common import (
 def run_pretrain(cfg):
     """Pretrain (writing the synthetic Sun first when data.root is empty); print where results are."""
     from sdofm.archive.synthetic import ensure_data
+    from sdofm.models import family_of
     from sdofm.pretraining import pretrain
+    from sdofm.pretraining.objective import objective_class
     from sdofm.tracking import runs_page
 
     with progress(f"no stores under {cfg.data.root}: writing the synthetic Sun") as update:
@@ -30,11 +32,12 @@ def run_pretrain(cfg):
     result = pretrain(cfg)
     m = result.metrics
     table = Table(show_header=False, title=f"pretraining {cfg.model.name}: run {result.run_name!r}")
+    headline = objective_class(family_of(cfg.model.name)).headline
+    losses = [k for k in m if k.startswith("train/loss")]  # one per phase of a GAN
     rows = [
         ("steps", f"{m.get('step', '?')} in {time.perf_counter() - t0:.0f} s"),
-        ("train loss (last interval)", f"{m['train/loss']:.4f}" if "train/loss" in m else "-"),
-        ("val loss", f"{m['val/loss']:.4f}" if "val/loss" in m else "-"),
-        *((k, f"{m[k]:.4f}") for k in ("val/elbo", "val/recon", "val/kl") if k in m),
+        *((f"{k} (last interval)", f"{m[k]:.4f}") for k in losses),
+        *((k, f"{m[k]:.4f}") for k in headline if k in m),
         ("checkpoint", result.checkpoint),
         ("MLflow run id", result.run_id or "(tracking store unreachable: metrics kept locally)"),
         ("encoder model", result.model_uri or "-"),

@@ -19,6 +19,7 @@ from sdofm.datasets.device import DeviceTransform
 from sdofm.datasets.inputs import build_inputs
 from sdofm.engine import fit, loop_config, storage_path
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint
+from sdofm.engine.objective import Schedule
 from sdofm.models.mae import count_parameters
 from sdofm.pretraining.objective import make_objective
 from sdofm.storage import open_url
@@ -110,7 +111,10 @@ def pretrain(cfg: Config) -> PretrainResult:
     derived = {
         "derived.world_size": sc.num_workers,
         "derived.effective_batch": effective_batch(cfg),
-        "derived.peak_lr": peak_lr(cfg),
+        **{
+            f"derived.peak_lr{'' if name == 'model' else '_' + name}": schedule.lr
+            for name, schedule in objective.schedules(Schedule(peak_lr(cfg))).items()
+        },
         "derived.parameters": count_parameters(model),
         "derived.tokens_per_sample": objective.tokens_per_sample(model),
         "derived.sample_shape": list(shape),

@@ -30,6 +30,7 @@ ADAM_BETAS = (0.0, 0.99)
 """StyleGAN2's and StyleSwin's Adam: no momentum, so that each network answers the other's
 latest move rather than an average of its past ones."""
 GENERATE_BATCH = 32
+"""Frames the scoreboard draws from G_ema at once."""
 FIGURE_SAMPLES, FIGURE_REALS = 4, 2
 """EMA-generator samples and real validation frames drawn side by side at each validation."""
 
@@ -187,7 +188,7 @@ class StyleSwinGAN(BackboneObjective):
         model.eval()  # spectral norms keep their power-iteration state
         sums = torch.zeros(6, dtype=torch.float64, device=ctx.device)
         reals: list[np.ndarray] = []
-        frames: dict[str, list[np.ndarray]] = {"real": [], "fake": []}
+        frames: dict[str, list[Summary]] = {"real": [], "fake": []}
         for batch in shard.iter_torch_batches(
             batch_size=ctx.batch_size, prefetch_batches=ctx.prefetch_batches
         ):
@@ -215,8 +216,10 @@ class StyleSwinGAN(BackboneObjective):
                 reals += [f[:, -1].cpu().numpy() for f in x[: FIGURE_REALS - len(reals)]]
             with autocast(ctx.device, ctx.precision):
                 ema = model.G_ema(z)
-            frames["real"].append(x[:, :, -1].float().cpu().numpy())
-            frames["fake"].append(ema[:, :, -1].float().cpu().numpy())
+            for key, f in (("real", x), ("fake", ema)):  # summaries, not frames, are kept
+                frames[key].append(
+                    summarise(f[:, :, -1].float().cpu().numpy(), self.channels, self.seed)
+                )
         all_reduce_sum(sums)
         n = max(float(sums[0]), 1.0)
         d_real, d_fake, loss_d, loss_g, r1 = (float(v) / n for v in sums[1:])
@@ -236,10 +239,12 @@ class StyleSwinGAN(BackboneObjective):
         model.train()
         return Evaluation(metrics, figures)
 
-    def _gathered(self, parts: list[np.ndarray], model) -> Summary:
-        """This worker's frames -> the Summary of every worker's (in rank order)."""
-        shape = (0, len(self.channels), *model.img_size)
-        s = summarise(np.concatenate(parts) if parts else np.zeros(shape), self.channels, self.seed)
+    def _gathered(self, parts: list[Summary], model) -> Summary:
+        """This worker's batch summaries -> the Summary of every worker's frames (in rank
+        order)."""
+        if not parts:  # a worker with no frames of the split still joins the gather
+            parts = [summarise(np.zeros((0, len(self.channels), *model.img_size)), self.channels)]
+        s = Summary.concat(parts)
         spaces = list(s.features)
         *feats, hist, spectrum = all_gather((*(s.features[k] for k in spaces), s.hist, s.spectrum))
         return Summary(dict(zip(spaces, feats, strict=True)), hist, spectrum, s.channels)

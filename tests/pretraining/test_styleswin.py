@@ -399,6 +399,9 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert int(run.data.params["derived.parameters"]) == 126_131 + 56_897  # G and D
+    params = run.data.params  # each optimiser's own learning rate, not train.lr's rule
+    assert float(params["derived.peak_lr_D"]) == 2e-4 and float(params["derived.peak_lr_G"]) == 5e-5
+    assert "derived.peak_lr" not in params
     artifacts = {a.path for a in client.list_artifacts(result.run_id, "samples")}
     assert {"samples/step_00000003.png", "samples/step_00000006.png"} <= artifacts
     state = json.loads(
