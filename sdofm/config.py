@@ -304,6 +304,11 @@ class LoaderConfig(_Section):
     """Local shuffle buffer of the consumer (samples); 0 disables it."""
     seed: int = 0
     """Seed of every shuffle: the same seed and epoch give the same order."""
+    ordered: bool = True
+    """Batches reach the training workers in the plan's order, and each worker the same
+    blocks, whichever reader finishes first, so a seeded run repeats bit for bit; false
+    lets the first finished block go first (a little more throughput when readers stall,
+    an order that varies run to run)."""
     on_bad_frame: Literal["skip", "raise"] = "skip"
     """A NaN, all-zero or wrong-shape frame, or an unreadable chunk: skip the samples that use
     it and report it at the end of the run, or stop with the frame named."""

@@ -72,6 +72,8 @@ class LoopConfig:
     prefetch_batches: int = 2
     shuffle_buffer: int = 0
     """Local shuffle buffer of the consumer (samples; 0: none)."""
+    ordered: bool = True
+    """Blocks reach the workers in the plan's order and split the same way every run."""
     seed: int = 0
     """Seed of the weights, the shuffle buffer (plus the epoch) and the objective's draws."""
     precision: str = "auto"
@@ -111,6 +113,7 @@ def loop_config(cfg: Config, **job: Any) -> LoopConfig:
         "grad_accum": tc.grad_accum,
         "prefetch_batches": cfg.loader.prefetch_batches,
         "shuffle_buffer": cfg.loader.shuffle_buffer,
+        "ordered": cfg.loader.ordered,
         "seed": tc.seed,
         "precision": tc.precision,
         "compile": tc.compile,

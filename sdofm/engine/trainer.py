@@ -101,6 +101,19 @@ def _how_to_resume(name: str, storage: str, latest: Latest | None, max_failures:
     )
 
 
+def _ingest(ordered: bool):
+    """Ray Train's dataset split: every dataset split over the workers, with Ray Data's
+    order preserved when ``ordered``: blocks then leave in the plan's order and each goes to
+    the worker that has received the fewest rows so far, so the same blocks reach the same
+    worker in the same order every run (otherwise whichever block is read first goes
+    first, to whichever worker asks first)."""
+    import ray.train
+
+    options = ray.train.DataConfig.default_ingest_options()
+    options.preserve_order = ordered
+    return ray.train.DataConfig(execution_options=options)
+
+
 def resolve_use_gpu(use_gpu: bool | str) -> bool:
     """``scaling.use_gpu``, with ``auto`` meaning: the Ray cluster has GPUs."""
     import ray
@@ -164,6 +177,7 @@ def fit(
             ],
         ),
         datasets=datasets,
+        dataset_config=_ingest(loop.ordered),
     )
     try:
         result = trainer.fit()
