@@ -394,6 +394,11 @@ class TrainConfig(_Section):
     """``auto``: bf16 autocast on CUDA, fp32 on CPU."""
     compile: bool = False
     """Wrap the model in ``torch.compile``."""
+    deterministic: bool = False
+    """On GPUs, only deterministic kernels (``torch.use_deterministic_algorithms``, cuDNN's
+    deterministic convolutions without autotuning, no TF32, cuBLAS's fixed workspace): the
+    same seeded run gives the same losses on the same GPU model, at some cost in speed. On
+    CPUs runs repeat without it (see docs/training.md)."""
     seed: int = 0
     """Seed of the weights and the masks."""
     augment_dim_min: float | None = Field(None, gt=0, le=1)

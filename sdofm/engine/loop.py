@@ -10,6 +10,7 @@ its controller takes one report per 2 s poll, so per-step reports would stall fa
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class LoopConfig:
     """Seed of the weights, the shuffle buffer (plus the epoch) and the objective's draws."""
     precision: str = "auto"
     compile: bool = False
+    deterministic: bool = False
+    """Deterministic kernels only (``train.deterministic``)."""
     torch_threads: int | None = None
     figures: int = 1
     """Figures rank 0 draws at each evaluation."""
@@ -102,6 +105,18 @@ class LoopConfig:
     the model-input transforms when the readers only decode (``transform.on: device``)."""
 
 
+def deterministic_kernels() -> None:
+    """Only deterministic kernels from here on, in this process: cuBLAS with a fixed
+    workspace (set before its first use), cuDNN without autotuning and with deterministic
+    algorithms, no TF32, and an error from any op that has no deterministic version."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.use_deterministic_algorithms(True)
+
+
 def loop_config(cfg: Config, **job: Any) -> LoopConfig:
     """The loop settings of ``cfg`` that every job shares (clip, accumulation, precision,
     compile, seed, loader, threads, figures, system metrics), with what the job sets
@@ -117,6 +132,7 @@ def loop_config(cfg: Config, **job: Any) -> LoopConfig:
         "seed": tc.seed,
         "precision": tc.precision,
         "compile": tc.compile,
+        "deterministic": tc.deterministic,
         "torch_threads": cfg.scaling.torch_threads,
         "figures": cfg.tracking.figures,
         "system_metrics": cfg.tracking.system_metrics,
@@ -159,6 +175,8 @@ class Worker:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         if lc.torch_threads:
             torch.set_num_threads(lc.torch_threads)
+        if lc.deterministic:
+            deterministic_kernels()
         self.device = ray.train.torch.get_device()
         torch.manual_seed(lc.seed)
         model = objective.build_model().to(self.device)
