@@ -19,12 +19,10 @@ from sdofm.datasets.inputs import build_inputs
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.generation import CORRUPTIONS, Calibrator, applicable, summarise, summary_rows
 from sdofm.generation.calibration import Calibration
-from sdofm.models import family_of
+from sdofm.models import FEATURE_FAMILY, family_of
 from sdofm.pretraining.objective import scoring_objective
 
 ARMS = ("pretrained", "random_init")
-FEATURE_FAMILY = "mae"
-"""The family whose encoder is the learned feature space."""
 
 
 @dataclass

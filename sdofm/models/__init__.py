@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sdofm.models.flavours import FAMILIES, FLAVOURS, Family, Flavour
+from sdofm.models.flavours import FAMILIES, FEATURE_FAMILY, FLAVOURS, Family, Flavour
 
 if TYPE_CHECKING:
     from torch import nn
@@ -53,6 +53,7 @@ def family_of_encoder(encoder: nn.Module) -> str | None:
 
 __all__ = [
     "FAMILIES",
+    "FEATURE_FAMILY",
     "FLAVOURS",
     "Family",
     "Flavour",

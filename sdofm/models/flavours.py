@@ -55,6 +55,9 @@ FAMILIES: dict[str, Family] = {
     ),
 }
 """Model family -> where its model, encoder and objective live."""
+FEATURE_FAMILY = "mae"
+"""The family whose pretrained encoder is the learned feature space in which generated
+frames are scored (``sdofm.finetuning.generation``)."""
 
 
 @dataclass(frozen=True)

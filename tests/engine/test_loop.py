@@ -313,3 +313,39 @@ def test_one_phase_runs_each_micro_batch_as_it_arrives_and_matches_one_process(t
         assert weights[step][0] == weights[step][1]
         for key, want in ref[step].items():
             np.testing.assert_allclose(weights[step][0][key], want.numpy(), rtol=0, atol=2e-6)
+
+
+class NaNAt(TwoOptimisers):
+    """``first``'s loss is NaN at optimiser step ``step`` (from 0), finite before."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def loss(self, model, batch, info, phase, device):
+        loss = super().loss(model, batch, info, phase, device)
+        return loss * float("nan") if info.step == self.step and phase == "first" else loss
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_phase(tmp_path):
+    import ray.data
+
+    from sdofm.engine import RunFailedError
+
+    data = ray.data.from_items([{"sample": i, "x": np.float32(i)} for i in range(8)])
+    loop = LoopConfig(
+        epochs=1,
+        schedule_steps=4,
+        lr=0.0,
+        max_steps=4,
+        batch_size=2,
+        val_every=None,
+        checkpoint_every=1,
+        fallback_dir=str(tmp_path / "tracking"),
+    )
+    with pytest.raises(RunFailedError, match=r"non-finite first loss nan at step 2 \(epoch 0"):
+        fit("nan", str(tmp_path), NaNAt(2), loop, {"train": data}, scaling(1))
+    # Nothing trained on the NaN: the newest checkpoint is the step before it.
+    assert sorted(p.name for p in (tmp_path / "nan").glob("checkpoint_0*")) == [
+        "checkpoint_00000001",
+        "checkpoint_00000002",
+    ]

@@ -123,7 +123,12 @@ def test_nothing_outside_the_registry_branches_on_a_family_name() -> None:
 def test_every_flavour_builds_at_its_own_size(name: str) -> None:
     model = get_model(name)
     assert isinstance(model, resolve(FAMILIES[FLAVOURS[name].family].model))
-    assert count_parameters(model) > 0
+    n = count_parameters(model)
+    size = re.fullmatch(r".*_(\d+)m", name)
+    if size:  # a flavour named for its size holds that many parameters, within 5 %
+        assert abs(n / (int(size.group(1)) * 1e6) - 1) < 0.05, n
+    else:
+        assert n > 0
 
 
 def test_config_and_the_flavour_table_import_no_torch() -> None:
