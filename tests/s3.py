@@ -194,6 +194,8 @@ class Faults:
     match: str = ""
     seed: int = 0
     rng: random.Random = field(init=False)
+    stalled: list[str] = field(default_factory=list)
+    """Keys of the GETs stalled so far, recorded as each stall begins."""
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -231,6 +233,8 @@ class Proxy:
                     and f.rng.random() < f.rate
                 ):
                     if f.mode == "stall":
+                        with proxy._lock:
+                            f.stalled.append(key)
                         time.sleep(f.stall_s)
                     else:
                         msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
