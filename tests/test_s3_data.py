@@ -26,6 +26,7 @@ from sdofm.config import load_config
 from sdofm.datasets.blocks import BlockReader, plan_split
 from sdofm.datasets.index import load_or_build_index
 from sdofm.datasets.sdoml import clear_header_cache
+from sdofm.datasets.stats import load_or_compute_stats
 from tests.conftest import SMALL
 from tests.s3 import free_port, storage_options
 
@@ -145,14 +146,29 @@ def test_data_info_reads_only_the_years_asked_for(s3_root, s3_proxy, tmp_path):
 
 
 @pytest.mark.ray
-def test_data_stats_over_s3(s3_root, s3_server, shared_cache, ray_session):
+def test_data_stats_over_s3(s3_root, s3_server, shared_cache, ray_session, synth_root, tmp_path):
     args = _args(s3_root, s3_server.url, shared_cache, "transform.stats_samples=32")
     r = runner.invoke(app, ["data", "stats", *args])
     assert r.exit_code == 0, r.output
     assert re.search(r"statistics of \d+ train samples", r.output)
     stats = json.loads(next((shared_cache / "cache").glob("stats-*.json")).read_text())
     assert set(stats["channels"]) == set(load_config(None, args).data.channels)
-    assert all(np.isfinite(s["std"]) and s["std"] > 0 for s in stats["channels"].values())
+    # The same numbers as the same statistics of the local copy of the bucket's archive.
+    local = load_config(
+        None,
+        [
+            *SMALL,
+            f"data.root={synth_root}",
+            f"data.cache_dir={tmp_path}",
+            "transform.stats_samples=32",
+        ],
+    )
+    table, _ = load_or_build_index(local.data)
+    expected = load_or_compute_stats(local.data, local.transform, local.loader, table)
+    assert stats["channels"].keys() == expected["channels"].keys()
+    for c, got in stats["channels"].items():
+        for k in ("mean", "std"):
+            assert got[k] == pytest.approx(expected["channels"][c][k], rel=1e-6), (c, k)
 
 
 @pytest.mark.ray
