@@ -65,3 +65,52 @@ def fail_at(monkeypatch, step: int, how: str = "raise") -> None:
         return FailAt(make(cfg, *args, **kwargs), step, how, marker, tc.storage_options)
 
     monkeypatch.setattr(run, "make_objective", failing)
+
+
+class CallAt:
+    """``objective`` as it is, except that rank 0 calls ``action()`` once, right after
+    optimiser step ``step`` (counted from 1): an event at an exact point of the run, not at
+    a moment that a fast run may already have passed."""
+
+    def __init__(self, objective, step: int, action):
+        self.inner, self.step, self.action, self.done = objective, step, action, False
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def after_step(self, model, info) -> None:
+        import torch.distributed as dist
+
+        self.inner.after_step(model, info)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if info.step + 1 == self.step and rank == 0 and not self.done:
+            self.done = True
+            self.action()
+
+
+def call_at(monkeypatch, step: int, action) -> None:
+    """Make every pretraining objective of this test a :class:`CallAt` (``action`` travels
+    to the worker by value)."""
+    import sdofm.pretraining.run as run
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    make = run.make_objective
+    monkeypatch.setattr(run, "make_objective", lambda *a, **k: CallAt(make(*a, **k), step, action))
+
+
+def kill_server(pid: int, port: int) -> None:
+    """SIGKILL a server's process group (no goodbye); return once its port on 127.0.0.1
+    refuses connections."""
+    import socket
+    import time
+
+    os.killpg(pid, signal.SIGKILL)
+    for _ in range(600):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+        except OSError:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"the server on port {port} still answers")

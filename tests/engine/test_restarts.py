@@ -9,8 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-import threading
-import time
+from functools import partial
 
 import pytest
 import torch
@@ -22,11 +21,12 @@ from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
     latest_checkpoint,
+    read_metrics,
     save_checkpoint,
 )
 from sdofm.pretraining import pretrain
 from tests.conftest import small_config
-from tests.faults import fail_at
+from tests.faults import call_at, fail_at, kill_server
 from tests.s3 import _wait_listening, free_port
 
 
@@ -148,26 +148,18 @@ def _stop(proc):
 
 
 @pytest.mark.usefixtures("relay")
-def test_a_tracking_server_that_dies_mid_run_is_synced_once_it_is_back(synth_root, tmp_path, capfd):
+def test_a_tracking_server_that_dies_mid_run_is_synced_once_it_is_back(
+    synth_root, tmp_path, capfd, monkeypatch
+):
     port = free_port()
     db, artifacts = tmp_path / "server.db", tmp_path / "artifacts"
     log = (tmp_path / "server.log").open("ab")
     uri = f"http://127.0.0.1:{port}"
     server = _mlflow_server(db, artifacts, port, log)
     run_dir = tmp_path / "runs" / "pretrain"
-    killed_at: list[float] = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 600
-        while not (run_dir / checkpoint_name(4) / "state.json").exists():
-            if time.time() > deadline:
-                return
-            time.sleep(0.05)
-        os.killpg(server.pid, signal.SIGKILL)  # the server dies: no goodbye
-        killed_at.append(time.time())
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
+    # The server dies, with no goodbye, right after step 5 (the checkpoint of step 4 is
+    # committed), from inside the run: a fast run cannot finish before it.
+    call_at(monkeypatch, step=5, action=partial(kill_server, server.pid, port))
     try:
         result = pretrain(
             _cfg(
@@ -179,16 +171,12 @@ def test_a_tracking_server_that_dies_mid_run_is_synced_once_it_is_back(synth_roo
                 "train.val_every=8",
             )
         )
-        ended = time.time()
     finally:
         _stop(server)
-    killer.join(5)
-    assert killed_at, "the run did not reach its first checkpoint"
     assert result.metrics["step"] == 16
     out = capfd.readouterr().out
     folder = str(run_dir / "tracking")
     assert f"sdofm mlflow sync {folder}" in out and "kept in" in out
-    print(f"run ended {ended - killed_at[0]:.1f} s after the server died")
     kept = json.loads((run_dir / "tracking" / "run.json").read_text())
     assert kept == {"tracking_uri": uri, "run_id": result.run_id, "status": "FINISHED"}
 
@@ -203,6 +191,16 @@ def test_a_tracking_server_that_dies_mid_run_is_synced_once_it_is_back(synth_roo
         assert run.data.tags["sdofm.checkpoint"].endswith(checkpoint_name(16))
         assert [s for s, _ in _history(uri, result.run_id)] == list(range(1, 17))
         assert [s for s, _ in _history(uri, result.run_id, "val/loss")] == [8, 16]
+        # The synced values are the run's own: each kept checkpoint recorded its interval's.
+        kept_records = [
+            r for step in (12, 16) for r in read_metrics(str(run_dir / checkpoint_name(step)))
+        ]
+        assert [r["step"] for r in kept_records] == list(range(9, 17))
+        for key in ("train/loss", "val/loss"):
+            synced = dict(_history(uri, result.run_id, key))
+            for r in kept_records:
+                if key in r:
+                    assert synced[r["step"]] == r[key], (key, r["step"])
         figures = [a.path for a in client.list_artifacts(result.run_id, "reconstructions")]
         assert "reconstructions/step_00000016_0.png" in figures
         # A second sync sends nothing twice.
