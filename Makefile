@@ -20,8 +20,11 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/sdofm demo configs/tune/dimming.yaml
 
+# Both tiers, the Ray-free one first in its own session (a test there that starts Ray
+# fails), then every Ray test; each prints its slowest tests.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not ray" --durations=10
+	$(BIN)/python -m pytest -q -m ray --durations=30
 
 # Every test that needs no Ray instance: the everyday loop, about a minute on 2 cores.
 test-fast: setup

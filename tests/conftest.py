@@ -54,6 +54,27 @@ def ray_session():
     ray.shutdown()
 
 
+NO_RAY_HERE = "127.0.0.1:9"
+"""Where a test without the ``ray`` marker finds "its" Ray cluster: a port that refuses."""
+
+
+@pytest.fixture(autouse=True)
+def _ray_needs_its_marker(request, monkeypatch):
+    """A test without the ``ray`` marker that starts Ray fails: ``ray.init`` raises in this
+    process, and in a subprocess ``ray.init()`` and ``sdofm``'s start follow
+    ``RAY_ADDRESS`` to a closed port. (In a run of both tiers a Ray instance that a marked test
+    started may still be up; ``make test`` runs the unmarked tier first, on its own.)"""
+    if request.node.get_closest_marker("ray") is None:
+        import ray
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError(f"{request.node.nodeid} starts Ray without the `ray` marker")
+
+        monkeypatch.setattr(ray, "init", refuse)
+        monkeypatch.setenv("RAY_ADDRESS", NO_RAY_HERE)  # subprocesses fail (after a wait)
+    yield
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark `ray` every test that uses `ray_session`, directly or through another fixture.
 
