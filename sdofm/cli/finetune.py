@@ -155,7 +155,7 @@ def run_evaluate(cfg, tasks: list[str] | None, n_boot: int):
     from sdofm.tracking import tracking_uri
 
     board = evaluate(cfg, tasks, n_boot)
-    console.print(format_board(board), highlight=False, soft_wrap=True)
+    console.print(format_board(board), highlight=False, markup=False, soft_wrap=True)
     console.print(
         f"MLflow run: {board.run_id} (scoreboard.txt, scoreboard.json; one child run per arm)\n"
         f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
