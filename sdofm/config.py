@@ -572,8 +572,8 @@ class GenerationConfig(_Section):
     train_frames: int = Field(256, ge=8)
     """Training frames the memorisation check compares generated frames with."""
     seed: int = 0
-    """Seed of the random feature network, the splits, the corruptions' noise and the
-    generators' latents."""
+    """Seed of the splits, the corruptions' noise and the generators' latents (the random
+    feature network is one fixed network for every run)."""
 
 
 class SweepConfig(_Section):

@@ -146,7 +146,7 @@ def generation_section(cfg: Config, backbone: Backbone, uri: str) -> GenerationS
     ]
 
     def summary(frames: np.ndarray):
-        return summarise(frames, channels, gc.seed, encoder)
+        return summarise(frames, channels, encoder)
 
     rng = np.random.default_rng(gc.seed)
     real_summary = summary(real)

@@ -45,6 +45,9 @@ bipole's two polarities are one region."""
 RANDOM_CNN_WIDTHS = (16, 32, 64)
 """Channels of the random network's three stride-2 convolutions (features: each layer's
 spatial mean, 112 numbers)."""
+RANDOM_CNN_SEED = 0
+"""The random network's weights: one fixed network, so that every run, validation and
+scoreboard reads frames in the same feature space."""
 
 
 def disk_geometry(size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -166,9 +169,10 @@ def _batched(fn, images: np.ndarray, batch: int = 64) -> np.ndarray:
     return np.concatenate([fn(images[i : i + batch]) for i in range(0, len(images), batch)])
 
 
-def random_cnn_features(images: np.ndarray, seed: int = 0) -> np.ndarray:
-    """images (N, C, H, W) -> (N, 112) features of :class:`RandomConvNet` (seed ``seed``)."""
-    net = RandomConvNet(images.shape[1], seed)
+def random_cnn_features(images: np.ndarray) -> np.ndarray:
+    """images (N, C, H, W) -> (N, 112) features of the :class:`RandomConvNet` of
+    ``RANDOM_CNN_SEED``."""
+    net = RandomConvNet(images.shape[1], RANDOM_CNN_SEED)
     return _batched(lambda b: net(torch.as_tensor(b, dtype=torch.float32)).numpy(), images)
 
 
@@ -244,7 +248,7 @@ class Summary:
 
 
 def summarise(
-    images: np.ndarray, channels: Sequence[str], seed: int = 0, encoder: nn.Module | None = None
+    images: np.ndarray, channels: Sequence[str], encoder: nn.Module | None = None
 ) -> Summary:
     """images (N, C, H, W) in model units -> their :class:`Summary` (the ``encoder`` space
     only when an encoder is given)."""
@@ -264,7 +268,7 @@ def summarise(
         hist = np.zeros((0, C, VALUE_BINS), np.int64)
         return Summary(feats, hist, np.zeros((0, C, H // 2 + 1)), list(channels))
     feats = {
-        "random_cnn": random_cnn_features(images, seed),
+        "random_cnn": random_cnn_features(images),
         "physical": physical_features(images, channels),
     }
     if encoder is not None:

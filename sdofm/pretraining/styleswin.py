@@ -217,9 +217,7 @@ class StyleSwinGAN(BackboneObjective):
             with autocast(ctx.device, ctx.precision):
                 ema = model.G_ema(z)
             for key, f in (("real", x), ("fake", ema)):  # summaries, not frames, are kept
-                frames[key].append(
-                    summarise(f[:, :, -1].float().cpu().numpy(), self.channels, self.seed)
-                )
+                frames[key].append(summarise(f[:, :, -1].float().cpu().numpy(), self.channels))
         all_reduce_sum(sums)
         n = max(float(sums[0]), 1.0)
         d_real, d_fake, loss_d, loss_g, r1 = (float(v) / n for v in sums[1:])
@@ -233,7 +231,7 @@ class StyleSwinGAN(BackboneObjective):
         }
         real, fake = (self._gathered(frames[k], model) for k in ("real", "fake"))
         if len(real) >= 2:
-            gen = scores(real, fake, Standardiser(real), model.window_size)
+            gen = scores(real, fake, Standardiser(real), self.seam_window(model))
             metrics.update({f"{split}/gen/{k}": v for k, v in gen.items()})
         figures = [self._figure(model, reals, ctx)] if ctx.figures and reals else []
         model.train()

@@ -453,13 +453,13 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
     models = {"random_init": get_model("styleswin_debug", img_size=32, in_chans=12)}
     models["pretrained"] = get_model("styleswin_debug", img_size=32, in_chans=12)
     models["pretrained"].load_state_dict(ckpt)
-    cal = Calibrator(summarise(real, CHANNELS, gc.seed), gc.splits, gc.seed, 4)
+    cal = Calibrator(summarise(real, CHANNELS), gc.splits, gc.seed, 4)
     reference = cal.calibrate({})
     for arm, model in models.items():
         with torch.no_grad():
             z = torch.randn(len(real), 32, generator=torch.Generator().manual_seed(gc.seed))
             frames = model.eval().G_ema(z)[:, :, -1].numpy()
-        cal.add_arm(reference, arm, summarise(frames, CHANNELS, gc.seed))
+        cal.add_arm(reference, arm, summarise(frames, CHANNELS))
         for m in ("value_w1", "spectrum", "fd/random_cnn", "fd/physical"):
             assert rows[m][arm] == pytest.approx(reference.arms[arm][m].mean(), rel=1e-6), (arm, m)
     for m in ("value_w1", "seams", "kid/physical"):
