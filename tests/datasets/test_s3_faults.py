@@ -4,8 +4,6 @@ exactly its frames, each reported once and named."""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 import zarr
@@ -151,14 +149,12 @@ def test_a_stalled_get_times_out_and_is_skipped(synth_root, s3_copy, s3_proxy):
     images, skipped = _read_all(reader, plan)
     assert skipped and {s.frame // CHUNK for s in skipped} == {chunk}
     assert all("TimeoutError" in s.reason and "2 attempt(s)" in s.reason for s in skipped)
-    # Counted, not timed: the proxy stalled exactly the two attempts at that chunk (a
-    # reader that waited out a stall would have had its bytes and skipped nothing). The
-    # proxy's handler of the second attempt may record it after the reader gave up on it.
-    for _ in range(1200):
-        if len(f.stalled) >= 2:
-            break
-        time.sleep(0.05)
-    assert len(f.stalled) == 2 and all(k.endswith(f.match) for k in f.stalled), f.stalled
+    # Counted, not timed: the skip comes from stalls at that chunk's GETs and nowhere else
+    # (a reader that waited a stall out would have had its bytes and skipped nothing). The
+    # first attempt always reaches the proxy; whether the retry's request is read before the
+    # reader abandons it depends on scheduling, so it is not counted.
+    assert f.stalled and all(k.endswith(f.match) for k in f.stalled), f.stalled
+    assert len(f.stalled) <= 2
     assert len(images) == plan.num_samples - len({i for s in skipped for i in s.samples})
 
 
