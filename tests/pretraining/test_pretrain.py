@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -267,4 +268,14 @@ def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, ca
     prepared = prepare(head_cfg, task)
     assert prepared.backbone.family == "nvae"
     fitted = train_head(head_cfg, task, prepared, None, "nvae_head", str(tmp_path / "runs"))
-    assert fitted.metrics["epoch"] == 2 and 0 < fitted.metrics["test/mae"] < 1
+    assert fitted.metrics["epoch"] == 2
+    # The head beats the best constant guess: the median of the test split's own dimming
+    # factors (drawn from the seed and the sample ids), whose error is about (1 - 0.01) / 4.
+    from sdofm.finetuning.tasks.dimming import Dimming
+
+    ids = np.concatenate(
+        [b["sample"] for b in prepared.datasets["test"].iter_batches(batch_format="numpy")]
+    )
+    alpha = Dimming(head_cfg, prepared.stats, prepared.sample_shape[-1]).alphas(ids, "test", 0)
+    constant = float(np.abs(alpha - np.median(alpha)).mean())
+    assert fitted.metrics["test/mae"] < constant
