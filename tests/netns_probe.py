@@ -2,10 +2,10 @@
 
     ray job submit --working-dir . -- python tests/netns_probe.py CHECKOUT HOST_FILE BUCKET_URL
 
-One task per node (label ``sdofm-node``): its hostname and Ray node, whether the
-submitting machine's checkout and a file it wrote are visible, where ``sdofm`` was
-imported from, and whether the tracking server and the object store answer. The worker
-writes a file to its /tmp; the head then looks for it. Prints one ``PROBE {json}`` line.
+One task per node (label ``sdofm-node``): its hostname and Ray node, what of the
+submitting machine's checkout it lists, whether a file that machine wrote is visible,
+where ``sdofm`` was imported from, and whether the tracking server and the object store
+answer. The worker writes a file to its /tmp; the head then looks for it. Prints one ``PROBE {json}`` line.
 """
 
 import json
@@ -32,7 +32,9 @@ def look(checkout: str, host_file: str, bucket: str, other_tmp_file: str | None)
     return {
         "host": socket.gethostname(),
         "node_id": ray.get_runtime_context().get_node_id(),
-        "checkout": os.path.exists(checkout),
+        # What of the checkout this node sees: nothing, or only the folder its read-only
+        # Python image (the venv) is mounted at when the venv lives in the checkout.
+        "checkout": sorted(os.listdir(checkout)) if os.path.isdir(checkout) else None,
         "host_file": os.path.exists(host_file),
         "other_tmp_file": os.path.exists(other_tmp_file) if other_tmp_file else None,
         "mine": mine,

@@ -103,12 +103,17 @@ if [[ $cmd == _enter ]]; then
         [[ " ${hide[*]} " == *" $top "* ]] || hide+=("$top")
     done
     hide+=(/var/tmp)
+    # The image is staged in the node's own /tmp (which may hold DIR, the checkout and the
+    # venv, all under the machine's /tmp) before anything is hidden, then moved into place
+    # once every private folder is mounted, so no later mount covers it.
+    mkdir -p "$node_dir/disk/tmp"
     k=0
     for p in "${image[@]}"; do
-        mkdir -p "$node_dir/.stage/$k"
-        mount --rbind "$p" "$node_dir/.stage/$k"
+        mkdir -p "$node_dir/disk/tmp/.image/$k"
+        mount --rbind "$p" "$node_dir/disk/tmp/.image/$k"
         k=$((k + 1))
     done
+    mount --rbind "$node_dir/disk/tmp" /tmp  # first: DIR itself is usually under /tmp
     for t in "${hide[@]}"; do
         [[ $t == /tmp ]] && continue
         mkdir -p "$node_dir/disk$t"
@@ -117,12 +122,11 @@ if [[ $cmd == _enter ]]; then
     k=0
     for p in "${image[@]}"; do
         mkdir -p "$p"
-        mount --move "$node_dir/.stage/$k" "$p"
+        mount --move "/tmp/.image/$k" "$p"
         mount -o remount,bind,ro "$p"
         k=$((k + 1))
     done
-    mkdir -p "$node_dir/disk/tmp"
-    mount --bind "$node_dir/disk/tmp" /tmp          # last: DIR itself is usually under /tmp
+    rmdir /tmp/.image/* /tmp/.image 2>/dev/null || true  # empty now; never rm -r here
     mount -t tmpfs -o size=1g,mode=1777 tmpfs /dev/shm  # the node's own object store
     if [[ -d "$dir" ]]; then mount -t tmpfs -o size=1m tmpfs "$dir"; fi  # DIR elsewhere
     if [[ -e "$repo/cluster/local" ]]; then say "the node still sees the checkout $repo"; exit 1; fi
