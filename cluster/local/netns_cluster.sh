@@ -103,30 +103,29 @@ if [[ $cmd == _enter ]]; then
         [[ " ${hide[*]} " == *" $top "* ]] || hide+=("$top")
     done
     hide+=(/var/tmp)
-    # The image is staged in the node's own /tmp (which may hold DIR, the checkout and the
-    # venv, all under the machine's /tmp) before anything is hidden, then moved into place
-    # once every private folder is mounted, so no later mount covers it.
-    mkdir -p "$node_dir/disk/tmp"
-    k=0
-    for p in "${image[@]}"; do
-        mkdir -p "$node_dir/disk/tmp/.image/$k"
-        mount --rbind "$p" "$node_dir/disk/tmp/.image/$k"
-        k=$((k + 1))
-    done
-    mount --rbind "$node_dir/disk/tmp" /tmp  # first: DIR itself is usually under /tmp
+    # Every mount the node gets is staged in the node's own /tmp first, while each source
+    # (under DIR, often itself under /tmp) is still in sight; then that folder becomes the
+    # node's /tmp and each staged mount is moved into place: the private folders, then
+    # the image (which may lie inside one of them, or inside /tmp), so nothing covers it.
+    stage=$node_dir/disk/tmp/.mounts
+    sources=() targets=()
     for t in "${hide[@]}"; do
         [[ $t == /tmp ]] && continue
         mkdir -p "$node_dir/disk$t"
-        mount --bind "$node_dir/disk$t" "$t"
+        sources+=("$node_dir/disk$t") targets+=("$t")
     done
-    k=0
-    for p in "${image[@]}"; do
-        mkdir -p "$p"
-        mount --move "/tmp/.image/$k" "$p"
-        mount -o remount,bind,ro "$p"
-        k=$((k + 1))
+    for p in "${image[@]}"; do sources+=("$p") targets+=("$p"); done
+    for k in "${!sources[@]}"; do
+        mkdir -p "$stage/$k"
+        mount --rbind "${sources[$k]}" "$stage/$k"
     done
-    rmdir /tmp/.image/* /tmp/.image 2>/dev/null || true  # empty now; never rm -r here
+    mount --rbind "$node_dir/disk/tmp" /tmp
+    for k in "${!targets[@]}"; do
+        mkdir -p "${targets[$k]}"
+        mount --move "/tmp/.mounts/$k" "${targets[$k]}"
+    done
+    for p in "${image[@]}"; do mount -o remount,bind,ro "$p"; done
+    rmdir /tmp/.mounts/* /tmp/.mounts 2>/dev/null || true  # empty now; never rm -r here
     mount -t tmpfs -o size=1g,mode=1777 tmpfs /dev/shm  # the node's own object store
     if [[ -d "$dir" ]]; then mount -t tmpfs -o size=1m tmpfs "$dir"; fi  # DIR elsewhere
     if [[ -e "$repo/cluster/local" ]]; then say "the node still sees the checkout $repo"; exit 1; fi

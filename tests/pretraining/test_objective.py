@@ -32,17 +32,47 @@ def test_masks_follow_the_sample_id_not_the_batch_or_the_weights():
 
 
 def test_nvae_scores_are_the_reconstruction_term_per_channel_on_fixed_draws():
-    objective = scoring_objective("nvae", "nvae_debug", KWARGS, CHANNELS, seed=0)
+    """The per-channel score is the Gaussian NLL of that channel's frames under the decoder's
+    output for the seeded posterior draw, computed here by hand in float64 from (mu, logsig);
+    two frames per channel, so a slip between the (C * T) stacking and the channels shows."""
+    import math
+
+    import numpy as np
+
+    from sdofm.pretraining.objective import draw_seed
+
+    kwargs = {**KWARGS, "num_frames": 2}
+    objective = scoring_objective("nvae", "nvae_debug", kwargs, CHANNELS, seed=0)
     model = objective.build_model().eval()
-    imgs = torch.randn(2, 12, 1, 32, 32)
+    gen = torch.Generator().manual_seed(1)
+    imgs = torch.randn(2, 12, 2, 32, 32, generator=gen)
     err, weight = objective.sample_errors(model, imgs, [5, 6])
     again, _ = objective.sample_errors(model, imgs, [5, 6])
     assert err.shape == (2, 12) and weight.tolist() == [1.0, 1.0]
-    assert torch.equal(err, again)  # the posterior draws are fixed
+    assert torch.equal(err, again)  # the posterior draws are fixed by the seed and the ids
+
+    torch.manual_seed(draw_seed(0, 5))  # the draw sample_errors makes for a batch led by id 5
+    with torch.no_grad():
+        mu, logsig, _, _ = model.decoder_net(model.bottom_up(imgs), 2)
+    x = imgs.double().numpy()
+    mu, logsig = mu.double().numpy(), logsig.double().numpy()
+    want = np.empty((2, 12))
+    for c in range(12):
+        frames = [c * 2 + t for t in range(2)]  # stacked (B, C * T, H, W): index c * T + t
+        z = (x[:, c] - mu[:, frames]) / np.exp(logsig[:, frames])
+        want[:, c] = (0.5 * math.log(2 * math.pi) + logsig[:, frames] + 0.5 * z**2).mean((1, 2, 3))
+    np.testing.assert_allclose(err.double().numpy(), want, rtol=1e-5)
+    # The same draw through the model's loss: the scores average to its reconstruction term.
+    torch.manual_seed(draw_seed(0, 5))
     with torch.no_grad():
         recon = model(imgs)["recon"]
-    # another posterior draw gives another value, close to the same mean over channels
-    torch.testing.assert_close(err.mean(), recon, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(err.mean(), recon, rtol=1e-5, atol=0)
+    # Channel order: ruin one channel's frames and its score, not another's, is the worst.
+    ruined = imgs.clone()
+    ruined[:, 7] += 20.0
+    worse, _ = objective.sample_errors(model, ruined, [5, 6])
+    assert worse.argmax(dim=1).tolist() == [7, 7], worse
+    assert (worse[:, 7] > 10 * err[:, 7]).all()
 
 
 @pytest.mark.parametrize("prob", [1.0, 0.5])
