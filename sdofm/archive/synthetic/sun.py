@@ -368,6 +368,10 @@ class SyntheticSun:
         for j, (_name, wl, logt) in enumerate(EVE_LINE_TABLE):
             base = 1e-4 * (1 + 0.3 * math.sin(wl))  # a fixed level per line
             hot = 1 / (1 + math.exp(-(logt - 6.6) * 6))  # hot lines respond to flares
-            sig = base * (1 + 0.02 * (0.5 + hot) * act + 0.05 * (0.05 + hot) * flare)
+            # The visible ARs (act ~ 8-14 on the session store's days) add 40-70 % to a cool
+            # line and 120-200 % to a hot one, so that from day to day the lines move by
+            # several percent with the regions on the disk, as the real lines do over a
+            # rotation, well above EVE's 1 % noise.
+            sig = base * (1 + 0.1 * (0.5 + hot) * act + 0.05 * (0.05 + hot) * flare)
             out[:, j] = sig * (1 + 0.01 * self.rng_eve.standard_normal(len(t)))
         return out
