@@ -187,6 +187,35 @@ def test_unreachable_tracking_server_does_not_stop_training(synth_root, cache_di
     assert list((local / "figures" / "reconstructions").glob("step_00000004_0.png"))
 
 
+def _active_units_by_hand(cfg, checkpoint) -> list[int]:
+    """Active latent units per group of the NVAE at ``checkpoint`` over the run's validation
+    subset: posterior means (eval mode) per sample, their variance over the samples > 0.01."""
+    import torch
+
+    from sdofm.datasets.index import load_or_build_index
+    from sdofm.datasets.pipeline import SDOMLPipeline
+    from sdofm.datasets.stats import load_or_compute_stats
+    from sdofm.engine.checkpoint import load_checkpoint
+    from sdofm.pretraining.objective import make_objective
+
+    table, _ = load_or_build_index(cfg.data)
+    stats = load_or_compute_stats(cfg.data, cfg.transform, cfg.loader, table)
+    pipe = SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
+    n_val = pipe.num_samples("val")
+    tc = cfg.train
+    subset = np.sort(np.random.default_rng(tc.seed).permutation(n_val)[: tc.val_samples])
+    batches = pipe.dataset("val", epoch=0, subset=subset).iter_batches(
+        batch_size=64, batch_format="numpy"
+    )
+    images = np.concatenate([b["image"] for b in batches])
+    assert len(images) == tc.val_samples == 64
+    model = make_objective(cfg, pipe.sample_shape()).build_model()
+    load_checkpoint(checkpoint, model)
+    with torch.no_grad():
+        means = model.eval().posterior_means(torch.from_numpy(images).float())
+    return [int((m.double().numpy().var(axis=0) > 0.01).sum()) for m in means]
+
+
 def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, cache_dir, tmp_path):
     from sdofm.finetuning.run import prepare, train_head
     from sdofm.finetuning.tasks import get_task
@@ -222,11 +251,16 @@ def test_nvae_pretrains_on_the_engine_and_serves_the_dimming_head(synth_root, ca
     metrics = client.get_run(result.run_id).data.metrics
     groups = 4  # nvae_debug: 2 scales x 2 groups
     active = [metrics[f"val/active_units_g{g}"] for g in range(groups)]
-    # No posterior collapse: in every group some latent variables (of 4 x 8 x 8 or 4 x 16 x
-    # 16) have posterior means that vary across the validation samples with a variance
-    # above 0.01 (Burda et al. 2016).
+    # Counted again here: the final checkpoint's posterior means on the same 64 validation
+    # samples (the run's fixed seeded subset), a unit active where their variance over the
+    # samples exceeds 0.01 (Burda et al. 2016), computed in float64 with numpy.
+    by_hand = _active_units_by_hand(cfg, tmp_path / "runs" / "nvae" / "checkpoint_00000080")
+    assert active == by_hand, (active, by_hand)
+    # No posterior collapse: in every group at least a tenth of the latent variables (of
+    # 4 x 8 x 8 or 4 x 16 x 16) carry information about their sample (this run: 19, 32, 38
+    # and 41 %); a collapsed group, whose posterior is its prior whatever the input, has none.
     sizes = [256, 256, 1024, 1024]
-    assert all(1 <= a <= n for a, n in zip(active, sizes, strict=True)), active
+    assert all(n / 10 <= a <= n for a, n in zip(active, sizes, strict=True)), active
     for g in range(groups):
         assert metrics[f"val/kl_g{g}"] > 0
     assert sum(metrics[f"val/kl_g{g}"] for g in range(groups)) == pytest.approx(
