@@ -18,6 +18,7 @@ from sdofm.config import ConfigError, load_config
 from sdofm.engine import LoopConfig, StepInfo, fit
 from sdofm.pretraining.objective import make_objective, scoring_objective
 from sdofm.pretraining.styleswin import StyleSwinGAN, ema_beta
+from tests.pretraining.test_pretrain import best_constant_guess
 
 CHANNELS = load_config().data.channels
 KWARGS = {"img_size": 32, "in_chans": 12, "num_frames": 1}
@@ -426,7 +427,8 @@ def test_pretrain_logs_both_losses_and_r1_and_serves_the_dimming_head(
     prepared = prepare(head_cfg, task)
     assert prepared.backbone.family == "styleswin"
     fitted = train_head(head_cfg, task, prepared, None, "styleswin_head", str(tmp_path / "runs"))
-    assert fitted.metrics["epoch"] == 1 and 0 < fitted.metrics["test/mae"] < 1
+    assert fitted.metrics["epoch"] == 1
+    assert fitted.metrics["test/mae"] < best_constant_guess(head_cfg, prepared)
 
     # sdofm evaluate: no reconstruction section, a generation section instead.
     board = evaluate(head_cfg, ["dimming"], n_boot=50)
