@@ -210,6 +210,12 @@ def test_cli_finetune_eve_beats_the_climatology_and_a_head_taught_shuffled_targe
         clim = _climatology_by_hand(values, index, split)
         assert m[f"{split}/climatology_rel_error"] == pytest.approx(clim, rel=1e-5), split
     assert m["test/rel_error"] < m["test/climatology_rel_error"], m
+    # The same seeded run again: the same losses and scores, bit for bit (not its speed).
+    again, *_ = _finetune_eve(synth_root, tmp_path, tmp_path / "backbone", "eve-again")
+    scores = {k: v for k, v in m.items() if k.split("/")[0] in ("val", "test", "train")}
+    scores = {k: v for k, v in scores.items() if not k.endswith("_per_s")}
+    assert len(scores) > 80 and "train/loss" in scores
+    assert {k: again[k] for k in scores} == scores
 
     # The control: the train samples' EVE spectra permuted among themselves in a copy.
     train_rows = np.unique(index.loc[index["split"] == "train", "eve_row"].to_numpy())
