@@ -30,7 +30,7 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not ray"
 
-# The shared-nothing two-node cluster (root: network and mount namespaces), about 15
+# The shared-nothing two-node cluster (root: network and mount namespaces), about 8
 # minutes; CI runs it after `make test`. Without root it skips and says why.
 test-netns: setup
 	SDOFM_NETNS_TESTS=1 $(BIN)/python -m pytest -q -rs --durations=10 tests/test_netns_cluster.py

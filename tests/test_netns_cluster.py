@@ -38,7 +38,7 @@ pytestmark = pytest.mark.ray
 def _cannot_make_namespaces() -> str | None:
     """Why this machine cannot host the cluster, or None."""
     if os.environ.get("SDOFM_NETNS_TESTS") != "1":
-        # About 15 minutes of a 2-core machine: `make test-netns` (CI runs it after
+        # About 8 minutes of a 2-core machine: `make test-netns` (CI runs it after
         # `make test`), not part of every `make test`.
         return "set SDOFM_NETNS_TESTS=1 to run the two-node cluster tests (make test-netns)"
     if os.geteuid() != 0:
