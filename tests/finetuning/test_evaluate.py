@@ -188,7 +188,7 @@ def _images(pipe, split):
     return np.concatenate(ids)[order], np.concatenate(imgs)[order]
 
 
-def _pretrain_briefly(cfg, path, steps=300, seed=0):
+def _pretrain_briefly(cfg, path, steps=300):
     """mae_debug pretrained by a plain loop on the session store's train split (the
     pretraining objective's loss; the Ray Train loop would cost half a minute more), saved
     as pretraining saves it. -> (the model, the pipeline of the pretraining transform)."""
@@ -197,12 +197,12 @@ def _pretrain_briefly(cfg, path, steps=300, seed=0):
     pipe = SDOMLPipeline(cfg.data, cfg.transform, cfg.loader, table, stats)
     objective = make_objective(cfg, pipe.sample_shape())
     _, train = _images(pipe, "train")
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     model = objective.build_model()
     opt = objective.optimizers(model)["model"]
     for group in opt.param_groups:
         group["lr"] = 2e-3
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: two threads beside Ray's cost 100x here
     try:
