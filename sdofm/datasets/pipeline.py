@@ -140,6 +140,12 @@ def _read_blocks(spec: ReadSpec, blocks: np.ndarray, epoch: int | None):
         yield BlockAccessor.batch_to_block(batch)
 
 
+def read_tasks(n_blocks: int, blocks_per_read: int) -> int:
+    """Read tasks of a dataset of ``n_blocks``: one per run of ``blocks_per_read``
+    consecutive blocks, at most 4096."""
+    return min(4096, -(-n_blocks // blocks_per_read))
+
+
 def _block_source(spec: ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool, epoch: int | None):
     from ray.data import Datasource, ReadTask
     from ray.data.block import BlockMetadata
@@ -171,9 +177,13 @@ def _block_source(spec: ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool,
                 if shuffle
                 else np.arange(len(runs))
             )
+            # The run with the split's last block, the one shorter block, goes last: before
+            # it, batches of a size that divides the block size are slices of one block.
+            if len(runs):
+                order = np.concatenate([order[order != len(runs) - 1], [len(runs) - 1]])
             parts = [
                 np.concatenate([runs[i] for i in g])
-                for g in np.array_split(order, min(4096, len(runs)))
+                for g in np.array_split(order, read_tasks(n_blocks, per_read))
                 if len(g)
             ]
             return [
@@ -231,6 +241,7 @@ class SDOMLPipeline:
         self._subsets: list[tuple[str, np.ndarray | None]] = []  # (split, subset) of each dataset
         self._registries: list[object] = []  # one registry actor per dataset made
         self._latest: dict[str, object] = {}  # split -> the registry of its newest dataset
+        self._shape: tuple[int, int, int, int] | None = None
 
     def plan(self, split: str, subset: np.ndarray | None = None) -> SplitPlan | PreparedPlan:
         if self.prepared is not None:
@@ -241,9 +252,14 @@ class SDOMLPipeline:
         return self.plan(split).num_samples
 
     def sample_shape(self) -> tuple[int, int, int, int]:
-        """(C, T, H, W) of the ``image`` of one sample."""
+        """(C, T, H, W) of the ``image`` of one sample (the stores are opened once)."""
         if self.prepared is not None:
             return self.prepared.shape
+        if self._shape is None:
+            self._shape = self._stored_sample_shape()
+        return self._shape
+
+    def _stored_sample_shape(self) -> tuple[int, int, int, int]:
         d = self.data
         first = d.channels[0]
         archive = Archive.open(d)
@@ -254,6 +270,14 @@ class SDOMLPipeline:
         stored = store.array(str(years.iloc[0]), first).shape[-1]
         size = self.transform.size or stored
         return len(d.channels), d.num_frames, size, size
+
+    def sample_bytes(self) -> int:
+        """Bytes of one sample's ``image`` as the readers hand it over."""
+        if self.prepared is not None:
+            dtype = self.transform.dtype
+        else:
+            dtype = "float32" if self.transform.on == "device" else self.transform.dtype
+        return int(np.prod(self.sample_shape())) * np.dtype(dtype).itemsize
 
     def dataset(
         self,
@@ -296,7 +320,20 @@ class SDOMLPipeline:
             key, self.data, self.transform, lc, ray.put(plan), self.stats, registry=name
         )
         source = _block_source(spec, plan, lc.shuffle and split == "train", epoch)
-        ds = ray.data.read_datasource(source, num_cpus=lc.cpus_per_reader, concurrency=lc.readers)
+        # One Ray block per reader block. Left alone, Ray Data splits each read task's
+        # output to reach its default ~200 blocks, and the read's output buffer
+        # concatenates yielded blocks (a copy) up to 128 MiB or slices larger ones, so
+        # batches span blocks and are assembled anew. As many blocks as read tasks turns
+        # the split off; a size limit just under one whole block's bytes makes the buffer
+        # pass every whole block on as it is yielded (a shorter one, the split's last or
+        # one that lost samples to a bad frame, waits for the next of its task).
+        ds = ray.data.read_datasource(
+            source,
+            num_cpus=lc.cpus_per_reader,
+            concurrency=lc.readers,
+            override_num_blocks=read_tasks(len(plan.blocks), lc.blocks_per_read),
+        )
+        ds.context.target_max_block_size = int(0.9 * lc.block_size * self.sample_bytes())
         # Blocks leave in the order planned, whichever reader finishes first: the
         # same seed and epoch give the same sample order.
         ds.context.execution_options.preserve_order = True

@@ -242,3 +242,25 @@ def test_images_equal_a_direct_read_and_transform(synth_root, tmp_path):
             np.testing.assert_array_equal(b["time"][j], plan.time[rows])
             checked += 1
     assert checked == plan.num_samples
+
+
+@pytest.mark.parametrize("blocks_per_read", [1, 3])
+def test_one_ray_block_per_reader_block_and_batches_within_one(
+    synth_root, tmp_path, blocks_per_read
+):
+    """Ray Data neither splits the readers' blocks nor joins them: each Ray block is one
+    block of the plan, whole, and batches of the block size never span two."""
+    cfg = _cfg(
+        synth_root, tmp_path, "loader.readers=2", f"loader.blocks_per_read={blocks_per_read}"
+    )
+    pipe = _pipe(cfg)
+    plan = pipe.plan("train")
+    ds = pipe.dataset("train", epoch=0)
+    rows = [b.num_rows() for b in ds.iter_internal_ref_bundles()]
+    assert len(rows) == len(plan.blocks) and sorted(rows) == sorted(len(b) for b in plan.blocks)
+    assert "SplitBlocks" not in ds.stats(), ds.stats()
+    block_of = {int(s): k for k, b in enumerate(plan.blocks) for s in plan.ids[b]}
+    batches = list(pipe.dataset("train", epoch=0).iter_batches(batch_size=cfg.loader.block_size))
+    for b in batches:
+        assert len({block_of[int(s)] for s in b["sample"]}) == 1, b["sample"]
+    assert sum(len(b["sample"]) for b in batches) == plan.num_samples
