@@ -300,8 +300,10 @@ class LoaderConfig(_Section):
     """Batches prefetched by each consumer."""
     shuffle: bool = True
     """Randomise block order and sample order within blocks each epoch (train split)."""
-    shuffle_buffer: int = Field(64, ge=0)
-    """Local shuffle buffer of the consumer (samples); 0 disables it."""
+    shuffle_buffer: int = Field(0, ge=0)
+    """Local shuffle buffer of the consumer (samples); 0 (default): none. The readers already
+    shuffle blocks (in runs of ``blocks_per_read``) and the samples inside each block every
+    epoch; a buffer copies every sample once more and assembles each batch anew."""
     seed: int = 0
     """Seed of every shuffle: the same seed and epoch give the same order."""
     ordered: bool = True

@@ -17,8 +17,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sdofm.config import DataConfig, TransformConfig
 from sdofm.constants import disk_radius_px
+from sdofm.datasets.blocks import make_preprocessor
 from sdofm.datasets.transforms import Preprocessor, _zscore_params, disk_mask
+
+
+def device_transform(
+    data: DataConfig, transform: TransformConfig, size: int, stats: dict | None
+) -> DeviceTransform | None:
+    """What the engine applies to each batch's image on the device: the model-input
+    transforms of ``transform`` at ``size`` px when the readers only decode
+    (``transform.on: device``); None otherwise (prepared shards are transformed)."""
+    if transform.on != "device" or data.prepared:
+        return None
+    return DeviceTransform(make_preprocessor(data.channels, transform, size, stats))
 
 
 class DeviceTransform:

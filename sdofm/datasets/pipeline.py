@@ -124,6 +124,7 @@ def _read_blocks(spec: ReadSpec, blocks: np.ndarray, epoch: int | None):
 
     reader = reader_for(spec)
     handle = ray.get_actor(spec.registry)
+    short = []
     for b in blocks:
         e = epoch if epoch is not None else ray.get(handle.next_epoch.remote(int(b)))
         try:
@@ -134,9 +135,17 @@ def _read_blocks(spec: ReadSpec, blocks: np.ndarray, epoch: int | None):
             raise
         if skipped:  # waited for: recorded before the block can be consumed
             ray.get(handle.record.remote(skipped))
-        # The reader writes the next block into the same image buffer, and Ray may hold
-        # several blocks of a task (zero-copy Arrow views) before storing them: copy.
-        batch["image"] = batch["image"].copy()
+        # The reader writes the next block into the same image buffer. A whole block
+        # leaves the read's output buffer as it is yielded and is stored (copied into the
+        # object store) before the reader resumes. A shorter one (samples lost to a bad
+        # frame) would wait there for the next block, and the two be joined and re-cut
+        # into views of the reader's buffer: it is copied and yielded after the task's
+        # whole blocks.
+        if len(batch["image"]) < spec.loader.block_size:
+            short.append({**batch, "image": batch["image"].copy()})
+        else:
+            yield BlockAccessor.batch_to_block(batch)
+    for batch in short:
         yield BlockAccessor.batch_to_block(batch)
 
 
@@ -144,6 +153,32 @@ def read_tasks(n_blocks: int, blocks_per_read: int) -> int:
     """Read tasks of a dataset of ``n_blocks``: one per run of ``blocks_per_read``
     consecutive blocks, at most 4096."""
     return min(4096, -(-n_blocks // blocks_per_read))
+
+
+def read_whole_blocks(source, loader: LoaderConfig, n_blocks: int, sample_bytes: int):
+    """The Ray Dataset of ``source``, a datasource whose read tasks yield blocks of
+    ``loader.block_size`` samples of ``sample_bytes`` (``n_blocks`` in all, in runs of
+    ``loader.blocks_per_read``), read by ``loader.readers`` tasks at a time, each
+    yielded block one Ray block, in the order planned."""
+    import ray
+
+    # Left alone, Ray Data splits each read task's output to reach its default ~200
+    # blocks, and the read's output buffer joins yielded blocks up to 128 MiB or re-cuts
+    # larger ones (views a consumer then concatenates into fresh memory), so batches span
+    # blocks and are assembled anew. As many blocks as read tasks turns the split off; a
+    # size limit just under one whole block's bytes makes the buffer pass every whole
+    # block on as it is yielded (a shorter one waits for the next of its task).
+    ds = ray.data.read_datasource(
+        source,
+        num_cpus=loader.cpus_per_reader,
+        concurrency=loader.readers,
+        override_num_blocks=read_tasks(n_blocks, loader.blocks_per_read),
+    )
+    ds.context.target_max_block_size = int(0.9 * loader.block_size * sample_bytes)
+    # Blocks leave in the order planned, whichever reader finishes first: the same seed
+    # and epoch give the same sample order.
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def _block_source(spec: ReadSpec, plan: SplitPlan | PreparedPlan, shuffle: bool, epoch: int | None):
@@ -320,24 +355,7 @@ class SDOMLPipeline:
             key, self.data, self.transform, lc, ray.put(plan), self.stats, registry=name
         )
         source = _block_source(spec, plan, lc.shuffle and split == "train", epoch)
-        # One Ray block per reader block. Left alone, Ray Data splits each read task's
-        # output to reach its default ~200 blocks, and the read's output buffer
-        # concatenates yielded blocks (a copy) up to 128 MiB or slices larger ones, so
-        # batches span blocks and are assembled anew. As many blocks as read tasks turns
-        # the split off; a size limit just under one whole block's bytes makes the buffer
-        # pass every whole block on as it is yielded (a shorter one, the split's last or
-        # one that lost samples to a bad frame, waits for the next of its task).
-        ds = ray.data.read_datasource(
-            source,
-            num_cpus=lc.cpus_per_reader,
-            concurrency=lc.readers,
-            override_num_blocks=read_tasks(len(plan.blocks), lc.blocks_per_read),
-        )
-        ds.context.target_max_block_size = int(0.9 * lc.block_size * self.sample_bytes())
-        # Blocks leave in the order planned, whichever reader finishes first: the
-        # same seed and epoch give the same sample order.
-        ds.context.execution_options.preserve_order = True
-        return ds
+        return read_whole_blocks(source, lc, len(plan.blocks), self.sample_bytes())
 
     def registry(self, split: str):
         """The epoch bookkeeping actor of ``split``'s newest dataset (it has ``set_epoch``)."""

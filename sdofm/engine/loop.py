@@ -140,6 +140,18 @@ def loop_config(cfg: Config, **job: Any) -> LoopConfig:
     return LoopConfig(**{**shared, **job})
 
 
+def batch_options(lc: LoopConfig, epoch: int) -> dict:
+    """How a worker iterates its train shard in ``epoch`` (``iter_torch_batches`` or
+    ``iter_batches`` keywords): batch size, prefetch, and the consumer's shuffle buffer
+    when one is set (seeded by the seed plus the epoch)."""
+    return {
+        "batch_size": lc.batch_size,
+        "prefetch_batches": lc.prefetch_batches,
+        "local_shuffle_buffer_size": lc.shuffle_buffer or None,
+        "local_shuffle_seed": lc.seed + epoch if lc.shuffle_buffer else None,
+    }
+
+
 class DeviceShard:
     """A dataset shard whose torch batches arrive with the image on the device and
     ``transform`` applied to it; every other attribute is the shard's."""
@@ -257,12 +269,7 @@ class Worker:
     def batches(self):
         """This epoch's train batches, less those consumed before a resumed checkpoint."""
         lc = self.lc
-        kwargs = {
-            "batch_size": lc.batch_size,
-            "prefetch_batches": lc.prefetch_batches,
-            "local_shuffle_buffer_size": lc.shuffle_buffer or None,
-            "local_shuffle_seed": lc.seed + self.state.epoch if lc.shuffle_buffer else None,
-        }
+        kwargs = batch_options(lc, self.state.epoch)
         shard = self.shards["train"]
         if self.objective.batch_format == "numpy":
             it = shard.iter_batches(batch_format="numpy", **kwargs)

@@ -101,7 +101,7 @@ def _how_to_resume(name: str, storage: str, latest: Latest | None, max_failures:
     )
 
 
-def _ingest(ordered: bool):
+def ingest_config(ordered: bool):
     """Ray Train's dataset split: every dataset split over the workers, with Ray Data's
     order preserved when ``ordered``: blocks then leave in the plan's order and each goes to
     the worker that has received the fewest rows so far, so the same blocks reach the same
@@ -177,7 +177,7 @@ def fit(
             ],
         ),
         datasets=datasets,
-        dataset_config=_ingest(loop.ordered),
+        dataset_config=ingest_config(loop.ordered),
     )
     try:
         result = trainer.fit()

@@ -14,8 +14,7 @@ import numpy as np
 
 from sdofm.config import Config, dump_config
 from sdofm.console import say
-from sdofm.datasets.blocks import make_preprocessor
-from sdofm.datasets.device import DeviceTransform
+from sdofm.datasets.device import device_transform
 from sdofm.datasets.inputs import build_inputs
 from sdofm.engine import fit, loop_config, storage_path
 from sdofm.engine.checkpoint import MODEL_FILE, latest_checkpoint
@@ -98,11 +97,7 @@ def pretrain(cfg: Config) -> PretrainResult:
     inputs = build_inputs(cfg)
     pipe, stats = inputs.pipeline, inputs.stats
     shape = pipe.sample_shape()
-    image_transform = None
-    # The readers only decode: the rest runs on the GPU (prepared shards are transformed).
-    if cfg.transform.on == "device" and not d.prepared:
-        pre = make_preprocessor(d.channels, cfg.transform, shape[-1], stats)
-        image_transform = DeviceTransform(pre)
+    image_transform = device_transform(d, cfg.transform, shape[-1], stats)
     objective = make_objective(cfg, shape, stats)
     model = objective.build_model()
     n_train, n_val = pipe.num_samples("train"), pipe.num_samples("val")

@@ -21,6 +21,7 @@ from functools import cached_property
 from typing import Any
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 
 from sdofm.constants import AIA_CHANNELS, HMI_CHANNELS
 from sdofm.datasets.sdoml.headers import (
@@ -640,6 +641,9 @@ class ImageStore:
 
 def _cat_or_error(fs, path: str):
     try:
+        if isinstance(fs, LocalFileSystem):  # without fsspec's file object (its overhead)
+            with open(path, "rb") as f:
+                return f.read()
         return fs.cat_file(path)
     except Exception as e:  # returned, like fs.cat(on_error="return")
         return e
