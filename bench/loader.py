@@ -112,9 +112,12 @@ CONTENDERS = {
     "wp": "(w) worker: prepared shards, fp16",
     "wt": "(w) worker: transport, no decode",
     "wn": "(w) worker: stream, no device step",
+    "w16": "(w) worker: stream, on device, fp16",
 }
-WORKER_KEYS = ("w", "wn", "wr16", "wp", "wt")
+WORKER_KEYS = ("w", "w16", "wn", "wr16", "wp", "wt")
 WORKER_CPUS = 0.1  # logical CPUs the Ray Train worker of (w) reserves; the readers the rest
+RAY_BLOCKS: dict[str, str] = {}  # "w_fpc1" -> rows per Ray block of the read (Ray Data's stats)
+CPU_BY_PROCESS: dict[str, dict[str, float]] = {}  # "w_fpc1" -> CPU s by process, fastest pass
 # ratio name -> (numerator, denominator, chunking, minimum): the issue's goals.
 GOALS = {
     "stream_vs_codec_fpc1": ("c", "a0", 1, 0.7),
@@ -744,7 +747,9 @@ def worker_dataset(store: Store, args: argparse.Namespace, key: str, stats: dict
         t = cfg.transform.model_copy(update={"dtype": "float16"})  # the shards' dtype: no cast
         pipe = SDOMLPipeline(cfg.data, t, lc, None, None)
         return pipe.dataset("train"), None, pipe
-    on, dtype = {"wr16": ("reader", "float16")}.get(key, ("device", "float32"))
+    on, dtype = {"wr16": ("reader", "float16"), "w16": ("device", "float16")}.get(
+        key, ("device", "float32")
+    )
     t = t.model_copy(update={"on": on, "dtype": dtype})
     pipe = SDOMLPipeline(d, t, lc, table, stats)
     ds = pipe.dataset("train", subset=store.subset)
@@ -804,7 +809,10 @@ def run_worker(store: Store, args: argparse.Namespace, keys: list[str], stats: d
         got = json.loads(result.read_text())
         seconds, cpu, roles = min(got["passes"], key=lambda p: p[0])
         out.append(Result(store.frames_per_chunk, key, store.n * args.epochs, seconds, cpu))
-        print(f"{out[-1].row()}   Ray blocks: {rows_per_block(got['stats'])}", flush=True)
+        label = f"{key}_fpc{store.frames_per_chunk}"
+        RAY_BLOCKS[label] = rows_per_block(got["stats"])
+        CPU_BY_PROCESS[label] = {k: v for k, v in roles.items() if v >= 0.01}
+        print(f"{out[-1].row()}   Ray blocks: {RAY_BLOCKS[label]}", flush=True)
         busiest = sorted(roles.items(), key=lambda kv: -kv[1])
         print("    CPU s by process: " + ", ".join(f"{k} {v:.2f}" for k, v in busiest if v >= 0.01))
     return out
@@ -905,6 +913,7 @@ def ratio_table(value: dict[tuple[str, int], float]) -> dict[str, float | None]:
         "t": "transport",
         "w": "worker_stream",
         "wn": "worker_stream_no_device_step",
+        "w16": "worker_stream_fp16",
         "wr16": "worker_stream_reader_fp16",
         "wt": "worker_transport",
     }
@@ -993,6 +1002,8 @@ def report(results: list[Result], args: argparse.Namespace, demand: dict, busy: 
         "gpu": {"device": "H100", "mfu": MFU, "peak_flops": H100_BF16, "models": demand},
         "cores_per_gpu": cores,
         "cores_per_gpu_wall": cores_wall,
+        "ray_blocks_rows": RAY_BLOCKS,
+        "cpu_seconds_by_process": CPU_BY_PROCESS,
         "seed_stack": SEED_STACK[0],
         "machine_shared": shared,
         "cpu_busy": [round(b, 3) for b in busy],

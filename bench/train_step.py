@@ -153,6 +153,110 @@ def in_ray_train(args, round_: int = 0) -> list[float]:
     return times
 
 
+def data_config(args):
+    """The streaming pipeline's config for ``--data``: every aligned step of the store a
+    train sample, the transform on the device, images in ``--data-dtype``."""
+    from sdofm.config import load_config
+
+    root = os.path.abspath(args.data)
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            f"data.cache_dir={root}/cache",
+            "data.split.val_months=[]",
+            "data.split.test_months=[]",
+            "transform.on=device",
+            f"transform.dtype={args.data_dtype}",
+            "transform.stats_samples=256",
+            f"loader.readers={args.readers}",
+            "loader.cpus_per_reader=1",
+            f"loader.batch_size={args.batch}",
+        ],
+    )
+
+
+def data_model(args, shape):
+    """``--model`` for samples of ``shape`` (C, T, H, W), seeded."""
+    torch.manual_seed(0)
+    patch = {"patch_size": args.patch_size} if args.patch_size else {}
+    return get_model(args.model, in_chans=shape[0], num_frames=shape[1], img_size=shape[2], **patch)
+
+
+def fed(args) -> dict:
+    """The training step fed by the streaming pipeline in a Ray Train worker, as the engine
+    feeds it (``batch_options``, ``DeviceShard``: pinned copies, the device transform):
+    seconds per step and the share of each step spent waiting for its batch."""
+    import ray.train
+    import ray.train.torch
+    from ray.train.torch import TorchTrainer
+
+    from sdofm.datasets.device import device_transform
+    from sdofm.datasets.inputs import build_inputs
+    from sdofm.engine import loop_config
+    from sdofm.engine.loop import DeviceShard, batch_options
+    from sdofm.engine.trainer import ingest_config
+    from sdofm.runtime import init_ray
+
+    init_ray()
+    cfg = data_config(args)
+    inputs = build_inputs(cfg)
+    shape = inputs.pipeline.sample_shape()  # (C, T, H, W)
+    transform = device_transform(cfg.data, cfg.transform, shape[-1], inputs.stats)
+    loop = loop_config(cfg, epochs=1, schedule_steps=1, lr=0.0, batch_size=args.batch)
+    threads = torch.get_num_threads()
+
+    def train(config):
+        torch.set_num_threads(threads)
+        device = ray.train.torch.get_device()
+        model = ray.train.torch.prepare_model(data_model(args, shape).to(device))
+        step = make_step(model, args.precision, device)
+        shard = DeviceShard(ray.train.get_dataset_shard("train"), transform, device)
+
+        def batches():
+            epoch = 0
+            while True:
+                yield from shard.iter_torch_batches(**batch_options(loop, epoch))
+                epoch += 1
+
+        it, waits, times = batches(), [], []
+        for i in range(args.warmup + args.steps):
+            t0 = time.perf_counter()
+            x = next(it)["image"]
+            t1 = time.perf_counter()
+            loss = step(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            loss.item()
+            if i >= args.warmup:
+                waits.append(t1 - t0)
+                times.append(time.perf_counter() - t0)
+        if ray.train.get_context().get_world_rank() == 0:
+            with open(config["out"], "w") as f:
+                json.dump({"times": times, "waits": waits}, f)
+
+    out = os.path.abspath(f".bench_fed_{os.getpid()}.json")
+    use_gpu = torch.cuda.is_available()
+    TorchTrainer(
+        train,
+        train_loop_config={"out": out},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=args.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bench_fed_{os.getpid()}", storage_path=os.path.abspath("ray_results")
+        ),
+        datasets={"train": inputs.pipeline.dataset("train")},
+        dataset_config=ingest_config(loop.ordered),
+    ).fit()
+    with open(out) as f:
+        got = json.load(f)
+    os.remove(out)
+    return {"shape": list(shape), **got}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mae_tiny")
@@ -168,12 +272,23 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--no-ray", action="store_true", help="only the plain loop (MFU runs)")
     p.add_argument(
+        "--data",
+        default=None,
+        help="a store's data.root: time the step fed by the streaming pipeline instead "
+        "(a Ray Train worker; the model takes the store's channels and size)",
+    )
+    p.add_argument("--data-dtype", choices=["float32", "float16"], default="float16")
+    p.add_argument("--readers", type=int, default=2, help="--data: pipeline readers (1 CPU each)")
+    p.add_argument("--workers", type=int, default=1, help="--data: Ray Train workers (DDP)")
+    p.add_argument(
         "--rounds",
         type=int,
         default=3,
         help="alternating plain / Ray Train rounds; the overhead is the median of their ratios",
     )
     args = p.parse_args()
+    if args.data:
+        return main_fed(args)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, core, _ = build(args, torch.device("cpu"))
@@ -225,6 +340,46 @@ def main() -> None:
             f"(median of {rounds} rounds; range {ratios[0]:+.1%} .. {ratios[-1]:+.1%}), "
             f"{statistics.median(means):+.1%} of the mean (report stalls included; goal <= 5%)"
         )
+
+
+def main_fed(args) -> None:
+    """``--data``: the step fed by the pipeline, against the same step on a batch already
+    on the device (plain PyTorch, same model and batch size)."""
+    got = fed(args)
+    c, t, h, _ = got["shape"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = data_model(args, got["shape"]).to(device)
+    x = torch.randn(args.batch, c, t, h, h, device=device)
+    plain_times = timed_steps(
+        make_step(model, args.precision, device), x, args.steps, args.warmup, device
+    )
+    fed_s, wait_s = statistics.median(got["times"]), sum(got["waits"]) / sum(got["times"])
+    plain_s = statistics.median(plain_times)
+    flops = 3 * mae_flops_per_sample(model) * args.batch
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    line = {
+        "bench": "train_step_fed",
+        "model": args.model,
+        "device": name,
+        "workers": args.workers,
+        "readers": args.readers,
+        "data_dtype": args.data_dtype,
+        "sample_shape": got["shape"],
+        "batch": args.batch,
+        "fed_ms_per_step": round(fed_s * 1e3, 2),
+        "plain_ms_per_step": round(plain_s * 1e3, 2),
+        "fed_samples_per_s": round(args.batch * args.workers / fed_s, 1),
+        "plain_samples_per_s": round(args.batch / plain_s, 1),
+        "data_wait_share": round(wait_s, 3),
+        "fed_mfu": round(flops / fed_s / peak, 3) if peak and args.precision == "bf16" else None,
+    }
+    print(
+        f"{args.model}, {c} channels at {h} px, batch {args.batch}, {name}: fed by the pipeline "
+        f"{line['fed_ms_per_step']} ms/step ({line['fed_samples_per_s']} samples/s), "
+        f"{wait_s:.0%} of it waiting for data; on a ready batch {line['plain_ms_per_step']} ms/step"
+    )
+    print(json.dumps(line))
 
 
 if __name__ == "__main__":

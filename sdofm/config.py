@@ -272,7 +272,10 @@ class TransformConfig(_Section):
     every period shares one physical scale in [-1, 1]; ``zscore`` standardises them with the
     train statistics like AIA (a month of stronger fields then lies far outside them)."""
     dtype: Literal["float32", "float16"] = "float32"
-    """Dtype of the emitted images (float16 halves the bytes moved)."""
+    """Dtype of the images the readers hand over (float16 halves the bytes moved through
+    Ray's object store): model-ready values with ``on: reader``; with ``on: device``
+    physical units clipped to each channel's bounds and scaled by a power of two, made
+    float32 again on the device (float16's rounding: 2**-11 of the value)."""
     on: Literal["reader", "device"] = "reader"
     """Where limb, scaling and z-score run: on the readers' CPUs, or on the training
     device (readers only decode and resize; pretraining; finetuning always uses ``reader``)."""

@@ -6,7 +6,8 @@ block touches few chunks. :class:`BlockReader` reads one block: it decodes only
 the chunks holding the block's frames, each once, transforms each channel
 straight into the output array, shuffles the block's samples and returns
 
-* ``image``: ``(n, C, T, H, W)`` float32 (or float16), physical -> scaled -> z-scored,
+* ``image``: ``(n, C, T, H, W)`` float32 (or float16), physical -> scaled -> z-scored (with
+  ``transform.on: device`` physical units, see :mod:`sdofm.datasets.device`),
 * ``time``: ``(n, T)`` int64 ns UTC, ``sample``: ``(n,)`` the sample's id in its split,
 * ``deg_cor``: ``(n, C, T)`` the degradation factor divided out (1 for HMI),
 * ``eve``: ``(n, L, T)`` when EVE lines are selected.
@@ -33,9 +34,11 @@ from sdofm.datasets.sdoml import Archive, FrameError, ReadPolicy
 from sdofm.datasets.transforms import (
     MAGNETOGRAM_CHANNELS,
     Preprocessor,
+    cast_into,
     downsample_to,
     scaled_clip,
     scaling_params,
+    wire_exponents,
 )
 
 # --------------------------------------------------------------------------- skipped frames
@@ -276,10 +279,17 @@ class BlockReader:
         self.stored_size = self.stores[first].array(y0, first).shape[-1] if y0 else 0
         pre = make_preprocessor(data.channels, transform, self.stored_size, stats)
         self.size = pre.out_size or self.stored_size
-        # transform.on == "device": decode (and resize) only, float32 physical units out;
-        # the engine applies the rest (sdofm.datasets.device).
+        # transform.on == "device": decode (and resize) only, physical units out (float16:
+        # clipped to each channel's bounds and scaled by a power of two, see
+        # transforms.wire_exponents); the engine applies the rest (sdofm.datasets.device).
         self.decode_only = transform.on == "device"
-        self.out_dtype = "float32" if self.decode_only else transform.dtype
+        self.out_dtype = transform.dtype
+        self.wire = None
+        if self.decode_only and transform.dtype == "float16":
+            k = wire_exponents(pre.channels, pre.clip_min, pre.clip_max)
+            self.wire = [
+                (lo, hi, 2.0**-e) for lo, hi, e in zip(pre.clip_min, pre.clip_max, k, strict=True)
+            ]
         # One single-channel transform per channel: each channel is read and
         # transformed on its own, straight into the output array.
         self.pre = [pre.channel(i) for i in range(len(data.channels))]
@@ -409,8 +419,13 @@ class BlockReader:
                 # frames is ours: transform it in place unless it must be resized.
                 if self.decode_only:
                     x = downsample_to(frames, self.size) if pre.out_size else frames
+                    if self.wire is not None:
+                        lo, hi, scale = self.wire[ci]
+                        np.multiply(np.clip(x, lo, hi, out=x), scale, out=x)
                 else:
                     x = pre(frames[None])[0] if pre.out_size else pre.apply_(frames[None])[0]
+                if x.dtype != out.dtype:  # float16 images: torch's cast, 80x numpy's
+                    x = cast_into(self._buffer("cast", x.shape, out.dtype), x)
                 dest = pos[ni]
                 if len(uniq) == len(ni) and np.array_equal(inv, np.arange(len(inv))):
                     out[dest, ci, ti] = x  # every frame used once: no gather copy

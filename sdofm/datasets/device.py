@@ -20,7 +20,7 @@ import torch
 from sdofm.config import DataConfig, TransformConfig
 from sdofm.constants import disk_radius_px
 from sdofm.datasets.blocks import make_preprocessor
-from sdofm.datasets.transforms import Preprocessor, _zscore_params, disk_mask
+from sdofm.datasets.transforms import Preprocessor, _zscore_params, disk_mask, wire_exponents
 
 
 def device_transform(
@@ -73,7 +73,8 @@ class DeviceTransform:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, C, T, H, W) or (B, C, H, W) physical units -> same shape float32, model-ready.
+        """x: (B, C, T, H, W) or (B, C, H, W) physical units (float32, or float16 as the readers
+        send it: clipped, times 2**-k per channel) -> same shape float32, model-ready.
 
         The input is left as it is (the batch may be shared with a prefetcher).
         """
@@ -85,8 +86,16 @@ class DeviceTransform:
             )
         y = x.to(torch.float32, copy=True)
         off = self._off_disk(*y.shape[-2:], y.device)
+        # float16 images come clipped and scaled by 2**-k per channel (BlockReader).
+        wire = (
+            wire_exponents(pre.channels, pre.clip_min, pre.clip_max)
+            if x.dtype == torch.float16
+            else None
+        )
         for c, (method, lo, hi, soft) in enumerate(self.plan):
             yc = y[:, c]
+            if wire is not None:
+                yc.mul_(2.0 ** wire[c])
             # Limb first, in physical units (as _apply_limb_): HMI has no data off the disk.
             if pre.limb == "mask_off_disk" or pre.is_magnetogram[c]:
                 yc.masked_fill_(off, 0.0)
@@ -101,4 +110,36 @@ class DeviceTransform:
             if self.zscore is not None:
                 mean, std = self.zscore[c]
                 yc.sub_(mean).div_(std)
+        return y
+
+
+class PinnedCopies:
+    """Host batches sent to a CUDA device through page-locked buffers kept between batches.
+
+    A copy from pageable memory cannot overlap the GPU's work, and pinning each batch
+    afresh (``Tensor.pin_memory()``, what Ray's ``pin_memory`` option does) allocates
+    page-locked memory per batch, which costs more than the copy. Here each shape and
+    dtype has ``slots`` pinned buffers used in turn; a buffer is written again only once
+    the GPU has finished reading it. Other devices: a plain ``.to(device)``."""
+
+    def __init__(self, device: torch.device, slots: int = 2):
+        self.device, self.slots = torch.device(device), slots
+        self._rings: dict[tuple, list[tuple[torch.Tensor, object]]] = {}
+        self._turn: dict[tuple, int] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return x.to(self.device)
+        key = (tuple(x.shape), x.dtype)
+        ring = self._rings.setdefault(key, [])
+        i = self._turn.get(key, 0)
+        self._turn[key] = (i + 1) % self.slots
+        if len(ring) <= i:
+            pinned = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+            ring.append((pinned, torch.cuda.Event()))
+        buf, done = ring[i]
+        done.synchronize()  # the GPU has read what this buffer held last
+        buf.copy_(x)
+        y = buf.to(self.device, non_blocking=True)
+        done.record()
         return y

@@ -308,11 +308,7 @@ class SDOMLPipeline:
 
     def sample_bytes(self) -> int:
         """Bytes of one sample's ``image`` as the readers hand it over."""
-        if self.prepared is not None:
-            dtype = self.transform.dtype
-        else:
-            dtype = "float32" if self.transform.on == "device" else self.transform.dtype
-        return int(np.prod(self.sample_shape())) * np.dtype(dtype).itemsize
+        return int(np.prod(self.sample_shape())) * np.dtype(self.transform.dtype).itemsize
 
     def dataset(
         self,

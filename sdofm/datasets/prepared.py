@@ -43,6 +43,7 @@ import numpy as np
 
 from sdofm.config import ConfigError, DataConfig, LoaderConfig, TransformConfig, dump_config
 from sdofm.datasets.index import INDEX_KEYS
+from sdofm.datasets.transforms import cast_into
 from sdofm.storage import open_url
 
 FORMAT = 1
@@ -84,7 +85,7 @@ def differences(old: dict, new: dict) -> list[str]:
 def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 -> the stored dtype (bfloat16 as uint16, rounded to nearest even)."""
     if dtype == "float16":
-        return x.astype("<f2")
+        return cast_into(np.empty(x.shape, "<f2"), x)
     u = np.ascontiguousarray(x, np.float32).view(np.uint32)
     return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype("<u2")
 
@@ -92,25 +93,13 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
 def decode(
     raw: np.ndarray, dtype: str, out: str = "float32", into: np.ndarray | None = None
 ) -> np.ndarray:
-    """The stored dtype -> ``out`` (float32 or float16), written ``into`` an array if given.
-
-    torch casts (one thread, vectorised): numpy's float16 -> float32 cast ran at about a
-    fifth of torch's speed here, as slow as the codec decodes.
-    """
+    """The stored dtype -> ``out`` (float32 or float16), written ``into`` an array if given
+    (torch's cast: :func:`~sdofm.datasets.transforms.cast_into`)."""
     import torch
 
     dst = np.empty(raw.shape, out) if into is None else into
     src = torch.from_numpy(np.ascontiguousarray(raw).view(np.int16))
-    src = src.view(torch.float16 if dtype == "float16" else torch.bfloat16)
-    # One thread: readers are the parallelism, and an OpenMP pool inherited through a
-    # fork (a process pool) would hang in a parallel copy.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.from_numpy(dst).copy_(src)
-    finally:
-        torch.set_num_threads(threads)
-    return dst
+    return cast_into(dst, src.view(torch.float16 if dtype == "float16" else torch.bfloat16))
 
 
 def _storage_dtype(dtype: str) -> np.dtype:

@@ -23,6 +23,7 @@ from torch import nn
 
 from sdofm.config import Config
 from sdofm.console import quiet_reports, say
+from sdofm.datasets.device import PinnedCopies
 from sdofm.engine.checkpoint import (
     TrainState,
     checkpoint_name,
@@ -158,10 +159,11 @@ class DeviceShard:
 
     def __init__(self, shard, transform: Callable, device: torch.device):
         self.shard, self.transform, self.device = shard, transform, device
+        self.send = PinnedCopies(device)
 
     def iter_torch_batches(self, **kwargs):
         for batch in self.shard.iter_torch_batches(**kwargs):
-            batch["image"] = self.transform(batch["image"].to(self.device, non_blocking=True))
+            batch["image"] = self.transform(self.send(batch["image"]))
             yield batch
 
     def iter_batches(self, **kwargs):
