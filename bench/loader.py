@@ -43,8 +43,9 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
 (cr) ``stream, transform on the readers``: (c) with ``transform.on: reader`` (limb,
      log scaling and z-score on the readers' CPUs).
 (t)  ``transport``: what (c) costs without reading anything: a Ray Data source with
-     (c)'s read tasks, CPUs and block size whose blocks are copies of one ready array of
-     samples of the same shape and dtype (no store, no decode), through the same
+     (c)'s read tasks, CPUs and Ray block settings whose blocks are slices of one ready
+     array of samples of the same shape and dtype, allocated once per read worker process
+     (no store, no decode, no fresh memory), through the same
      ``iter_batches``. (c) cannot be faster than the slower of (a0) and (t).
 (p)  ``prepared``: the same samples written once by ``sdofm data prepare`` (limb, scaling,
      z-score on; float16; in a child process, untimed, reused while they exist), read
@@ -53,9 +54,21 @@ Contenders, each given the same number of CPUs (``--cpus``, default 2):
      a reader costs with ``data.prepared`` set. ``prepared_vs_codec`` is its rate over (a0)'s
      (the goal: at least 3x).
 
+(w)  ``worker``: where the product's consumer receives the data. The train dataset goes
+     to a ``TorchTrainer`` with one Ray Train worker that iterates
+     ``get_dataset_shard("train").iter_torch_batches(...)`` as the engine's workers do
+     (``batch_options``, ``ingest_config``, ``DeviceShard`` with the device transform), no
+     model; the readers and the worker share the N CPUs. Variants: (w16) float16 physical
+     units; (wn) no device transform (what a GPU would run: on a machine without one the
+     engine's device is the CPU); (wr16) transforms on the readers, float16; (wp) the
+     prepared shards through the Ray Data source; (wt) (t)'s blocks. Each pass counts the
+     CPU of every process of the Ray session and prints it by process, and the rows per
+     Ray block from Ray Data's stats. Goals of (w) are judged per CPU-second.
+
 Each contender runs ``--warmup`` untimed one-epoch passes (default 1), then
 ``--repeat`` timed passes (default 2) of which the fastest is reported (the machine may be shared; the
-fastest pass is the least disturbed). samples/s = samples / wall time of the pass,
+fastest pass is the least disturbed); ``--rounds R`` repeats every contender R times,
+interleaved, in one Ray session, and keeps each one's fastest round. samples/s = samples / wall time of the pass,
 worker start-up (every epoch) included for (b), (c), (cr) and excluded for (a0), (a). Every contender
 checks it delivered exactly the index rows (or decoded exactly the frames they need).
 The stores are run one after the other; before each, the chunks the samples need are

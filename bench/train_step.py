@@ -104,10 +104,45 @@ def plain(args) -> list[float]:
     return timed_steps(make_step(model, args.precision, device), x, args.steps, args.warmup, device)
 
 
+def run_trainer(loop, name: str, workers: int = 1, **trainer_kwargs):
+    """``loop(config)`` in a ``TorchTrainer`` of ``workers`` (1 CPU each, and a GPU when
+    there is one); what rank 0 passes to ``write_result`` is returned."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    out = os.path.abspath(f".bench_{name}_{os.getpid()}.json")
+    use_gpu = torch.cuda.is_available()
+    TorchTrainer(
+        loop,
+        train_loop_config={"out": out},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=ray.train.RunConfig(
+            name=f"bench_{name}_{os.getpid()}", storage_path=os.path.abspath("ray_results")
+        ),
+        **trainer_kwargs,
+    ).fit()
+    with open(out) as f:
+        got = json.load(f)
+    os.remove(out)
+    return got
+
+
+def write_result(config: dict, result) -> None:
+    """Rank 0's result of a ``run_trainer`` loop."""
+    import ray.train
+
+    if ray.train.get_context().get_world_rank() == 0:
+        with open(config["out"], "w") as f:
+            json.dump(result, f)
+
+
 def in_ray_train(args, round_: int = 0) -> list[float]:
     import ray.train
     import ray.train.torch
-    from ray.train.torch import TorchTrainer
 
     from sdofm.runtime import init_ray
 
@@ -128,29 +163,9 @@ def in_ray_train(args, round_: int = 0) -> list[float]:
         times = timed_steps(
             make_step(model, args.precision, device), x, args.steps, args.warmup, device, report
         )
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(config["out"], "w") as f:
-                json.dump(times, f)
+        write_result(config, times)
 
-    out = os.path.abspath(f".bench_train_step_{os.getpid()}.json")
-    use_gpu = torch.cuda.is_available()
-    TorchTrainer(
-        loop,
-        train_loop_config={"out": out},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=1,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"bench_train_step_{os.getpid()}_{round_}",
-            storage_path=os.path.abspath("ray_results"),
-        ),
-    ).fit()
-    with open(out) as f:
-        times = json.load(f)
-    os.remove(out)
-    return times
+    return run_trainer(loop, f"train_step_{round_}")
 
 
 def data_config(args):
@@ -189,7 +204,6 @@ def fed(args) -> dict:
     seconds per step and the share of each step spent waiting for its batch."""
     import ray.train
     import ray.train.torch
-    from ray.train.torch import TorchTrainer
 
     from sdofm.datasets.device import device_transform
     from sdofm.datasets.inputs import build_inputs
@@ -231,29 +245,15 @@ def fed(args) -> dict:
             if i >= args.warmup:
                 waits.append(t1 - t0)
                 times.append(time.perf_counter() - t0)
-        if ray.train.get_context().get_world_rank() == 0:
-            with open(config["out"], "w") as f:
-                json.dump({"times": times, "waits": waits}, f)
+        write_result(config, {"times": times, "waits": waits})
 
-    out = os.path.abspath(f".bench_fed_{os.getpid()}.json")
-    use_gpu = torch.cuda.is_available()
-    TorchTrainer(
+    got = run_trainer(
         train,
-        train_loop_config={"out": out},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=args.workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": 1, **({"GPU": 1} if use_gpu else {})},
-        ),
-        run_config=ray.train.RunConfig(
-            name=f"bench_fed_{os.getpid()}", storage_path=os.path.abspath("ray_results")
-        ),
+        "fed",
+        args.workers,
         datasets={"train": inputs.pipeline.dataset("train")},
         dataset_config=ingest_config(loop.ordered),
-    ).fit()
-    with open(out) as f:
-        got = json.load(f)
-    os.remove(out)
+    )
     return {"shape": list(shape), **got}
 
 

@@ -96,6 +96,20 @@ def test_prepared_samples_equal_the_streaming_ones(prepared):
             assert np.array_equal(y["eve"], x["eve"])
         if split == "train":
             train = a
+    # Read in the stored dtype (each sample straight into its place in the block): the
+    # same values, bit for bit, as float16.
+    half = cfg.model_copy(
+        update={
+            "data": cfg.data.model_copy(update={"prepared": str(out)}),
+            "transform": cfg.transform.model_copy(update={"dtype": "float16"}),
+        }
+    )
+    for split in SPLITS:
+        a, b = _by_id(ready, split), _by_id(_pipe(half), split)
+        assert sorted(a) == sorted(b)
+        for i, x in a.items():
+            assert b[i]["image"].dtype == np.float16
+            assert np.array_equal(b[i]["image"], x["image"].astype(np.float16)), (split, i)
     # A subset, and the training order: every asked sample once, reproducible per epoch.
     # (a subset's samples are numbered by their position in it, as the streaming ones)
     sub = np.array([42, 1, 5, 6, 30, 41])
