@@ -232,38 +232,6 @@ class PreparedReader:
         rows = p.row[pos]
         r0, r1 = int(rows.min()), int(rows.max()) + 1
         path = f"{ps.root}/{p.split}/{int(p.shard[pos[0]]):05d}.bin"
-        if self.local and np.dtype(self.out_dtype) == self.raw:
-            image = self._read_into_place(path, rows)
-        else:
-            image = self._read_range(path, r0, r1, rows, len(pos))
-        batch = {
-            "image": image,
-            "time": p.time[pos],
-            "sample": p.sample[pos],
-            "deg_cor": p.deg_cor[pos],
-        }
-        if p.eve is not None:
-            batch["eve"] = p.eve[pos]
-        return batch, []
-
-    def _read_into_place(self, path: str, rows: np.ndarray) -> np.ndarray:
-        """A local shard stored in the dtype asked for: each sample read straight
-        into its (shuffled) place in the block, no other copy."""
-        ps = self.prepared
-        image = self._buffer("image", (len(rows), *ps.shape), self.out_dtype)
-        with ps.fs.open(path, "rb") as f:
-            for j, r in enumerate(rows):
-                f.seek(int(r) * self.sample_bytes)
-                if f.readinto(image[j].reshape(-1).view(np.uint8)) != self.sample_bytes:
-                    raise OSError(
-                        f"{ps.url}: {path} is shorter than its index says (damaged shard?)"
-                    )
-        return image
-
-    def _read_range(self, path: str, r0: int, r1: int, rows: np.ndarray, n: int) -> np.ndarray:
-        """The block's rows ``r0..r1`` of a shard in one read (one ranged GET), then each
-        sample cast into its place in the block."""
-        ps = self.prepared
         raw = self._buffer("raw", (r1 - r0, *ps.shape), self.raw)
         start, size = r0 * self.sample_bytes, (r1 - r0) * self.sample_bytes
         if self.local:  # straight into the buffer
@@ -276,7 +244,15 @@ class PreparedReader:
             raw.reshape(-1).view(np.uint8)[:got] = np.frombuffer(data, np.uint8)
         if got != size:
             raise OSError(f"{ps.url}: {path} is shorter than its index says (damaged shard?)")
-        image = self._buffer("image", (n, *ps.shape), self.out_dtype)
+        image = self._buffer("image", (len(pos), *ps.shape), self.out_dtype)
         for j, r in enumerate(rows - r0):
             decode(raw[r], ps.dtype, self.out_dtype, into=image[j])
-        return image
+        batch = {
+            "image": image,
+            "time": p.time[pos],
+            "sample": p.sample[pos],
+            "deg_cor": p.deg_cor[pos],
+        }
+        if p.eve is not None:
+            batch["eve"] = p.eve[pos]
+        return batch, []
