@@ -98,6 +98,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -353,6 +354,13 @@ def needed_chunks(store: Store, chunk_len: Callable[[str, str, str], int]):
                 yield url, str(year), c, int(chunk_id), sel - chunk_id * k
 
 
+def _with_cpu(fn, task) -> tuple[int, float]:
+    """``fn(task)`` and the CPU seconds this process spent on it."""
+    c0 = time.process_time()
+    out = fn(task)
+    return out, time.process_time() - c0
+
+
 def run_pool(
     store: Store, key: str, args: argparse.Namespace, fn, tasks, init=None, wanted=None
 ) -> Result:
@@ -364,16 +372,14 @@ def run_pool(
     chunksize = max(1, len(tasks) // (8 * cpus))  # small enough to balance the workers
 
     def run_pass(pool, epochs: int) -> tuple[float, float]:
-        def run() -> None:
-            for _ in range(epochs):
-                frames = sum(pool.imap_unordered(fn, tasks, chunksize=chunksize))
-                assert frames == wanted, f"{key}: decoded {frames} frames, need {wanted}"
-
-        # The pool's processes only: Ray may be running beside it (idle, its CPU not the pool's).
-        workers = [p.pid for p in pool._pool]
-        c0, t0 = sum(tree_cpu(p) for p in workers), time.perf_counter()
-        run()
-        return time.perf_counter() - t0, sum(tree_cpu(p) for p in workers) - c0
+        # CPU: what the pool's processes spent on the tasks (Ray may idle beside the pool).
+        cpu, t0 = 0.0, time.perf_counter()
+        for _ in range(epochs):
+            done = list(pool.imap_unordered(partial(_with_cpu, fn), tasks, chunksize=chunksize))
+            frames = sum(f for f, _ in done)
+            cpu += sum(c for _, c in done)
+            assert frames == wanted, f"{key}: decoded {frames} frames, need {wanted}"
+        return time.perf_counter() - t0, cpu
 
     initializer, initargs = init if init else (None, ())
     # forkserver: the pool's processes fork from a server started before Ray (main()).
