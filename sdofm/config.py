@@ -686,6 +686,15 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
+def _boolean_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The sections (dotted; ``top level`` for the root) holding a key YAML read as a bool."""
+    out = [prefix.rstrip(".") or "the top level"] if any(isinstance(k, bool) for k in tree) else []
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out += _boolean_keys(v, f"{prefix}{k}.")
+    return out
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     path = path.resolve()
     if path in seen:
@@ -698,6 +707,12 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    where = _boolean_keys(raw)
+    if where:
+        raise ConfigError(
+            f"{path}: YAML reads a bare on, off, yes or no as true / false, and a key under "
+            f'{", ".join(where)} came out so: quote it, as in transform: {{"on": device}}'
+        )
     base = raw.pop("extends", None)
     if base is None:
         return raw

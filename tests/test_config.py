@@ -101,3 +101,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_eve_default_expands_to_38_lines():
     cfg = load_config(None, ["data.eve_lines=default"])
     assert len(cfg.data.eve_lines) == 38 and "Fe XVI_2" not in cfg.data.eve_lines
+
+
+def test_a_bare_on_key_is_named_with_the_fix(tmp_path):
+    """YAML 1.1 reads ``on:`` as ``true:``; pydantic would say "Keys should be strings"."""
+    path = tmp_path / "c.yaml"
+    path.write_text("transform:\n  on: device\n")
+    with pytest.raises(ConfigError, match=r'under transform came out so: quote it.*"on": device'):
+        load_config(path, [])
+    path.write_text('transform:\n  "on": device\n')
+    assert load_config(path, []).transform.on == "device"
