@@ -429,3 +429,20 @@ def make_windows(
         ok &= (times[pos] == want) & (labels[pos] == labels[last])
         rows.append(pos)
     return np.stack(rows[::-1], axis=1)[ok]
+
+
+def forecast_windows(
+    table: pd.DataFrame, inputs: int, leads: int, step: dt.timedelta, split: str | None = None
+) -> tuple[np.ndarray, int]:
+    """Forecasting samples: ``inputs`` frames at ``t - (inputs - 1) step .. t`` and targets at
+    ``t + step .. t + leads step``, every one an index row (each channel within the index's
+    tolerance of the grid) of one split.
+
+    ``-> (windows (n, inputs + leads) row positions, oldest first: the inputs then the
+    targets; dropped)``, ``dropped`` the rows of the split (as the last input, ``t``) that
+    have no complete window, a gap in the inputs or the targets, or the split's edge.
+    """
+    windows = make_windows(table, inputs + leads, step, split=split)
+    labels = table["split"].astype(str).to_numpy()
+    anchors = len(table) if split is None else int((labels == split).sum())
+    return windows, anchors - len(windows)

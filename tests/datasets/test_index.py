@@ -9,7 +9,13 @@ import pytest
 
 from sdofm.archive.synthetic import read_truth_frames
 from sdofm.datasets import index as index_mod
-from sdofm.datasets.index import build_index, load_or_build_index, make_windows, read_index
+from sdofm.datasets.index import (
+    build_index,
+    forecast_windows,
+    load_or_build_index,
+    make_windows,
+    read_index,
+)
 from sdofm.datasets.sdoml import LayoutError, clear_header_cache, open_group
 from tests.conftest import small_config
 
@@ -262,3 +268,27 @@ def test_index_cached_in_object_storage(synth_root, s3_server, monkeypatch):
     again, second = load_or_build_index(cfg)
     assert second.reused and second.path == first.path
     pd.testing.assert_frame_equal(table, again)
+
+
+def test_forecast_windows_against_a_hand_count():
+    """An hourly grid 00:00-09:00 with 04:00 missing, train until 06:00 and val after; two
+    inputs one hour apart and two leads. By hand, t (the last input) -> window:
+    train rows 00,01,02,03,05,06: t=01 (00,01 | 02,03) is the only one complete in train
+    (t=00 lacks 23:00; t=02 and t=03 need 04:00; t=05 needs 04:00; t=06 needs 07:00 in
+    val); val rows 07,08,09: none (t=07 needs 06:00 in train, t=08 and 09 run past 09:00)."""
+    hours = [0, 1, 2, 3, 5, 6, 7, 8, 9]
+    table = pd.DataFrame(
+        {
+            "time": pd.to_datetime([f"2012-03-01T{h:02d}:00" for h in hours], utc=True),
+            "split": pd.Categorical(["train"] * 6 + ["val"] * 3),
+        }
+    )
+    w, dropped = forecast_windows(table, 2, 2, dt.timedelta(hours=1), split="train")
+    assert [[hours[i] for i in row] for row in w] == [[0, 1, 2, 3]] and dropped == 5
+    w, dropped = forecast_windows(table, 2, 2, dt.timedelta(hours=1), split="val")
+    assert len(w) == 0 and dropped == 3
+    # One input, one lead, every split: t = 00, 01, 02, 05, 07, 08 have their next hour in
+    # the same split; 03 (04:00 missing), 06 (07:00 is val) and 09 (the end) do not.
+    w, dropped = forecast_windows(table, 1, 1, dt.timedelta(hours=1))
+    got = [[hours[i] for i in row] for row in w]
+    assert got == [[0, 1], [1, 2], [2, 3], [5, 6], [7, 8], [8, 9]] and dropped == 3
