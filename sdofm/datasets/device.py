@@ -55,6 +55,14 @@ class DeviceTransform:
             m, s = _zscore_params(pre.mean, pre.std, n)  # float32, std floored as on the CPU
             self.zscore = [(float(a), float(b)) for a, b in zip(m, s, strict=True)]
         self._masks: dict[tuple, torch.Tensor] = {}
+        self._wire: list[float] | None = None
+
+    def _wire_scales(self) -> list[float]:
+        """2**k per channel, undoing the readers' scale of float16 images (computed once)."""
+        if self._wire is None:
+            pre = self.pre
+            self._wire = [2.0**k for k in wire_exponents(pre.channels, pre.clip_min, pre.clip_max)]
+        return self._wire
 
     def __getstate__(self) -> dict:
         return {"pre": self.pre}
@@ -87,15 +95,11 @@ class DeviceTransform:
         y = x.to(torch.float32, copy=True)
         off = self._off_disk(*y.shape[-2:], y.device)
         # float16 images come clipped and scaled by 2**-k per channel (BlockReader).
-        wire = (
-            wire_exponents(pre.channels, pre.clip_min, pre.clip_max)
-            if x.dtype == torch.float16
-            else None
-        )
+        wire = self._wire_scales() if x.dtype == torch.float16 else None
         for c, (method, lo, hi, soft) in enumerate(self.plan):
             yc = y[:, c]
             if wire is not None:
-                yc.mul_(2.0 ** wire[c])
+                yc.mul_(wire[c])
             # Limb first, in physical units (as _apply_limb_): HMI has no data off the disk.
             if pre.limb == "mask_off_disk" or pre.is_magnetogram[c]:
                 yc.masked_fill_(off, 0.0)
