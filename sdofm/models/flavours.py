@@ -53,6 +53,12 @@ FAMILIES: dict[str, Family] = {
         objective="sdofm.pretraining.styleswin:StyleSwinGAN",
         head_ignores=("G.", "G_ema.", "D.head."),
     ),
+    "forecast": Family(
+        model="sdofm.models.forecast:Forecaster",
+        encoder="sdofm.models.forecast:ForecastEncoder",
+        objective="sdofm.pretraining.forecast:Forecasting",
+        head_ignores=("decoder", "mask_token", "fusion", "refine"),
+    ),
 }
 """Model family -> where its model, encoder and objective live."""
 FEATURE_FAMILY = "mae"
@@ -234,6 +240,60 @@ FLAVOURS: dict[str, Flavour] = {
             "style_dim": 512,
             "channel_base": 32768,
             "channel_max": 512,
+        },
+    ),
+    # Tiny forecaster for tests: 32 px, patch 8, 12 channels, 2 input frames + 1 lead,
+    # 32-dim encoder of 2 blocks, decoder of 1.
+    "forecast_debug": Flavour(
+        "forecast",
+        {
+            "img_size": 32,
+            "patch_size": 8,
+            "num_frames": 3,
+            "leads": 1,
+            "in_chans": 12,
+            "embed_dim": 32,
+            "depth": 2,
+            "num_heads": 2,
+            "decoder_embed_dim": 32,
+            "decoder_depth": 1,
+            "decoder_num_heads": 2,
+        },
+    ),
+    # Small forecaster: 128 px, patch 16, 12 channels, frames t - 1 h and t -> t + 1 h;
+    # 128-dim encoder of 4 blocks (joint space-time attention), decoder 128-dim x 2.
+    "forecast_tiny": Flavour(
+        "forecast",
+        {
+            "img_size": 128,
+            "patch_size": 16,
+            "num_frames": 3,
+            "leads": 1,
+            "in_chans": 12,
+            "embed_dim": 128,
+            "depth": 4,
+            "num_heads": 4,
+            "decoder_embed_dim": 128,
+            "decoder_depth": 2,
+            "decoder_num_heads": 4,
+        },
+    ),
+    # Forecaster at SDOML's 512 px, 20 M: Surya's inputs (t - 1 h, t), the 32 M MAE's encoder
+    # (128-dim x 24, patch 16), 9 AIA + 3 HMI channels; decoder 512-dim x 4.
+    "forecast_20m": Flavour(
+        "forecast",
+        {
+            "img_size": 512,
+            "patch_size": 16,
+            "num_frames": 3,
+            "leads": 1,
+            "in_chans": 12,
+            "embed_dim": 128,
+            "depth": 24,
+            "num_heads": 16,
+            "decoder_embed_dim": 512,
+            "decoder_depth": 4,
+            "decoder_num_heads": 16,
         },
     ),
 }

@@ -138,6 +138,8 @@ class BackboneObjective(Objective):
     the scoreboard leaves its reconstruction section out, saying why)."""
     generates: bool = False
     """Whether :meth:`generate` draws new frames (the scoreboard's generation section)."""
+    forecasts: bool = False
+    """Whether the model forecasts frames ahead (the scoreboard's forecast section)."""
 
     def __init__(
         self,

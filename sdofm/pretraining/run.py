@@ -180,8 +180,10 @@ def pretrain(cfg: Config) -> PretrainResult:
             fs, path = open_url(f"{result.checkpoint}/{MODEL_FILE}", options)
             with fs.open(path, "rb") as f:
                 model.load_state_dict(torch.load(f, map_location="cpu"))
-            example = np.zeros((1, *shape), np.float32)
             encoder = model.encoder().eval()
+            # The encoder's own frames (a forecaster's inputs are a window's first frames).
+            C, _, *hw = shape
+            example = np.zeros((1, C, encoder.encoder_config["num_frames"], *hw), np.float32)
             # The checkpoint holds the weights anyway: a failure is a warning.
             model_uri = guarded(
                 uri,

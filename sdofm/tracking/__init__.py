@@ -17,7 +17,12 @@ run's tracking folder instead (``metrics.jsonl``, ``tags.json``, ``figures/``), 
 MLflow itself is imported only where a call needs it: importing this package is cheap.
 """
 
-from sdofm.tracking.figures import pyplot, reconstruction_figure, samples_figure
+from sdofm.tracking.figures import (
+    forecast_figure,
+    pyplot,
+    reconstruction_figure,
+    samples_figure,
+)
 from sdofm.tracking.guard import guarded
 from sdofm.tracking.models import load_model, log_model, model_location
 from sdofm.tracking.runs import (
@@ -52,6 +57,7 @@ __all__ = [
     "fallback_dir",
     "find_run",
     "flatten",
+    "forecast_figure",
     "guarded",
     "load_model",
     "log_metrics",

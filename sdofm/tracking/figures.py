@@ -53,6 +53,52 @@ def reconstruction_figure(
     return fig
 
 
+def forecast_figure(
+    last: np.ndarray,
+    pred: np.ndarray,
+    true: np.ndarray,
+    channels: list[str],
+    lead: str,
+    title: str = "",
+):
+    """last, pred, true: (C, H, W) the last input frame, the forecast ``lead`` ahead and the
+    observed frame -> a figure with one row per channel: last input, forecast, observed
+    (on the observed frame's colour scale), forecast - observed and observed - last input
+    (the change persistence misses) on one symmetric scale."""
+    plt = pyplot()
+    C = true.shape[0]
+    names = [
+        "last input",
+        f"forecast +{lead}",
+        f"observed +{lead}",
+        "forecast - observed",
+        "observed - last input",
+    ]
+    fig, axes = plt.subplots(C, 5, figsize=(10, 2 * C + 0.6), squeeze=False)
+    for c in range(C):
+        lo, hi = np.percentile(true[c], [1, 99])
+        err, change = pred[c] - true[c], true[c] - last[c]
+        span = max(float(np.percentile(np.abs(change), 99)), 1e-6)
+        panels = [
+            (last[c], "gray", lo, hi),
+            (pred[c], "gray", lo, hi),
+            (true[c], "gray", lo, hi),
+            (err, "RdBu_r", -span, span),
+            (change, "RdBu_r", -span, span),
+        ]
+        for ax, (data, cmap, vmin, vmax) in zip(axes[c], panels, strict=True):
+            ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[c, 0].set_ylabel(channels[c], fontsize=9)
+    for ax, name in zip(axes[0], names, strict=True):
+        ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
+    return fig
+
+
 def samples_figure(samples: np.ndarray, channels: list[str], title: str = ""):
     """samples: (n, C, H, W) -> a figure with one row per channel and one column per sample,
     each row on one colour scale (draws from a generative model's prior)."""

@@ -39,6 +39,10 @@ SMALL = {
     "styleswin_debug": {},
     "styleswin_256": {"img_size": 32},
     "styleswin_512": {"img_size": 32},
+    # Masking on, so that every parameter (the mask token too) takes part.
+    "forecast_debug": {"mask_ratio": 0.5},
+    "forecast_tiny": {"img_size": 64, "mask_ratio": 0.5},
+    "forecast_20m": {"img_size": 64, "mask_ratio": 0.5},
 }
 DEFAULT_SMALL = {"img_size": 64}
 
@@ -53,8 +57,10 @@ def small_model(name: str, **extra) -> torch.nn.Module:
 
 
 def batch_for(model: MAEEncoder, batch_size: int = 2) -> torch.Tensor:
-    """-> (B, C, T, H, W) random images of the model's input shape."""
-    return torch.randn(batch_size, model.in_chans, model.num_frames, *model.img_size)
+    """-> (B, C, T, H, W) random images of the model's input shape (a forecaster's whole
+    window: its inputs, then its leads)."""
+    frames = getattr(model, "window", model.num_frames)
+    return torch.randn(batch_size, model.in_chans, frames, *model.img_size)
 
 
 def check_permutations(ids_keep, mask, ids_restore, len_keep: int) -> None:
@@ -190,6 +196,19 @@ def test_forward_backward(name: str) -> None:
         assert out["fake"].shape == imgs.shape
         assert out["d_real"].shape == out["d_fake"].shape == (2,)
         torch.testing.assert_close(out["loss"], out["loss_D"] + out["loss_G"])
+    elif family == "forecast":
+        B, C, _, H, W = imgs.shape
+        assert out["pred"].shape == (B, C, model.leads, H, W)
+        assert out["errors"].shape == (B, C, model.leads)
+        # Untrained, it forecasts persistence: every lead is the last input frame.
+        last = imgs[:, :, model.inputs - 1 : model.inputs]
+        torch.testing.assert_close(out["pred"], last.expand_as(out["pred"]))
+        yy, xx = torch.meshgrid(
+            torch.arange(H) - (H - 1) / 2, torch.arange(W) - (W - 1) / 2, indexing="ij"
+        )
+        disk = yy**2 + xx**2 < (0.3984375 * H) ** 2  # 204 px of 512
+        want = (last - imgs[:, :, model.inputs :]).pow(2)[..., disk].mean()
+        torch.testing.assert_close(out["loss"], want)
     else:
         raise AssertionError(f"no output checks for family {family!r}")
 
