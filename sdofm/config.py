@@ -1,8 +1,9 @@
 """Typed configuration: one pydantic model per concern, extra keys forbidden.
 
 A config file is YAML with one top-level section per concern (``data:``, ``synth:``).
-It may name a base file with ``extends: other.yaml`` (relative to itself); the
-sections are merged key by key, the extending file winning. Dotted overrides
+It may name a base file with ``extends: other.yaml`` (relative to itself), or several
+(``extends: [model.yaml, ../data/benchmark.yaml]``, later ones winning); the sections are
+merged key by key, the extending file winning. Dotted overrides
 (``data.cadence=24min``) are applied last. Any unknown key or wrong type is a
 :class:`ConfigError` that names the key, the value and the file it came from.
 """
@@ -713,10 +714,13 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
             f"{path}: YAML reads a bare on, off, yes or no as true / false, and a key under "
             f'{", ".join(where)} came out so: quote it, as in transform: {{"on": device}}'
         )
-    base = raw.pop("extends", None)
-    if base is None:
+    bases = raw.pop("extends", None)
+    if bases is None:
         return raw
-    return _deep_merge(_read_yaml(path.parent / base, (*seen, path)), raw)
+    merged: dict = {}
+    for base in [bases] if isinstance(bases, str) else bases:
+        merged = _deep_merge(merged, _read_yaml(path.parent / base, (*seen, path)))
+    return _deep_merge(merged, raw)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

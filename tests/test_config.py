@@ -90,6 +90,18 @@ def test_extends_merges_sections(tmp_path):
     assert cfg.data.root == "b" and cfg.data.cadence == dt.timedelta(minutes=24)
 
 
+def test_extends_a_list_merges_in_order_then_the_file_itself(tmp_path):
+    """A model config and a data archive combined: later bases win, the file wins last."""
+    (tmp_path / "model.yaml").write_text("data:\n  cadence: 24min\n  root: a\n")
+    (tmp_path / "archive.yaml").write_text("data:\n  root: b\n  num_frames: 3\n")
+    (tmp_path / "top.yaml").write_text(
+        "extends: [model.yaml, archive.yaml]\ndata:\n  num_frames: 2\n"
+    )
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.data.root == "b" and cfg.data.cadence == dt.timedelta(minutes=24)
+    assert cfg.data.num_frames == 2
+
+
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(tmp_path / "nope.yaml")

@@ -167,7 +167,10 @@ def evaluate_cmd(
     args: Args = None,
     backbone: Backbone = None,
     task: Annotated[
-        list[str] | None, typer.Option(help="Task(s) to score (default: every task).")
+        list[str] | None,
+        typer.Option(
+            help="Task(s) to score (default: every task); 'none' scores the backbone alone."
+        ),
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test split.")] = 1000,
 ) -> None:
@@ -177,7 +180,7 @@ def evaluate_cmd(
     with friendly_errors():
         cfg = load_args(_with_backbone(args, backbone))
         start_ray(dashboard=True)
-        run_evaluate(cfg, task, bootstrap)
+        run_evaluate(cfg, [] if task == ["none"] else task, bootstrap)
     where_logs()
 
 

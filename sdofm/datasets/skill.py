@@ -47,11 +47,21 @@ class SkillSums:
     ) -> None:
         """``pred``, ``target``: (leads, C, H, W) of one sample; ``disk``: (H, W) bool."""
         err = ((pred - target)[..., disk].astype(np.float64) ** 2).sum(-1)  # (leads, C)
+        self.add_errors(name, day, err, int(disk.sum()))
+
+    def add_errors(self, name: str, day: int, sse: np.ndarray, pixels: int) -> None:
+        """``sse``: (leads, C) one sample's squared error summed over its ``pixels`` disk
+        pixels (the model's sample counts them for the day)."""
         per_day = self.sse.setdefault(name, {})
-        per_day[day] = per_day.get(day, 0.0) + err
+        per_day[day] = per_day.get(day, 0.0) + np.asarray(sse, np.float64)
         if name == "model":
-            n = np.full(err.shape, disk.sum(), np.float64)
+            n = np.full(np.shape(sse), pixels, np.float64)
             self.count[day] = self.count.get(day, 0.0) + n
+
+    def mse(self, name: str) -> np.ndarray:
+        """(leads, C) the mean squared error of ``name`` over every day."""
+        days = sorted(self.count)
+        return sum(self.sse[name][d] for d in days) / sum(self.count[d] for d in days)
 
     def skill(
         self, baseline: str, n_boot: int = 1000, seed: int = 0, level: float = 0.95

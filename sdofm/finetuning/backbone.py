@@ -4,7 +4,7 @@ MLflow run id, or the newest finished pretraining run."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,6 +31,8 @@ class Backbone:
     model: tuple[str, dict] | None = None
     """(flavour, constructor arguments) of the whole pretrained model, decoder included,
     where the checkpoint records them (the scoreboard scores its reconstructions)."""
+    recorded: dict = field(default_factory=dict)
+    """Everything else the checkpoint's ``state.json`` records (a forecaster's frame step)."""
 
     def encoder(self) -> nn.Module:
         """The encoder with these weights; only the keys its family's row lets a head ignore
@@ -93,6 +95,7 @@ def _from_checkpoint(
         run_id or state.get("run_id"),
         state.get("channels"),
         (state["model_name"], state["model_config"]) if "model_name" in state else None,
+        state,
     )
 
 

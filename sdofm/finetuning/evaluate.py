@@ -20,7 +20,9 @@ patches in z-scored units, the NVAE's Gaussian NLL), against the same whole mode
 random weights on the same masks or posterior draws. There is no from-scratch arm there.
 A generative backbone (StyleSwin) reconstructs nothing; its EMA generator is scored instead,
 against the held-out frames, every metric calibrated against the real frames' own noise
-floor and deliberate corruptions (``sdofm.finetuning.generation``).
+floor and deliberate corruptions (``sdofm.finetuning.generation``). A forecasting backbone's
+forecasts are scored against persistence and differential rotation per channel and lead,
+with intervals over test days (``sdofm.finetuning.forecasting``).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.datasets.inputs import build_inputs
+from sdofm.datasets.skill import BASELINES
 from sdofm.engine import storage_path
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
+from sdofm.finetuning.forecasting import ForecastSection, forecast_section, format_forecast
 from sdofm.finetuning.generation import ARMS as GENERATION_ARMS
 from sdofm.finetuning.generation import GenerationSection, format_section, generation_section
 from sdofm.finetuning.run import load_head, prepare, train_head
@@ -62,6 +66,8 @@ class Board:
     n_boot: int = 0
     generation: GenerationSection | None = None
     """A generative backbone's generator against held-out frames, calibrated."""
+    forecast: ForecastSection | None = None
+    """A forecasting backbone's forecasts against persistence and rotation."""
 
 
 def random_init(backbone: Backbone, seed: int) -> Backbone:
@@ -206,7 +212,7 @@ def format_board(board: Board) -> str:
     def join(cells):
         return "  ".join(x.ljust(w) for x, w in zip(cells, widths, strict=True)).rstrip()
 
-    out = [join(head)]
+    out = [join(head)] if board.rows else []
     section = False
     for r, line in zip(board.rows, lines, strict=True):
         if r["task"] == RECONSTRUCTION and not section:
@@ -217,12 +223,15 @@ def format_board(board: Board) -> str:
                 "random weights on the same masks or draws --"
             )
         out.append(join(line))
-    out.append(
-        f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
-        "'beats': the interval of the pretrained arm's gain lies above zero)"
-    )
+    if board.rows:
+        out.append(
+            f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
+            "'beats': the interval of the pretrained arm's gain lies above zero)"
+        )
     if board.generation is not None:
         out.append(format_section(board.generation))
+    if board.forecast is not None:
+        out.append(format_forecast(board.forecast))
     out += [f"{t}: not scored ({why})" for t, why in board.skipped.items()]
     return "\n".join(out)
 
@@ -239,7 +248,7 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
     storage = storage_path(cfg.train.storage_path)
     options = cfg.train.storage_options
     name = f"evaluate-{dt.datetime.now():%Y%m%d-%H%M%S}"
-    tasks = list(task_names or TASK_NAMES)
+    tasks = list(TASK_NAMES if task_names is None else task_names)
     board = Board(n_boot=n_boot)
     params = {
         "tasks": ",".join(tasks),
@@ -322,6 +331,7 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 f"a {backbone.family} backbone reconstructs no input (its pretraining "
                 "objective scores no per-sample reconstruction)"
                 + ("; its generator is scored below" if scorer.generates else "")
+                + ("; its forecasts are scored below" if scorer.forecasts else "")
             )
         else:
             score, scores = reconstruction_scores(cfg, backbone)
@@ -336,6 +346,8 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
             board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
         if scorer.generates and backbone.model is not None:
             board.generation = generation_section(cfg, backbone, uri)
+        if scorer.forecasts and backbone.model is not None:
+            board.forecast = forecast_section(cfg, backbone, n_boot)
         board.run_id = parent.run_id
         text = format_board(board)
         log_text(uri, parent.run_id, text, "scoreboard.txt")
@@ -356,5 +368,11 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 json.dumps(board.generation.rows, indent=2),
                 "generation.json",
             )
+        if board.forecast is not None:
+            for r in board.forecast.rows:
+                for b in BASELINES:
+                    key = f"forecast/skill_{b}_{r['channel']}_{r['lead']}"
+                    metrics[key] = r[f"skill_{b}"]
+            log_text(uri, parent.run_id, json.dumps(board.forecast.rows, indent=2), "forecast.json")
         log_metrics(uri, parent.run_id, metrics)
     return board

@@ -2,8 +2,10 @@
 
 Samples are windows of ``data.num_frames`` frames ``data.frame_step`` apart: the model's
 input frames, then its leads (``sdofm.models.forecast.Forecaster``). Training minimises the
-squared error on the solar disk per channel, in the model's normalised units; validation
-reports that error per channel and lead, and the skill against the two baselines every
+squared error on the solar disk per channel and lead, in the model's normalised units, each
+divided by persistence's error on the batch (so the loss is 1 - skill and a quiet channel,
+whose frames barely change in an hour, weighs as much as a flaring one); validation reports
+the loss and the raw error per channel, and the skill against the two baselines every
 forecast must beat (``sdofm.datasets.skill``): persistence (the last input frame) and the
 last input frame rotated differentially by the lead time (Snodgrass). Figures show the last
 input, the forecast, the observed frame and their difference.
@@ -11,10 +13,11 @@ input, the forecast, the observed frame and their difference.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from sdofm.datasets.skill import BASELINES, baseline_forecasts
 from sdofm.engine.objective import EvalContext, Evaluation, all_reduce_sum
@@ -35,17 +38,27 @@ def lead_label(lead: int, step_hours: float) -> str:
 
 class Forecasting(BackboneObjective):
     """Next-frame forecasting with rollout over the model's leads (Surya's objective on the
-    sdofm ViT): MSE on the disk, per channel, in the model's normalised units."""
+    sdofm ViT): the squared error on the disk per channel and lead, in the model's normalised
+    units, each divided by persistence's on the same batch (``normalise``)."""
 
     headline = ("val/loss", "val/skill_persistence_min", "val/skill_rotation_min")
     reconstructs = False
     forecasts = True
     score_name = "disk_mse"
 
-    def __init__(self, *args, step_hours: float = 1.0, **kwargs):
-        super().__init__(*args, **kwargs)
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+        normalise: Literal["persistence", "none"] = "persistence"
+        """``persistence``: each channel's and lead's disk MSE over the batch is divided by
+        persistence's on the same batch (the loss is 1 - skill, so a quiet channel counts
+        as much as a busy one); ``none``: the plain disk MSE, averaged over channels."""
+
+    def __init__(self, *args, step_hours: float = 1.0, normalise: str = "persistence", **kw):
+        super().__init__(*args, **kw)
         self.step_hours = float(step_hours)
         """Hours between the frames of a window (``data.frame_step``): the lead time unit."""
+        self.normalise = normalise
 
     @classmethod
     def from_config(cls, cfg, kwargs: dict[str, Any]) -> Forecasting:
@@ -53,8 +66,20 @@ class Forecasting(BackboneObjective):
         objective.step_hours = cfg.data.effective_frame_step.total_seconds() / 3600.0
         return objective
 
+    def reduce(self, model_mse: torch.Tensor, persistence_mse: torch.Tensor) -> torch.Tensor:
+        """(C, leads) disk MSE of the model and of persistence over the same samples -> the
+        loss (:attr:`normalise`)."""
+        if self.normalise == "none":
+            return model_mse.mean()
+        return (model_mse / persistence_mse.detach().clamp_min(1e-12)).mean()
+
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
-        return model(self.train_inputs(batch, device))["loss"]
+        x = self.train_inputs(batch, device)
+        out = model(x)
+        core = getattr(model, "module", model)
+        last = x[:, :, core.inputs - 1 : core.inputs]
+        persistence = core.disk_errors(last.expand_as(out["pred"]), x[:, :, core.inputs :])
+        return self.reduce(out["errors"].mean(0), persistence.mean(0))
 
     @torch.no_grad()
     def forecast_errors(self, model, imgs: torch.Tensor, ctx_precision: str = "fp32"):
@@ -100,10 +125,14 @@ class Forecasting(BackboneObjective):
         model.train()
         for t in (*sums.values(), pixels):
             all_reduce_sum(t)
-        mse = {k: (v / pixels.clamp_min(1.0)).cpu().numpy() for k, v in sums.items()}
-        metrics = {f"{split}/loss": float(mse["model"].mean())}
+        mse = {k: (v / pixels.clamp_min(1.0)).cpu() for k, v in sums.items()}
+        metrics = {f"{split}/loss": float(self.reduce(mse["model"].T, mse["persistence"].T))}
+        metrics[f"{split}/mse"] = float(mse["model"].mean())
         for c, name in enumerate(self.channels):
-            metrics[f"{split}/loss_{name}"] = float(mse["model"][:, c].mean())
+            per = self.reduce(mse["model"][:, c : c + 1].T, mse["persistence"][:, c : c + 1].T)
+            metrics[f"{split}/loss_{name}"] = float(per)
+            metrics[f"{split}/mse_{name}"] = float(mse["model"][:, c].mean())
+        mse = {k: v.numpy() for k, v in mse.items()}
         for base in BASELINES:
             skill = 1.0 - mse["model"] / np.maximum(mse[base], 1e-30)  # (leads, C)
             for j in range(leads):
