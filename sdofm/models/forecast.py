@@ -14,7 +14,8 @@ single frame.
 
 Longer leads roll out: the prediction is appended to the inputs (the oldest dropped) and
 the model predicts again, as Surya does. The loss is the squared error on the solar disk
-(pixels within the disk radius), per channel, averaged over channels and leads.
+(pixels within the disk radius), per channel, averaged over channels and leads; off the
+disk the forecast is persistence.
 """
 
 from __future__ import annotations
@@ -147,7 +148,8 @@ class Forecaster(ForecastEncoder):
         B, C, T, H, W = frames.shape
         pixels = [frames.reshape(B, C * T, H, W), change, self.coords.expand(B, -1, -1, -1)]
         change = change + self.refine(torch.cat([p.to(frames.dtype) for p in pixels], dim=1))
-        return frames[:, :, -1] + change
+        # Off the disk (the corona, which the loss leaves out) the forecast is persistence.
+        return frames[:, :, -1] + change * self.disk.to(change.dtype)
 
     def rollout(self, inputs: Tensor, leads: int | None = None, mask_ratio: float = 0.0) -> Tensor:
         """inputs: (B, C, T, H, W) -> (B, C, leads, H, W): leads 1.. ``leads`` (default the
