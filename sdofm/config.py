@@ -517,6 +517,10 @@ class FinetuneConfig(_Section):
     """Samples per batch and worker."""
     max_train_samples: int | None = Field(None, ge=1)
     """Use a seeded subset of the train split of at most this many samples."""
+    head_seeds: int = Field(3, ge=1)
+    """``sdofm evaluate``: heads trained per arm, with seeds ``train.seed``, ``train.seed + 1``,
+    ... (the head's weights and data order; the random-init arm's encoder too); the board's
+    intervals resample the seeds with the test days."""
     materialize_max_gb: float = Field(2.0, ge=0)
     """Keep the prepared splits in Ray's object store (read once, shared by every trial)
     when together they take at most this many GB; else each run streams them from the

@@ -16,6 +16,10 @@ import numpy as np
 from sdofm.datasets.rotation import rotate_frames
 
 BASELINES = ("persistence", "rotation")
+DAY_NS = 86_400 * 10**9
+MIN_DAYS = 5
+"""Test days below which intervals resample samples instead of days (and say so): a
+handful of days cannot show how much a score varies from one Sun to the next."""
 
 
 def baseline_forecasts(

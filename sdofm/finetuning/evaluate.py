@@ -1,6 +1,7 @@
 """``sdofm evaluate``: every head scored on the fixed test split against two controls.
 
-For each task the same head is trained three times on the same data, seed and settings:
+For each task the same head is trained in three arms on the same data and settings, each
+``finetune.head_seeds`` times (seeds ``train.seed``, ``train.seed + 1``, ...):
 
 - ``pretrained``: on the backbone (``finetune.backbone``);
 - ``random_init``: on the same encoder architecture with random weights, which isolates
@@ -10,9 +11,12 @@ For each task the same head is trained three times on the same data, seed and se
 Each trained head predicts every test sample once, through the task's own evaluation code:
 its per-sample scores and metrics are those of the engine's ``test/...`` metrics in MLflow,
 with the same thresholds from the config (``Task.test_scores``, ``Task.summarise``). The
-board's metrics and their 95 % intervals come from a bootstrap over test samples. The comparison is paired: each
-resample draws the same samples for all three arms, and "beats" means the 95 % interval
-of the difference lies on the better side of zero.
+board's metrics pool every seed; their 95 % intervals come from a bootstrap that resamples
+whole test days (a day's samples share their Sun) and each arm's seeds, so they carry
+both the day-to-day and the seed-to-seed variance (with fewer than ``MIN_DAYS`` test days
+it resamples samples, and the board says that its intervals are too narrow). The
+comparison is paired: each resample draws the same days for all three arms, and "beats"
+means the 95 % interval of the difference lies on the better side of zero.
 
 The backbone itself is scored too, in its own section: its pretraining objective's
 reconstruction term per channel on the test split (the MAE's squared error on masked
@@ -36,7 +40,7 @@ import numpy as np
 
 from sdofm.config import Config, ConfigError, dump_config
 from sdofm.datasets.inputs import build_inputs
-from sdofm.datasets.skill import BASELINES
+from sdofm.datasets.skill import BASELINES, DAY_NS, MIN_DAYS
 from sdofm.engine import storage_path
 from sdofm.finetuning.backbone import Backbone, resolve_backbone
 from sdofm.finetuning.forecasting import ForecastSection, forecast_section, format_forecast
@@ -68,6 +72,8 @@ class Board:
     """A generative backbone's generator against held-out frames, calibrated."""
     forecast: ForecastSection | None = None
     """A forecasting backbone's forecasts against persistence and rotation."""
+    resampled: dict[str, str] = field(default_factory=dict)
+    """task -> what its intervals resample (``24 test days x 3 head seeds``)."""
 
 
 def random_init(backbone: Backbone, seed: int) -> Backbone:
@@ -84,31 +90,81 @@ def random_init(backbone: Backbone, seed: int) -> Backbone:
     )
 
 
+def test_days(dataset) -> np.ndarray:
+    """(n,) the UTC day (days since 1970) of each sample of ``dataset`` (its last frame),
+    rows in sample order as the heads' test scores."""
+    ids, days = [], []
+    for b in dataset.select_columns(["sample", "time"]).iter_batches(
+        batch_size=4096, batch_format="numpy"
+    ):
+        ids.append(np.asarray(b["sample"]))
+        days.append(np.asarray(b["time"], np.int64)[:, -1] // DAY_NS)
+    if not ids:
+        return np.zeros(0, np.int64)
+    return np.concatenate(days)[np.argsort(np.concatenate(ids), kind="stable")]
+
+
+def _resampled(days: np.ndarray, seeds: int) -> str:
+    n_days = len(np.unique(days))
+    if resampled_unit(days) == "days":
+        what = f"{n_days} test days"
+    else:
+        what = (
+            f"{len(days)} test samples (only {n_days} test day{'s' if n_days != 1 else ''}, "
+            f"fewer than {MIN_DAYS}: samples of one day are not independent, so these "
+            "intervals are too narrow; use an archive with more test days)"
+        )
+    return what + (f" x {seeds} head seeds" if seeds > 1 else "")
+
+
+def resampled_unit(days: np.ndarray | None) -> str:
+    """What the bootstrap resamples for samples of ``days``: ``days`` or ``samples``."""
+    return "days" if days is not None and len(np.unique(days)) >= MIN_DAYS else "samples"
+
+
 def bootstrap(
-    summarise, scores: dict[str, dict[str, np.ndarray]], n_boot: int, seed: int
+    summarise, scores: dict, n_boot: int, seed: int, days: np.ndarray | None = None
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, np.ndarray]]]:
     """-> (point estimates, resampled estimates) per arm and metric.
 
-    ``scores``: arm -> per-sample arrays with the same rows (test samples) for every arm;
-    each resample uses the same rows for all arms (a paired bootstrap).
+    ``scores``: arm -> per-sample arrays, or a list of them, one per head seed, with the
+    same rows (test samples in sample order) for every arm and seed. ``days``: (n,) each
+    row's day. Each resample draws whole days with replacement (samples, with fewer than
+    :data:`MIN_DAYS` days), the same for every arm (paired), and each arm's seeds with
+    replacement; a metric is ``summarise`` of the drawn rows of every drawn seed, stacked.
+    The point estimate stacks every row of every seed.
     """
-    n = {len(v) for s in scores.values() for v in s.values()}
+    runs = {arm: s if isinstance(s, list) else [s] for arm, s in scores.items()}
+    n = {len(v) for rs in runs.values() for r in rs for v in r.values()}
     if len(n) != 1:
         raise ValueError(f"the arms scored different numbers of test samples: {sorted(n)}")
     (n,) = n
+    blocks = None
+    if resampled_unit(days) == "days":
+        blocks = [np.flatnonzero(days == d) for d in np.unique(days)]
+
+    def stack(chosen: list[dict], rows) -> dict[str, np.ndarray]:
+        if len(chosen) == 1:
+            return {k: a[rows] for k, a in chosen[0].items()}
+        return {k: np.concatenate([r[k][rows] for r in chosen]) for k in chosen[0]}
+
     rng = np.random.default_rng(seed)
-    point = {arm: summarise(s) for arm, s in scores.items()}
-    draws = {arm: {m: np.empty(n_boot) for m in point[arm]} for arm in scores}
+    point = {arm: summarise(stack(rs, slice(None))) for arm, rs in runs.items()}
+    draws = {arm: {m: np.empty(n_boot) for m in point[arm]} for arm in runs}
     for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        for arm, s in scores.items():
-            for m, v in summarise({k: a[idx] for k, a in s.items()}).items():
+        if blocks is None:
+            rows = rng.integers(0, n, n)
+        else:
+            rows = np.concatenate([blocks[i] for i in rng.integers(0, len(blocks), len(blocks))])
+        for arm, rs in runs.items():
+            chosen = rs if len(rs) == 1 else [rs[i] for i in rng.integers(0, len(rs), len(rs))]
+            for m, v in summarise(stack(chosen, rows)).items():
                 draws[arm][m][b] = v
     return point, draws
 
 
-def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict]:
-    """-> (score name, arm -> {"sums": (n, C), "weight": (n,)}): the reconstruction term of
+def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict, np.ndarray]:
+    """-> (score name, arm -> {"sums": (n, C), "weight": (n,)}, days (n,)): the reconstruction term of
     every test sample and channel (``BackboneObjective.sample_errors``), in the pretraining
     transform, rows in sample order, for the whole pretrained model and for the same
     architecture with random weights (seeded as :func:`random_init`, so its encoder is that
@@ -128,17 +184,18 @@ def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict]:
     torch.manual_seed(cfg.train.seed)
     models = {"pretrained": pretrained.eval(), "random_init": objective.build_model().eval()}
     parts: dict[str, list] = {arm: [] for arm in models}
-    ids = []
+    ids, days = [], []
     with pipe.frame_errors():
         batches = pipe.dataset("test", epoch=0).iter_batches(
             batch_size=cfg.finetune.batch_size, batch_format="numpy"
         )
         for batch in batches:
-            imgs = torch.as_tensor(batch["image"]).float()
+            imgs = torch.tensor(batch["image"], dtype=torch.float32)
             for arm, model in models.items():
                 sums, weight = objective.sample_errors(model, imgs, batch["sample"])
                 parts[arm].append((sums.double().numpy(), weight.double().numpy()))
             ids.append(batch["sample"])
+            days.append(np.asarray(batch["time"], np.int64)[:, -1] // DAY_NS)
     order = np.argsort(np.concatenate(ids))
     scores = {
         arm: {
@@ -147,7 +204,7 @@ def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict]:
         }
         for arm, p in parts.items()
     }
-    return objective.score_name, scores
+    return objective.score_name, scores, np.concatenate(days)[order]
 
 
 def reconstruction_summary(scores: dict[str, np.ndarray], channels, score: str) -> dict:
@@ -224,8 +281,9 @@ def format_board(board: Board) -> str:
             )
         out.append(join(line))
     if board.rows:
+        over = "; ".join(f"{t}: {what}" for t, what in board.resampled.items())
         out.append(
-            f"(95 % bootstrap intervals over test samples, {board.n_boot} paired resamples; "
+            f"(95 % bootstrap intervals, {board.n_boot} paired resamples of {over}; "
             "'beats': the interval of the pretrained arm's gain lies above zero)"
         )
     if board.generation is not None:
@@ -274,49 +332,65 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 board.skipped[task_name] = str(e)
                 continue
             prepared = prepare(cfg, task)
-            scratch_cfg = cfg.model_copy(
-                update={"finetune": cfg.finetune.model_copy(update={"head": "baseline_cnn"})}
-            )
-            arms = {
-                "pretrained": (cfg, prepared),
-                "random_init": (
-                    cfg,
-                    dataclasses.replace(
-                        prepared, backbone=random_init(prepared.backbone, cfg.train.seed)
+            scores: dict[str, list] = {arm: [] for arm in ARMS}
+            seeds = range(cfg.train.seed, cfg.train.seed + cfg.finetune.head_seeds)
+            for k, seed in enumerate(seeds):
+                seeded = cfg.model_copy(
+                    update={"train": cfg.train.model_copy(update={"seed": seed})}
+                )
+                scratch_cfg = seeded.model_copy(
+                    update={"finetune": cfg.finetune.model_copy(update={"head": "baseline_cnn"})}
+                )
+                arms = {
+                    "pretrained": (seeded, prepared),
+                    "random_init": (
+                        seeded,
+                        dataclasses.replace(
+                            prepared, backbone=random_init(prepared.backbone, seed)
+                        ),
                     ),
-                ),
-                "from_scratch": (scratch_cfg, dataclasses.replace(prepared, backbone=None)),
-            }
-            scores = {}
-            for arm, (arm_cfg, arm_prep) in arms.items():
-                run_name = f"{name}-{task_name}-{arm}"
-                b = arm_prep.backbone
-                arm_params = {
-                    "arm": arm,
-                    "head": arm_cfg.finetune.head,
-                    "backbone": b.source if b else "none",
+                    "from_scratch": (scratch_cfg, dataclasses.replace(prepared, backbone=None)),
                 }
-                arm_tags = {
-                    "mlflow.parentRunId": parent.run_id or "",
-                    "sdofm.task": f"evaluate-{task_name}",
-                    "sdofm.arm": arm,
-                }
-                with tracked_run(
-                    uri, cfg.finetune.experiment, run_name, storage, arm_params, arm_tags, options
-                ) as child:
-                    fitted = train_head(
-                        arm_cfg,
-                        task,
-                        arm_prep,
-                        child.run_id,
+                for arm, (arm_cfg, arm_prep) in arms.items():
+                    several = cfg.finetune.head_seeds > 1
+                    run_name = f"{name}-{task_name}-{arm}" + (f"-seed{k}" if several else "")
+                    b = arm_prep.backbone
+                    arm_params = {
+                        "arm": arm,
+                        "head": arm_cfg.finetune.head,
+                        "backbone": b.source if b else "none",
+                        "head_seed": seed,
+                    }
+                    arm_tags = {
+                        "mlflow.parentRunId": parent.run_id or "",
+                        "sdofm.task": f"evaluate-{task_name}",
+                        "sdofm.arm": arm,
+                    }
+                    with tracked_run(
+                        uri,
+                        cfg.finetune.experiment,
                         run_name,
                         storage,
-                        label=f"{task_name} {arm}",
-                    )
-                    model = load_head(arm_cfg, task, arm_prep, fitted.checkpoint)
-                    scores[arm] = task.test_scores(arm_cfg, arm_prep, model)
+                        arm_params,
+                        arm_tags,
+                        options,
+                    ) as child:
+                        fitted = train_head(
+                            arm_cfg,
+                            task,
+                            arm_prep,
+                            child.run_id,
+                            run_name,
+                            storage,
+                            label=f"{task_name} {arm}"
+                            + (f" seed {k + 1}/{len(seeds)}" if several else ""),
+                        )
+                        model = load_head(arm_cfg, task, arm_prep, fitted.checkpoint)
+                        scores[arm].append(task.test_scores(arm_cfg, arm_prep, model))
+            days = test_days(prepared.datasets["test"])
+            board.resampled[task_name] = _resampled(days, cfg.finetune.head_seeds)
             point, draws = bootstrap(
-                lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed
+                lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed, days
             )
             board.rows += board_rows(task_name, point, draws, task.board(cfg))
         backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment, options)
@@ -334,13 +408,15 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 + ("; its forecasts are scored below" if scorer.forecasts else "")
             )
         else:
-            score, scores = reconstruction_scores(cfg, backbone)
+            score, scores, days = reconstruction_scores(cfg, backbone)
             channels = cfg.data.channels
+            board.resampled[RECONSTRUCTION] = _resampled(days, 1)
             point, draws = bootstrap(
                 lambda s: reconstruction_summary(s, channels, score),
                 scores,
                 n_boot,
                 cfg.train.seed,
+                days,
             )
             metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
             board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)

@@ -16,12 +16,10 @@ import torch
 
 from sdofm.config import Config, ConfigError
 from sdofm.datasets.inputs import build_inputs
-from sdofm.datasets.skill import BASELINES, SkillSums
+from sdofm.datasets.skill import BASELINES, DAY_NS, MIN_DAYS, SkillSums
 from sdofm.finetuning.backbone import Backbone
 from sdofm.pretraining.forecast import lead_label
 from sdofm.pretraining.objective import scoring_objective
-
-DAY_NS = 86_400 * 10**9
 
 
 @dataclass
@@ -76,19 +74,25 @@ def forecast_section(cfg: Config, backbone: Backbone, n_boot: int) -> ForecastSe
     model = objective.build_model()
     model.load_state_dict(backbone.state_dict)
     model.eval()
-    sums = SkillSums(tuple(channels), model.leads)
-    pixels, samples = int(model.disk.sum()), 0
+    days, errors = [], {who: [] for who in ("model", *BASELINES)}
     with pipe.frame_errors():
         for batch in pipe.dataset("test", epoch=0).iter_batches(
             batch_size=cfg.finetune.batch_size, batch_format="numpy"
         ):
             imgs = torch.tensor(batch["image"], dtype=torch.float32)
-            errors, _ = objective.forecast_errors(model, imgs)
-            days = np.asarray(batch["time"][:, inputs - 1], np.int64) // DAY_NS
-            for i, day in enumerate(days.tolist()):
-                for who, e in errors.items():
-                    sums.add_errors(who, day, e[i].numpy(), pixels)
-            samples += len(days)
+            batch_errors, _ = objective.forecast_errors(model, imgs)
+            days.append(np.asarray(batch["time"][:, inputs - 1], np.int64) // DAY_NS)
+            for who, e in batch_errors.items():
+                errors[who].append(e.numpy())
+    days = np.concatenate(days)
+    samples, n_days = len(days), len(np.unique(days))
+    # Intervals resample days; with too few of them, samples (and the section says so).
+    units = days if n_days >= MIN_DAYS else np.arange(samples)
+    sums = SkillSums(tuple(channels), model.leads)
+    pixels = int(model.disk.sum())
+    for who, parts in errors.items():
+        for unit, e in zip(units.tolist(), np.concatenate(parts), strict=True):
+            sums.add_errors(who, unit, e, pixels)
     skills = {b: sums.skill(b, n_boot=n_boot, seed=cfg.train.seed) for b in BASELINES}
     mse = {who: sums.mse(who) for who in ("model", *BASELINES)}
     rows = []
@@ -103,12 +107,13 @@ def forecast_section(cfg: Config, backbone: Backbone, n_boot: int) -> ForecastSe
                 row[f"beats_{b}"] = lo > 0
             rows.append(row)
     notes = []
-    if len(sums.count) < 20:
+    if n_days < MIN_DAYS:
         notes.append(
-            f"{len(sums.count)} test days: intervals over so few days are wide and rough "
-            "(20 or more hold)"
+            f"only {n_days} test day{'s' if n_days != 1 else ''} (fewer than {MIN_DAYS}): the "
+            "intervals resample windows, which share their day's Sun, so they are too narrow; "
+            "use an archive with more test days"
         )
-    return ForecastSection(rows, samples, len(sums.count), step_hours, n_boot, notes)
+    return ForecastSection(rows, samples, n_days, step_hours, n_boot, notes)
 
 
 def format_forecast(section: ForecastSection) -> str:
@@ -142,7 +147,8 @@ def format_forecast(section: ForecastSection) -> str:
         "disk in normalised units, skill = 1 - MSE_model / MSE_baseline --",
         join(head),
         *(join(line) for line in lines),
-        f"(95 % bootstrap intervals over test days, {section.n_boot} resamples; 'beats': the "
+        f"(95 % bootstrap intervals, {section.n_boot} resamples of the test "
+        f"{'days' if section.days >= MIN_DAYS else 'windows'}; 'beats': the "
         f"interval lies above zero) beats both in {both} of {len(section.rows)} "
         "(lead, channel) cells",
         *section.notes,

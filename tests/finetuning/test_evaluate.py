@@ -62,6 +62,50 @@ def test_paired_bootstrap_tells_a_real_gain_from_noise():
     assert row["beats_random_init"]  # pretrained has more errors below 0.05
 
 
+def test_day_blocks_widen_intervals_where_a_days_samples_share_their_sun():
+    """400 samples on 10 days whose errors are set by the day alone: resampling samples
+    pretends they are 400 independent scores; resampling days gives the spread of 10."""
+    rng = np.random.default_rng(2)
+    days = np.repeat(np.arange(10), 40)
+    per_day = rng.uniform(0.05, 0.15, 10)
+    scores = {"pretrained": {"err": per_day[days][:, None]}}
+    width = {}
+    for unit, d in (("samples", None), ("days", days)):
+        point, draws = bootstrap(_mae, scores, 500, seed=3, days=d)
+        lo, hi = np.percentile(draws["pretrained"]["mae"], [2.5, 97.5])
+        assert point["pretrained"]["mae"] == pytest.approx(per_day.mean())
+        width[unit] = hi - lo
+    assert width["days"] > 4 * width["samples"]  # sqrt(40) = 6.3 by the closed form
+    # Fewer than MIN_DAYS days: samples are resampled (and the board says so).
+    few = bootstrap(_mae, scores, 500, seed=3, days=np.repeat(np.arange(4), 100))
+    assert np.array_equal(
+        few[1]["pretrained"]["mae"], bootstrap(_mae, scores, 500, seed=3)[1]["pretrained"]["mae"]
+    )
+
+
+def test_a_gain_that_one_head_seed_makes_is_no_verdict():
+    """The pretrained arm's three seeds average 3 % better, all of it from one lucky seed:
+    stacked as one run it would beat on every resample of the days; resampling the seeds
+    shows it may as well be worse."""
+    rng = np.random.default_rng(4)
+    days = np.repeat(np.arange(20), 10)
+    base = rng.uniform(0.05, 0.15, (200, 3))
+    scores = {
+        "pretrained": [{"err": base * f} for f in (0.5, 1.3, 1.1)],
+        "random_init": [{"err": base}] * 3,
+        "from_scratch": [{"err": base * 2}] * 3,
+    }
+    point, draws = bootstrap(_mae, scores, 400, seed=5, days=days)
+    assert point["pretrained"]["mae"] == pytest.approx(base.mean() * 2.9 / 3)
+    (row,) = board_rows("t", point, draws, [("mae", False)])
+    assert not row["beats_random_init"]  # the seeds' spread covers zero gain
+    assert row["beats_from_scratch"]  # every seed is far better than half as good
+    # The same three heads, each seed as good as the mean: the gain holds.
+    steady = {**scores, "pretrained": [{"err": base * 2.9 / 3}] * 3}
+    (row,) = board_rows("t", *bootstrap(_mae, steady, 400, seed=5, days=days), [("mae", False)])
+    assert row["beats_random_init"]
+
+
 class _Split:
     """Rows of a split, served as a Ray Dataset (the driver) or a worker's shard of one."""
 
@@ -250,6 +294,7 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
         "finetune.head=pool",
         "finetune.epochs=1",
         "finetune.batch_size=32",
+        "finetune.head_seeds=2",
         "loader.readers=1",
         "scaling.cpus_per_worker=0.25",
     )
@@ -294,14 +339,21 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
     children = client.search_runs(
         [parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{board.run_id}'"
     )
-    by_arm = {c.data.tags["sdofm.arm"]: c for c in children}
+    by_arm: dict[str, list] = {}
+    for c in children:
+        by_arm.setdefault(c.data.tags["sdofm.arm"], []).append(c)
     assert set(by_arm) == set(ARMS)
     mae = next(r for r in board.rows if r["metric"] == "mae")
-    for arm, run in by_arm.items():
-        assert run.info.status == "FINISHED"
-        # The board's per-sample path agrees with the engine's own test evaluation.
-        assert abs(mae[arm] - run.data.metrics["test/mae"]) < 1e-5, arm
+    for arm, runs in by_arm.items():
+        assert sorted(r.data.params["head_seed"] for r in runs) == ["0", "1"]
+        assert all(r.info.status == "FINISHED" for r in runs)
+        # The board's per-sample path agrees with the engine's own test evaluation: its
+        # value pools both seeds' test samples, the mean of the two runs' test/mae.
+        engine = np.mean([r.data.metrics["test/mae"] for r in runs])
+        assert abs(mae[arm] - engine) < 1e-5, arm
         assert parent.data.metrics[f"dimming/{arm}/mae"] == mae[arm]
+    assert "only 1 test day" in text  # the session store: intervals over samples, flagged
+    assert "x 2 head seeds" in text
     for arm in ("pretrained", "random_init"):
         key = f"{RECONSTRUCTION}/{arm}/masked_mse_171A"
         assert parent.data.metrics[key] == recon["masked_mse_171A"][arm]
