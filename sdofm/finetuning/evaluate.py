@@ -164,8 +164,8 @@ def bootstrap(
 
 
 def reconstruction_scores(cfg: Config, backbone: Backbone) -> tuple[str, dict, np.ndarray]:
-    """-> (score name, arm -> {"sums": (n, C), "weight": (n,)}, days (n,)): the reconstruction term of
-    every test sample and channel (``BackboneObjective.sample_errors``), in the pretraining
+    """-> (score name, arm -> {"sums": (n, C), "weight": (n,)}, each row's day (n,)): the
+    reconstruction term of every test sample and channel (``BackboneObjective.sample_errors``), in the pretraining
     transform, rows in sample order, for the whole pretrained model and for the same
     architecture with random weights (seeded as :func:`random_init`, so its encoder is that
     arm's encoder), both on the same masks or posterior draws."""
