@@ -443,6 +443,12 @@ def forecast_windows(
     have no complete window, a gap in the inputs or the targets, or the split's edge.
     """
     windows = make_windows(table, inputs + leads, step, split=split)
+    return windows, dropped_windows(table, len(windows), split)
+
+
+def dropped_windows(table: pd.DataFrame, windows: int, split: str | None = None) -> int:
+    """Rows of ``split`` (all rows for None) that end no complete window, given that
+    ``windows`` windows were found there (each ends on its own row)."""
     labels = table["split"].astype(str).to_numpy()
     anchors = len(table) if split is None else int((labels == split).sum())
-    return windows, anchors - len(windows)
+    return anchors - windows

@@ -33,7 +33,7 @@ import pandas as pd
 
 from sdofm.config import DataConfig, LoaderConfig, TransformConfig
 from sdofm.datasets.blocks import BlockReader, SkippedFrame, SkipReport, SplitPlan, plan_split
-from sdofm.datasets.index import load_or_build_index
+from sdofm.datasets.index import dropped_windows, load_or_build_index
 from sdofm.datasets.prepared import PreparedPlan, PreparedReader, PreparedSet
 from sdofm.datasets.sdoml import Archive, FrameError
 
@@ -285,6 +285,13 @@ class SDOMLPipeline:
 
     def num_samples(self, split: str) -> int:
         return self.plan(split).num_samples
+
+    def dropped_windows(self, split: str) -> int:
+        """Index steps of ``split`` that end no complete window of ``data.num_frames``
+        frames ``data.frame_step`` apart (a gap, the split's start); 0 for one frame."""
+        if self.prepared is not None or self.data.num_frames == 1:
+            return 0
+        return dropped_windows(self.table, self.num_samples(split), split)
 
     def sample_shape(self) -> tuple[int, int, int, int]:
         """(C, T, H, W) of the ``image`` of one sample (the stores are opened once)."""

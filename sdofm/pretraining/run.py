@@ -118,6 +118,9 @@ def pretrain(cfg: Config) -> PretrainResult:
         "derived.steps_per_epoch": per_epoch,
         "derived.total_steps": total,
     }
+    if d.num_frames > 1:  # steps that end no complete window (a gap within it, the split's start)
+        for split in ("train", "val"):
+            derived[f"derived.{split}_windows_dropped"] = pipe.dropped_windows(split)
     derived = {k: v for k, v in derived.items() if v is not None}
     items = [f"{k[len('derived.') :]} {v}" for k, v in derived.items()]
     say(" | ".join(items[:5]))

@@ -92,6 +92,9 @@ def test_a_window_without_room_for_its_leads_and_a_misspelt_setting_are_clear_er
 def test_brief_pretraining_beats_persistence_on_the_hot_channels_and_serves_a_head(
     synth_root, tmp_path
 ):
+    from mlflow import MlflowClient
+
+    from sdofm.datasets.index import load_or_build_index
     from sdofm.datasets.inputs import build_inputs
     from sdofm.finetuning.backbone import resolve_backbone
     from sdofm.finetuning.forecasting import forecast_config, forecast_section
@@ -133,6 +136,15 @@ def test_brief_pretraining_beats_persistence_on_the_hot_channels_and_serves_a_he
     result = pretrain(cfg)
     assert result.metrics["step"] == 60
     assert result.metrics["val/loss"] < 1.0  # below persistence's own, on average
+    # Steps that end no complete window (t - 2 h .. t, every step of one split), counted
+    # by hand from the index and reported with the run.
+    table, _ = load_or_build_index(cfg.data)
+    params = MlflowClient(result.tracking_uri).get_run(result.run_id).data.params
+    hour = np.timedelta64(1, "h")
+    for split in ("train", "val"):
+        times = set(table["time"][table["split"].astype(str) == split].to_numpy())
+        ends = sum(t - hour in times and t - 2 * hour in times for t in times)
+        assert int(params[f"derived.{split}_windows_dropped"]) == len(times) - ends > 0
 
     backbone = resolve_backbone(result.checkpoint, result.tracking_uri, cfg.tracking.experiment)
     assert backbone.family == "forecast" and backbone.recorded["step_hours"] == 1.0
