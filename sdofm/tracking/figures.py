@@ -16,30 +16,13 @@ def pyplot():
     return plt
 
 
-def reconstruction_figure(
-    image: np.ndarray,
-    masked: np.ndarray | None,
-    recon: np.ndarray,
-    channels: list[str],
-    title: str = "",
-):
-    """image, masked, recon: (C, H, W) -> a figure with one row per channel: input, masked
-    input (left out when ``masked`` is None: a VAE sees all of it), reconstruction, |error|;
-    each row on the input's colour scale.
-    """
+def panel_grid(rows: list[list[tuple]], names: list[str], channels: list[str], title: str = ""):
+    """rows: per channel, its panels ``(image, cmap, vmin, vmax)`` -> a figure with one row
+    per channel and one titled column per panel."""
     plt = pyplot()
-    C = image.shape[0]
-    names = ["input", *(["masked"] if masked is not None else []), "reconstruction", "|error|"]
-    fig, axes = plt.subplots(C, len(names), figsize=(2 * len(names), 2 * C + 0.6), squeeze=False)
-    for c in range(C):
-        lo, hi = np.percentile(image[c], [1, 99])
-        err = np.abs(recon[c] - image[c])
-        panels = [
-            (image[c], "gray", lo, hi),
-            *([(masked[c], "gray", lo, hi)] if masked is not None else []),
-            (recon[c], "gray", lo, hi),
-            (err, "magma", 0, max(float(np.percentile(err, 99)), 1e-6)),
-        ]
+    C, n = len(rows), len(names)
+    fig, axes = plt.subplots(C, n, figsize=(2 * n, 2 * C + 0.6), squeeze=False)
+    for c, panels in enumerate(rows):
         for ax, (data, cmap, vmin, vmax) in zip(axes[c], panels, strict=True):
             ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
             ax.set_xticks([])
@@ -51,6 +34,33 @@ def reconstruction_figure(
         fig.suptitle(title, fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))  # room for the title
     return fig
+
+
+def reconstruction_figure(
+    image: np.ndarray,
+    masked: np.ndarray | None,
+    recon: np.ndarray,
+    channels: list[str],
+    title: str = "",
+):
+    """image, masked, recon: (C, H, W) -> a figure with one row per channel: input, masked
+    input (left out when ``masked`` is None: a VAE sees all of it), reconstruction, |error|;
+    each row on the input's colour scale.
+    """
+    names = ["input", *(["masked"] if masked is not None else []), "reconstruction", "|error|"]
+    rows = []
+    for c in range(image.shape[0]):
+        lo, hi = np.percentile(image[c], [1, 99])
+        err = np.abs(recon[c] - image[c])
+        rows.append(
+            [
+                (image[c], "gray", lo, hi),
+                *([(masked[c], "gray", lo, hi)] if masked is not None else []),
+                (recon[c], "gray", lo, hi),
+                (err, "magma", 0, max(float(np.percentile(err, 99)), 1e-6)),
+            ]
+        )
+    return panel_grid(rows, names, channels, title)
 
 
 def forecast_figure(
@@ -65,38 +75,23 @@ def forecast_figure(
     observed frame -> a figure with one row per channel: last input, forecast, observed
     (on the observed frame's colour scale), forecast - observed and observed - last input
     (the change persistence misses) on one symmetric scale."""
-    plt = pyplot()
-    C = true.shape[0]
-    names = [
-        "last input",
-        f"forecast +{lead}",
-        f"observed +{lead}",
-        "forecast - observed",
-        "observed - last input",
-    ]
-    fig, axes = plt.subplots(C, 5, figsize=(10, 2 * C + 0.6), squeeze=False)
-    for c in range(C):
+    names = ["last input", f"forecast +{lead}", f"observed +{lead}"]
+    names += ["forecast - observed", "observed - last input"]
+    rows = []
+    for c in range(true.shape[0]):
         lo, hi = np.percentile(true[c], [1, 99])
         err, change = pred[c] - true[c], true[c] - last[c]
         span = max(float(np.percentile(np.abs(change), 99)), 1e-6)
-        panels = [
-            (last[c], "gray", lo, hi),
-            (pred[c], "gray", lo, hi),
-            (true[c], "gray", lo, hi),
-            (err, "RdBu_r", -span, span),
-            (change, "RdBu_r", -span, span),
-        ]
-        for ax, (data, cmap, vmin, vmax) in zip(axes[c], panels, strict=True):
-            ax.imshow(data, cmap=cmap, vmin=vmin, vmax=vmax, origin="lower")
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[c, 0].set_ylabel(channels[c], fontsize=9)
-    for ax, name in zip(axes[0], names, strict=True):
-        ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / fig.get_figheight()))
-    return fig
+        rows.append(
+            [
+                (last[c], "gray", lo, hi),
+                (pred[c], "gray", lo, hi),
+                (true[c], "gray", lo, hi),
+                (err, "RdBu_r", -span, span),
+                (change, "RdBu_r", -span, span),
+            ]
+        )
+    return panel_grid(rows, names, channels, title)
 
 
 def samples_figure(samples: np.ndarray, channels: list[str], title: str = ""):
