@@ -82,12 +82,12 @@ class Forecasting(BackboneObjective):
         return self.reduce(out["errors"].mean(0), persistence.mean(0))
 
     @torch.no_grad()
-    def forecast_errors(self, model, imgs: torch.Tensor, ctx_precision: str = "fp32"):
+    def forecast_errors(self, model, imgs: torch.Tensor, precision: str = "fp32"):
         """imgs: (B, C, window, H, W) -> (errors, pred): ``errors[name]`` (B, leads, C) the
         squared error on the disk of the model's and each baseline's forecasts, summed over
         the disk's pixels; ``pred`` (B, C, leads, H, W) the model's forecasts."""
         inputs, target = imgs[:, :, : model.inputs], imgs[:, :, model.inputs :]
-        with autocast(imgs.device, ctx_precision):
+        with autocast(imgs.device, precision):
             pred = model.rollout(inputs).float()
         n_disk = int(model.disk.sum())
         errors = {"model": model.disk_errors(pred, target) * n_disk}
