@@ -157,7 +157,8 @@ def run_evaluate(cfg, tasks: list[str] | None, n_boot: int):
     board = evaluate(cfg, tasks, n_boot)
     console.print(format_board(board), highlight=False, markup=False, soft_wrap=True)
     console.print(
-        f"MLflow run: {board.run_id} (scoreboard.txt, scoreboard.json; one child run per arm)\n"
+        f"MLflow run: {board.run_id} (scoreboard.txt, scoreboard.json; "
+        "one child run per arm and head seed)\n"
         f"look: mlflow ui --backend-store-uri {tracking_uri(cfg.tracking.uri)}"
     )
     return board

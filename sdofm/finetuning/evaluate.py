@@ -296,7 +296,7 @@ def format_board(board: Board) -> str:
 
 def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 1000) -> Board:
     """Score every task's head (pretrained, random-init and from-scratch arms) on the test
-    split; one MLflow parent run holds the board, one child run per arm."""
+    split; one MLflow parent run holds the board, one child run per arm and head seed."""
     if cfg.finetune.head == "baseline_cnn":
         raise ConfigError(
             "sdofm evaluate trains the baseline itself: set finetune.head to an encoder head "
