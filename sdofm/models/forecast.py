@@ -181,7 +181,4 @@ class Forecaster(ForecastEncoder):
 
     def encoder(self) -> ForecastEncoder:
         """A standalone :class:`ForecastEncoder` with a copy of this model's encoder weights."""
-        enc = ForecastEncoder(**self.encoder_config)
-        missing, _ = enc.load_state_dict(self.state_dict(), strict=False)
-        assert not missing, f"encoder weights missing from the forecaster: {missing}"
-        return enc.to(self.cls_token.device)
+        return self.standalone(ForecastEncoder)

@@ -265,6 +265,14 @@ class MAEEncoder(nn.Module):
         """x: (B, C, T, H, W) -> (B, 1 + L, D): cls token, then every patch token, in order."""
         return self.forward_encoder(x, 0.0)[0]
 
+    def standalone(self, cls: type[MAEEncoder]) -> MAEEncoder:
+        """A standalone encoder of class ``cls`` holding a copy of this model's encoder weights
+        (the whole models subclass the encoder, so its weights keep their names)."""
+        enc = cls(**self.encoder_config)
+        missing, _ = enc.load_state_dict(self.state_dict(), strict=False)
+        assert not missing, f"encoder weights missing from {type(self).__name__}: {missing}"
+        return enc.to(self.cls_token.device)
+
 
 # --------------------------------------------------------------------------------------------
 # masked autoencoder
@@ -414,10 +422,7 @@ class MaskedAutoencoder(MAEEncoder):
 
     def encoder(self) -> MAEEncoder:
         """A standalone :class:`MAEEncoder` holding a copy of this model's encoder weights."""
-        enc = MAEEncoder(**self.encoder_config)
-        missing, _ = enc.load_state_dict(self.state_dict(), strict=False)
-        assert not missing, f"encoder weights missing from the autoencoder: {missing}"
-        return enc.to(self.cls_token.device)
+        return self.standalone(MAEEncoder)
 
     def forward(
         self, imgs: Tensor, mask_ratio: float | None = None, ids_shuffle: Tensor | None = None
