@@ -244,6 +244,13 @@ class SynthConfig(_Section):
     """Active regions on the disk on average."""
     eve_missing_fraction: float = Field(0.02, ge=0, lt=1)
     """Share of EVE spectra (all lines) marked missing (-1)."""
+    network_variability: float = Field(0.0, ge=0, le=1)
+    """How strongly the quiet Sun follows a slowly varying magnetic network, s(t) of unit
+    variance (periods of 8 to 60 days): each AIA channel's quiet level is scaled by
+    1 + v w_c s(t) (w_c from 0.05 at 1700 A to 1 at 211 A), the HMI network's field by
+    1 + v s(t), the EVE lines by 1 + v (0.5 + hot / 2) s(t). 0: a constant quiet Sun, whose
+    brightness alone gives a dimming factor away; with v > 0 only the channels' relations
+    (the HMI network above all, never dimmed) tell a dimmed channel from a quieter Sun."""
     overwrite: bool = False
     """Replace existing stores instead of refusing to write over them."""
 
@@ -517,6 +524,9 @@ class FinetuneConfig(_Section):
     """Samples per batch and worker."""
     max_train_samples: int | None = Field(None, ge=1)
     """Use a seeded subset of the train split of at most this many samples."""
+    max_val_samples: int | None = Field(None, ge=1)
+    """Validate each epoch on a seeded subset of the val split of at most this many samples
+    (validation only follows training; the test split is always scored whole)."""
     head_seeds: int = Field(3, ge=1)
     """``sdofm evaluate``: heads trained per arm, with seeds ``train.seed``, ``train.seed + 1``,
     ... (the head's weights and data order; the random-init arm's encoder too); the board's

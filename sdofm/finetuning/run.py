@@ -58,7 +58,8 @@ class FinetuneResult:
 
 
 def prepare(cfg: Config, task: Task) -> Prepared:
-    """Index, statistics, backbone and the three splits in the task's transform; materialised
+    """Index, statistics, backbone and the three splits in the task's transform (seeded
+    subsets of train and val when ``finetune.max_{train,val}_samples`` cap them); materialised
     once when they fit ``finetune.materialize_max_gb`` (the trials of a sweep then share them
     through the object store), else streamed by every run."""
     task.check(cfg)
@@ -77,14 +78,16 @@ def prepare(cfg: Config, task: Task) -> Prepared:
         backbone.check(cfg, shape)
     datasets, counts = {}, {}
     subsets = {}
+    limits = {"train": cfg.finetune.max_train_samples, "val": cfg.finetune.max_val_samples}
     for split in ("train", "val", "test"):
         n = pipe.num_samples(split)
         if n == 0:
             raise ConfigError(f"the {split} split of {d.root} is empty: check data.split")
         subset = None
-        limit = cfg.finetune.max_train_samples
-        if split == "train" and limit and limit < n:
-            subset = np.sort(np.random.default_rng(cfg.finetune.dim_seed).permutation(n)[:limit])
+        limit = limits.get(split)
+        if limit and limit < n:
+            seed = cfg.finetune.dim_seed if split == "train" else [cfg.finetune.dim_seed, 1]
+            subset = np.sort(np.random.default_rng(seed).permutation(n)[:limit])
             n = limit
         subsets[split] = subset
         counts[split] = n

@@ -8,6 +8,7 @@ import torch
 
 from sdofm.config import ConfigError, load_config
 from sdofm.datasets.blocks import make_preprocessor
+from sdofm.datasets.inputs import build_inputs
 from sdofm.engine.checkpoint import TrainState, save_checkpoint
 from sdofm.finetuning.backbone import resolve_backbone
 from sdofm.finetuning.run import prepare, train_head
@@ -184,12 +185,21 @@ def test_the_head_beats_the_best_constant_guess_on_the_test_split(synth_root, tm
         "finetune.freeze=full",
         "finetune.epochs=4",
         "finetune.batch_size=16",
+        "finetune.max_val_samples=24",
         "loader.readers=1",
         "scaling.cpus_per_worker=0.25",
     )
     task = get_task("dimming")
     prepared = prepare(cfg, task)
     assert prepared.counts["train"] > 100 and prepared.counts["test"] > 10
+    # Validation on a seeded subset of 24 samples spread over the val split; test whole.
+    whole = build_inputs(cfg).pipeline
+    val_ids = np.concatenate(
+        [b["sample"] for b in prepared.datasets["val"].iter_batches(batch_format="numpy")]
+    )
+    assert prepared.counts["val"] == 24 and len(set(val_ids.tolist())) == 24
+    assert val_ids.max() < whole.num_samples("val") and val_ids.max() > 2 * 24
+    assert prepared.counts["test"] == whole.num_samples("test")
 
     # The test split's true factors, drawn as the task's spec says: U[alpha_min, 1] per
     # channel from a generator seeded with (dim_seed, split code 2 = test, epoch 0, sample).
