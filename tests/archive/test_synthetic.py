@@ -94,6 +94,15 @@ def test_reuse_and_refusal_to_overwrite(tmp_path):
     cfg = small_config(tmp_path, *extra)
     assert not _write(cfg).reused
     assert _write(cfg).reused
+    # A store written before a setting existed holds that setting's default (the Sun of
+    # then): reused; a non-default value of it is not that store.
+    truth = tmp_path / "synthetic_truth.json"
+    old = json.loads(truth.read_text())
+    del old["synth"]["network_variability"]
+    truth.write_text(json.dumps(old))
+    assert _write(cfg).reused
+    with pytest.raises(SDOMLError, match="already exists"):
+        _write(small_config(tmp_path, *extra, "synth.network_variability=0.3"))
     with pytest.raises(SDOMLError, match="already exists.*synth.overwrite=true"):
         _write(small_config(tmp_path, *extra, "synth.seed=5"))
     assert not _write(small_config(tmp_path, *extra, "synth.seed=5", "synth.overwrite=true")).reused
@@ -332,3 +341,50 @@ def test_the_synthetic_sun_is_written_only_at_the_default_root(tmp_path, monkeyp
     assert ensure_data(cfg.data, cfg.synth) is True
     assert (tmp_path / "data" / "synthetic" / "sdomlv2.zarr" / "2011" / "171A").is_dir()
     assert ensure_data(cfg.data, cfg.synth) is False
+
+
+def test_the_quiet_sun_follows_the_magnetic_network(monkeypatch):
+    """With synth.network_variability the quiet levels, the HMI network and the EVE lines
+    move with s(t) as its closed form from the truth file's periods and phases says, each
+    AIA channel by its own share; 0 (the default) leaves the constant quiet Sun of before."""
+    cfg = small_config("unused", "synth.resolution=64", "synth.network_variability=0.3").synth
+    sun, still = SyntheticSun(cfg), SyntheticSun(cfg.model_copy(update={"network_variability": 0}))
+    for s in (sun, still):
+        monkeypatch.setattr(s, "_noise", lambda img: 0.0)
+        monkeypatch.setattr(s, "regions", [])
+        monkeypatch.setattr(s, "flares", [])
+    from sdofm.archive.synthetic.write import _truth
+
+    net = _truth(sun)["network"]
+    times = np.array([0.0, 3.1, 9.7, 20.2]) * 86400
+    s_hand = np.array(
+        [
+            sum(
+                math.sin(2 * math.pi * t / p + f)
+                for p, f in zip(net["periods_s"], net["phases"], strict=True)
+            )
+            / math.sqrt(2)
+            for t in times
+        ]
+    )
+    assert np.ptp(s_hand) > 0.5  # the state moves over these weeks
+    for ch in ("211A", "171A", "1700A"):
+        w = net["aia_response"][ch]
+        for t, s in zip(times, s_hand, strict=True):
+            ratio = sun.render_aia(ch, t)[0] / still.render_aia(ch, t)[0]
+            on = still.render_aia(ch, t)[0] > 0
+            np.testing.assert_allclose(ratio[on], 1 + 0.3 * w * s, rtol=1e-5)
+    t = times[2]
+    bz = sun.render_hmi(t)["Bz"][sun.on_disk]
+    np.testing.assert_allclose(
+        bz, (1 + 0.3 * s_hand[2]) * still.render_hmi(t)["Bz"][sun.on_disk], rtol=1e-5, atol=1e-4
+    )
+    # EVE: each line by 0.5 + hot / 2, hot = the logistic of its formation temperature
+    from sdofm.constants import EVE_LINE_TABLE
+
+    hot = np.array([1 / (1 + math.exp(-(logt - 6.6) * 6)) for _, _, logt in EVE_LINE_TABLE])
+    ratio = sun.eve_irradiance(times) / still.eve_irradiance(times)  # the same 1 % noise draws
+    np.testing.assert_allclose(ratio, 1 + 0.3 * (0.5 + 0.5 * hot) * s_hand[:, None], rtol=1e-5)
+    # The default Sun is the one of before: its quiet level does not move at all.
+    a, b = (still.render_aia("211A", x)[0] for x in times[:2])
+    np.testing.assert_array_equal(a, b)

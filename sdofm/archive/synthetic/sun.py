@@ -12,6 +12,9 @@ The physics is simple but causal, so that science heads have something true to l
   per-AR temperature), with a channel-specific temperature response, so the
   channels are physically related;
 * flares in ARs that brighten the hot channels (94, 131 A) most, and the EVE lines;
+* optionally (``synth.network_variability``) a quiet Sun that brightens and fades with a
+  slowly varying magnetic network, seen in HMI's network field and, channel by channel,
+  in the AIA quiet levels and the EVE lines;
 * per-channel degradation curves: as in SDOML v2 the stored pixels are DN/s,
   already divided by exposure and by the degradation factor, recorded as ``DEG_COR``.
 
@@ -54,6 +57,21 @@ AIA_RESPONSE = {
     "1600A": (55.0, -0.45, 0.01, 2.0, 0.0, 4.0, 0.25, 6.0),
     "1700A": (800.0, -0.55, 0.01, 0.6, 0.0, 0.5, 0.10, 10.0),
 }
+# Per AIA channel: the share of the magnetic network's variation its quiet level follows
+# (``synth.network_variability``): most in the hot coronal channels, little in the UV.
+NETWORK_RESPONSE = {
+    "94A": 0.8,
+    "131A": 0.5,
+    "171A": 0.5,
+    "193A": 0.8,
+    "211A": 1.0,
+    "304A": 0.4,
+    "335A": 0.8,
+    "1600A": 0.2,
+    "1700A": 0.05,
+}
+NETWORK_PERIODS_DAYS = (8.0, 60.0)
+"""The network state is a sum of four sinusoids with periods drawn from this range."""
 _HMI_NOISE_G = {"Bx": 12.0, "By": 12.0, "Bz": 5.0}
 _DEG_EPOCH = dt.datetime(2010, 5, 1)  # degradation measured from the start of the mission
 HALE_NORTH_LEADING = -1.0  # cycle 24
@@ -120,10 +138,13 @@ class SyntheticSun:
         self.t_end = (
             dt.datetime.combine(periods[-1].start, dt.time()) - self.epoch
         ).total_seconds() + periods[-1].days * DAY_S
-        seeds = np.random.SeedSequence(cfg.seed).spawn(6)
+        seeds = np.random.SeedSequence(cfg.seed).spawn(7)  # the first six as before
         self.rng_ar, self.rng_flare, self.rng_gap, self.rng_noise, self.rng_order, self.rng_eve = (
-            np.random.default_rng(s) for s in seeds
+            np.random.default_rng(s) for s in seeds[:6]
         )
+        rng_network = np.random.default_rng(seeds[6])
+        self.network_periods = rng_network.uniform(*NETWORK_PERIODS_DAYS, 4) * DAY_S
+        self.network_phases = rng_network.uniform(0, 2 * math.pi, 4)
         self.radius = disk_radius_px(self.res)
         self.regions = self._make_regions()
         self.flares = self._make_flares()
@@ -293,6 +314,17 @@ class SyntheticSun:
                 out.append((f, float(f.profile(t))))
         return out
 
+    def network_state(self, t: np.ndarray | float) -> np.ndarray:
+        """s(t): the magnetic network's slow variation, unit variance over a long span."""
+        t = np.asarray(t, dtype=np.float64)[..., None]
+        waves = np.sin(2 * math.pi * t / self.network_periods + self.network_phases)
+        return waves.sum(-1) / math.sqrt(2)  # four unit sinusoids: variance 2
+
+    def network_factor(self, weight: float, t: np.ndarray | float) -> np.ndarray:
+        """1 + v weight s(t) (at least 0.2): what the network does to a quiet level."""
+        v = self.cfg.network_variability
+        return np.maximum(1 + v * weight * self.network_state(t), 0.2)
+
     def degradation(self, channel: str, when: dt.datetime) -> float:
         years = (when - _DEG_EPOCH).total_seconds() / (365.25 * DAY_S)
         return float(math.exp(-max(years, 0) / AIA_RESPONSE[channel][7]))
@@ -312,7 +344,10 @@ class SyntheticSun:
         seconds apart, share it.
         """
         quiet, _limb, _h, ar_gain, temp_exp, flare_gain, _tex, _tau = AIA_RESPONSE[channel]
-        img = self.base[channel].copy()
+        base = self.base[channel]
+        if self.cfg.network_variability:
+            base = base * np.float32(self.network_factor(NETWORK_RESPONSE[channel], t))
+        img = base.copy()
         ars = {
             r.id: (r, w, x, y, z)
             for r, w, x, y, z in (active if active is not None else self.activity(t))
@@ -333,7 +368,7 @@ class SyntheticSun:
                 if level * f.magnitude > 20 and not uv:
                     exptime = round(exptime / 3, 3)  # the AEC shortens exposures in big flares
         if uv:  # plage and flare ribbons are on the disk
-            img = np.where(self.on_disk, img, self.base[channel])
+            img = np.where(self.on_disk, img, base)
         # Shot noise of 4096^2 level-1 pixels averaged down to this resolution.
         npix = (4096 / self.res) ** 2
         img += np.sqrt(np.maximum(img, 0) / (exptime * npix)) * self._noise(img)
@@ -343,7 +378,7 @@ class SyntheticSun:
     def render_hmi(self, t: float) -> dict[str, np.ndarray]:
         """``{"Bx", "By", "Bz"}: (H, W) float32`` in Gauss, 0 off the disk."""
         out = {c: np.zeros((self.res, self.res), dtype=np.float32) for c in HMI_CHANNELS}
-        out["Bz"] += 15 * self.texture  # quiet-Sun network
+        out["Bz"] += 15 * float(self.network_factor(1.0, t)) * self.texture  # quiet-Sun network
         for r, w, *_ in self.activity(t):
             self._add_dipole_field(out, r, t, w)
         for c in HMI_CHANNELS:
@@ -373,5 +408,7 @@ class SyntheticSun:
             # several percent with the regions on the disk, as the real lines do over a
             # rotation, well above EVE's 1 % noise.
             sig = base * (1 + 0.1 * (0.5 + hot) * act + 0.05 * (0.05 + hot) * flare)
+            if self.cfg.network_variability:
+                sig *= self.network_factor(0.5 + 0.5 * hot, t)
             out[:, j] = sig * (1 + 0.01 * self.rng_eve.standard_normal(len(t)))
         return out

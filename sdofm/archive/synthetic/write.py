@@ -20,6 +20,7 @@ from sdofm.archive.synthetic.sun import (
     AIA_RESPONSE,
     DAY_S,
     HALE_NORTH_LEADING,
+    NETWORK_RESPONSE,
     SyntheticSun,
 )
 from sdofm.archive.writer import FrameWriter, compressor
@@ -294,6 +295,12 @@ def _truth(sun: SyntheticSun) -> dict:
             {**asdict(f), "t_peak_utc": (sun.epoch + dt.timedelta(seconds=f.t_peak)).isoformat()}
             for f in sun.flares
         ],
+        "network": {
+            "model": "s(t) = sum_k sin(2 pi t / period_k + phase_k) / sqrt(2), t in s since epoch",
+            "periods_s": sun.network_periods.tolist(),
+            "phases": sun.network_phases.tolist(),
+            "aia_response": NETWORK_RESPONSE,
+        },
         "degradation": {
             "model": "DEG_COR = exp(-years since 2010-05-01 / tau)",
             "tau_years": {c: v[7] for c, v in AIA_RESPONSE.items()},
@@ -343,11 +350,14 @@ def write_synthetic(
     opts = storage_options or {}
     existing = read_truth(root, opts)
     wanted = dump_config(synth)
-    # Stores written before the orientation was fixed (row 0 south) are not reused.
+    # Stores written before the orientation was fixed (row 0 south) are not reused. A
+    # setting newer than the store's truth file is at its default there (new settings
+    # default to the Sun as it was).
+    written = {**dump_config(SynthConfig()), **(existing or {}).get("synth", {})}
     same = (
         existing is not None
         and existing.get("image_orientation") == IMAGE_ORIENTATION
-        and {**existing["synth"], "overwrite": None} == {**wanted, "overwrite": None}
+        and {**written, "overwrite": None} == {**wanted, "overwrite": None}
     )
     if same and not synth.overwrite:
         return SynthReport(root=root, reused=True)
