@@ -90,15 +90,29 @@ class _Section(BaseModel):
 # --------------------------------------------------------------------------- data
 
 
+def month_of(m: int | str) -> tuple[int | None, int]:
+    """A split's month entry -> (year or None for every year, month 1-12)."""
+    if isinstance(m, str):
+        try:
+            when = dt.datetime.strptime(m, "%Y-%m")
+        except ValueError:
+            raise ValueError(f"month {m!r} is neither 1..12 nor YYYY-MM") from None
+        return when.year, when.month
+    if not 1 <= m <= 12:
+        raise ValueError(f"month {m} is not in 1..12")
+    return None, m
+
+
 class SplitConfig(_Section):
     """How aligned time steps are assigned to train / val / test."""
 
     method: Literal["month", "block"] = "month"
     """``month``: whole calendar months (SDO-FM); ``block``: contiguous time blocks."""
-    val_months: list[int] = [11]
-    """Months (1-12) held out for validation with ``method: month``."""
-    test_months: list[int] = [12]
-    """Months (1-12) held out for test with ``method: month``."""
+    val_months: list[int | str] = [11]
+    """Months held out for validation with ``method: month``: 1-12 (that month of every
+    year) or ``"YYYY-MM"`` (that month only)."""
+    test_months: list[int | str] = [12]
+    """Months held out for test with ``method: month``, as ``val_months``."""
     block: Duration = dt.timedelta(days=7)
     """Length of one block with ``method: block``."""
     val_fraction: float = Field(0.1, ge=0, lt=1)
@@ -113,9 +127,14 @@ class SplitConfig(_Section):
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
         for m in self.val_months + self.test_months:
-            if not 1 <= m <= 12:
-                raise ValueError(f"month {m} is not in 1..12")
-        if set(self.val_months) & set(self.test_months):
+            month_of(m)
+        calendar = {m for m in self.val_months if isinstance(m, int)}
+        if any(
+            m in self.val_months
+            or (isinstance(m, str) and month_of(m)[1] in calendar)
+            or (isinstance(m, int) and any(month_of(v)[1] == m for v in self.val_months))
+            for m in self.test_months
+        ):
             raise ValueError("val_months and test_months overlap")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction + test_fraction must be < 1")

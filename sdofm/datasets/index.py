@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 import sdofm
-from sdofm.config import DataConfig, dump_config
+from sdofm.config import DataConfig, dump_config, month_of
 from sdofm.datasets.cache import cache_file
 from sdofm.datasets.sdoml import Archive, ImageStore, LayoutError
 from sdofm.storage import read_bytes, write_bytes
@@ -141,9 +141,11 @@ def assign_splits(grid: np.ndarray, split) -> np.ndarray:
     """Label each grid time ``(G,) int64 ns -> (G,) <U5`` as train / val / test."""
     labels = np.full(len(grid), "train", dtype="<U5")
     if split.method == "month":
-        month = grid.astype("datetime64[ns]").astype("datetime64[M]").astype(int) % 12 + 1
-        labels[np.isin(month, split.val_months)] = "val"
-        labels[np.isin(month, split.test_months)] = "test"
+        months = grid.astype("datetime64[ns]").astype("datetime64[M]").astype(int)
+        year, month = months // 12 + 1970, months % 12 + 1
+        for label, entries in (("val", split.val_months), ("test", split.test_months)):
+            for y, m in map(month_of, entries):
+                labels[(month == m) & ((year == y) if y is not None else True)] = label
         return labels
     block_ns = int(split.block.total_seconds() * _NS)
     block = (grid - grid.min()) // block_ns if len(grid) else grid

@@ -101,6 +101,21 @@ def test_month_split_and_buffer(synth_root, tmp_path):
         assert ((table.time - b).abs() >= pd.Timedelta("6h")).all()
 
 
+def test_month_split_names_one_year_month_or_the_month_of_every_year():
+    from sdofm.config import ConfigError, load_config
+
+    split = load_config(
+        None, ['data.split.val_months=[4, "2012-06"]', 'data.split.test_months=["2011-06", 5]']
+    ).data.split
+    days = ["2011-04-02", "2013-04-30", "2011-06-03", "2012-06-01", "2013-06-01", "2012-05-09"]
+    grid = np.array(days, dtype="datetime64[ns]").astype(np.int64)
+    labels = index_mod.assign_splits(grid, split)
+    assert labels.tolist() == ["val", "val", "test", "val", "train", "test"]
+    for val, test in (("[6]", '["2011-06"]'), ('["2011-06"]', "[6]"), ('["2011-13"]', "[1]")):
+        with pytest.raises(ConfigError, match="overlap|YYYY-MM"):
+            load_config(None, [f"data.split.val_months={val}", f"data.split.test_months={test}"])
+
+
 def test_block_split_keeps_blocks_whole_with_buffers(synth_root, tmp_path):
     cfg = _cfg(
         synth_root,
