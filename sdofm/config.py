@@ -537,6 +537,10 @@ class FinetuneConfig(_Section):
     """Passes over the train split."""
     lr: float = Field(1e-3, gt=0)
     """Peak learning rate (warm-up of one epoch's 10 %, then cosine)."""
+    encoder_lr_scale: float = Field(1.0, gt=0, le=1)
+    """The trained encoder blocks' learning rate as a share of ``lr`` (the head's), with
+    ``freeze: partial`` or ``full``; below 1 a finetuned encoder keeps more of what
+    pretraining gave it."""
     weight_decay: float = Field(1e-4, ge=0)
     """AdamW weight decay."""
     batch_size: int = Field(16, ge=1)

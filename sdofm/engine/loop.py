@@ -364,7 +364,7 @@ class Worker:
         schedule = self.schedules[phase.optimizer]
         lr = schedule.lr_at(self.state.step)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         norm = nn.utils.clip_grad_norm_(params, schedule.grad_clip or float("inf"))
         self.grad_norms[phase.name] = float(norm)
         self.lrs[phase.optimizer] = lr

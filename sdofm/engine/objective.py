@@ -123,7 +123,8 @@ class Objective:
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
         """One optimiser per optimiser name of ``phases``, each over its network's
-        parameters (the loop sets their lr each step from :meth:`schedules`)."""
+        parameters (the loop sets their lr each step from :meth:`schedules`, times a param
+        group's ``lr_scale`` where it has one)."""
         raise NotImplementedError
 
     def schedules(self, default: Schedule) -> dict[str, Schedule]:

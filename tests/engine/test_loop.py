@@ -58,7 +58,20 @@ class TwoOptimisers(Objective):
         return "toy"
 
 
-def test_each_phase_steps_its_own_optimiser_and_the_checkpoint_holds_both(tmp_path):
+class ScaledSecond(TwoOptimisers):
+    """``b``'s param group at half the schedule's lr (``lr_scale``)."""
+
+    def optimizers(self, model):
+        return {
+            "first": torch.optim.SGD([model.a], lr=0.0),
+            "second": torch.optim.SGD([{"params": [model.b], "lr_scale": 0.5}], lr=0.0),
+        }
+
+
+@pytest.mark.parametrize(("objective", "b_scale"), [(TwoOptimisers(), 1.0), (ScaledSecond(), 0.5)])
+def test_each_phase_steps_its_own_optimiser_and_the_checkpoint_holds_both(
+    tmp_path, objective, b_scale
+):
     import ray.data
 
     data = ray.data.from_items([{"sample": i, "x": np.float32(i)} for i in range(4)])
@@ -73,13 +86,11 @@ def test_each_phase_steps_its_own_optimiser_and_the_checkpoint_holds_both(tmp_pa
         splits=("train", "val"),
         fallback_dir=str(tmp_path / "tracking"),
     )
-    result = fit(
-        "toy", str(tmp_path), TwoOptimisers(), loop, {"train": data, "val": data}, scaling(1)
-    )
+    result = fit("toy", str(tmp_path), objective, loop, {"train": data, "val": data}, scaling(1))
     a1 = 2.0 - lr * 3.0  # d(ab)/da = b
     assert result.metrics["step"] == 1
     assert result.metrics["val/a"] == pytest.approx(a1)
-    assert result.metrics["val/b"] == pytest.approx(3.0 - lr * a1)  # the updated a
+    assert result.metrics["val/b"] == pytest.approx(3.0 - b_scale * lr * a1)  # the updated a
     assert result.metrics["train/loss_first"] == pytest.approx(6.0)
     assert result.metrics["train/loss_second"] == pytest.approx(a1 * 3.0)
     state = json.loads((tmp_path / "toy" / "checkpoint_00000001" / STATE_FILE).read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -115,6 +117,23 @@ def test_freezing(freeze, blocks, trainable_blocks):
     out.sum().backward()
     grads = [p.grad is not None for p in encoder.parameters()]
     assert any(grads) == (trainable_blocks > 0)
+
+
+@pytest.mark.parametrize("freeze", ["partial", "full"])
+def test_a_trained_encoder_learns_at_its_share_of_the_head_lr(freeze):
+    cfg = load_config(None, ["finetune.encoder_lr_scale=0.1"])
+    encoder = get_model("mae_debug").encoder()
+    model = EncoderRegressor(encoder, 9, "conv", 16, freeze, 1)
+    prepared = SimpleNamespace(sample_shape=(12, 1, 32, 32), backbone=None, stats=None)
+    opt = get_task("dimming").objective(cfg, prepared).optimizers(model)["model"]
+    groups = {g.get("lr_scale", 1.0): {id(p) for p in g["params"]} for g in opt.param_groups}
+    trained = {id(p) for p in encoder.parameters() if p.requires_grad}
+    assert set(groups) == {1.0, 0.1} and groups[0.1] == trained and trained
+    assert groups[1.0] == {id(p) for p in model.head.parameters()}
+    # Scratch (no encoder) and the default: one group at the head's rate.
+    head_only = get_task("dimming").objective(load_config(), prepared)
+    (group,) = head_only.optimizers(BaselineCNN(12, 1, 9))["model"].param_groups
+    assert group.get("lr_scale", 1.0) == 1.0
 
 
 def test_baseline_cnn_stacks_frames_as_channels():

@@ -44,8 +44,18 @@ class HeadObjective(Objective):
         return self.task.build_head(self.cfg, self.sample_shape, self.backbone)
 
     def optimizers(self, model: nn.Module) -> dict[str, torch.optim.Optimizer]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        return {"model": torch.optim.AdamW(params, weight_decay=self.cfg.finetune.weight_decay)}
+        """AdamW on the trainable parameters; a trained encoder's at
+        ``finetune.encoder_lr_scale`` times the head's learning rate."""
+        fc = self.cfg.finetune
+        encoder = getattr(model, "encoder", None)
+        inside = {id(p) for p in encoder.parameters()} if encoder is not None else set()
+        trained = [p for p in model.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in trained if id(p) not in inside]},
+            {"params": [p for p in trained if id(p) in inside], "lr_scale": fc.encoder_lr_scale},
+        ]
+        groups = [g for g in groups if g["params"]]
+        return {"model": torch.optim.AdamW(groups, weight_decay=fc.weight_decay)}
 
     def score_batch(
         self, model: nn.Module, batch: dict, split: str, device: torch.device
