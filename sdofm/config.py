@@ -126,14 +126,10 @@ class SplitConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> SplitConfig:
-        for m in self.val_months + self.test_months:
-            month_of(m)
-        calendar = {m for m in self.val_months if isinstance(m, int)}
-        if any(
-            m in self.val_months
-            or (isinstance(m, str) and month_of(m)[1] in calendar)
-            or (isinstance(m, int) and any(month_of(v)[1] == m for v in self.val_months))
-            for m in self.test_months
+        val = [month_of(m) for m in self.val_months]
+        test = [month_of(m) for m in self.test_months]
+        if any(  # the same month, in a year both name (None: every year)
+            mv == mt and (yv is None or yt is None or yv == yt) for yv, mv in val for yt, mt in test
         ):
             raise ValueError("val_months and test_months overlap")
         if self.val_fraction + self.test_fraction >= 1:
