@@ -213,11 +213,14 @@ def test_the_head_beats_the_best_constant_guess_on_the_test_split(synth_root, tm
     assert prepared.counts["train"] > 100 and prepared.counts["test"] > 10
     # Validation on a seeded subset of 24 samples spread over the val split; test whole.
     whole = build_inputs(cfg).pipeline
-    val_ids = np.concatenate(
-        [b["sample"] for b in prepared.datasets["val"].iter_batches(batch_format="numpy")]
-    )
-    assert prepared.counts["val"] == 24 and len(set(val_ids.tolist())) == 24
-    assert val_ids.max() < whole.num_samples("val") and val_ids.max() > 2 * 24
+
+    def times(ds):
+        return np.concatenate([b["time"][:, -1] for b in ds.iter_batches(batch_format="numpy")])
+
+    val, every = times(prepared.datasets["val"]), np.sort(times(whole.dataset("val", epoch=0)))
+    assert prepared.counts["val"] == 24 and len(set(val.tolist())) == 24
+    assert set(val.tolist()) <= set(every.tolist()) and len(every) > 2 * 24
+    assert val.max() > every[2 * 24]  # not the first samples of the split: drawn over it
     assert prepared.counts["test"] == whole.num_samples("test")
 
     # The test split's true factors, drawn as the task's spec says: U[alpha_min, 1] per
