@@ -28,17 +28,17 @@ import zarr
 from sdofm.config import load_config
 from sdofm.constants import AIA_CHANNELS, disk_radius_px
 from sdofm.datasets.index import assign_splits
+from sdofm.datasets.index import nearest as index_nearest
+from sdofm.datasets.transforms import disk_mask
 
 
 def nearest(stored: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """-> (position in ``stored`` of the frame nearest each of ``times``, its distance).
-    ``stored`` need not be in time order (SDOML v2 arrays are not, nor the synthetic ones)."""
+    """-> (position in ``stored`` of the frame nearest each of ``times``, its distance);
+    the index's own matching, on ``stored`` in time order (SDOML v2 arrays are not)."""
     order = np.argsort(stored, kind="stable")
-    s = stored[order]
-    hi = np.clip(np.searchsorted(s, times), 1, len(s) - 1)
-    lo = hi - 1
-    d_lo, d_hi = np.abs(times - s[lo]), np.abs(s[hi] - times)
-    return order[np.where(d_lo <= d_hi, lo, hi)], np.minimum(d_lo, d_hi)
+    ns = stored[order].astype("datetime64[ns]").astype(np.int64)
+    pos, _ = index_nearest(ns, times.astype("datetime64[ns]").astype(np.int64), 0)
+    return order[pos], np.abs(stored[order][pos] - times)
 
 
 def channel_frames(store, channel: str) -> tuple[np.ndarray, np.ndarray]:
@@ -75,9 +75,7 @@ def main() -> None:
         if times is None:  # the EVE fit's times: the first channel's, thinned
             times = np.sort(own)[:: a.every]
             totals = np.full((len(times), len(channels)), np.nan)
-        size = x.shape[-1]
-        yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
-        disk = np.hypot(yy, xx) < 0.9 * disk_radius_px(size)
+        disk = disk_mask(x.shape[-1], 0.9 * disk_radius_px(x.shape[-1]))
         med = np.log10(np.median(x[:, disk], axis=1))
         lab = labels(own, split)
         dev = med[lab == a.split] - med[lab == "train"].mean()
