@@ -9,7 +9,7 @@ two science tasks solved without images, on an archive's train and test splits.
   frames; beside it the training mean of each line (climatology).
 
     .venv/bin/python bench/brightness_rules.py                                   # the benchmark archive
-    .venv/bin/python bench/brightness_rules.py configs/data/benchmark_network.yaml --split val
+    .venv/bin/python bench/brightness_rules.py configs/data/benchmark.yaml --split val
 
 Reads the zarr arrays of every year directly and labels frames with the config's own split
 (``data.split``, without its buffer); prints one JSON line. A trained head that scores

@@ -4,7 +4,6 @@ against the same encoder with random weights and the from-scratch CNN (``sdofm e
 powered board: head seeds x resampled test days).
 
     .venv/bin/python bench/pretraining_helps.py nvae <pretraining run id>
-    .venv/bin/python bench/pretraining_helps.py nvae <run id> --data configs/data/benchmark_network.yaml
     .venv/bin/python bench/pretraining_helps.py --table          # every board written so far
 
 Each setting's board goes to ``results/pretraining_helps/<data>/<family>-<task>-<freeze>.json`` as
@@ -37,8 +36,11 @@ HEAD_BUDGET = (
     "finetune.max_train_samples=1024",
     "finetune.max_val_samples=256",
     "finetune.epochs=5",
+    "finetune.encoder_lr_scale=0.1",
 )
-"""Each head's budget: 1,024 training samples for 5 epochs, validated on 256; every test day."""
+"""Each head's budget: 1,024 training samples for 5 epochs, validated on 256; every test day.
+A finetuned encoder learns at a tenth of the head's rate (at the head's rate full
+finetuning undid what pretraining had learned)."""
 
 
 def config(family: str, task: str, freeze: str, backbone: str, seed: int, data: Path):
@@ -85,6 +87,7 @@ def run(family: str, backbone: str, seed: int, data: Path) -> None:
                 "freeze": freeze,
                 "backbone": backbone,
                 "seed": seed,
+                "head_budget": list(HEAD_BUDGET),
                 "seconds": round(seconds),
                 "evaluate_run": board.run_id,
                 "resampled": board.resampled.get(task),
