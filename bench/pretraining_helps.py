@@ -4,9 +4,10 @@ against the same encoder with random weights and the from-scratch CNN (``sdofm e
 powered board: head seeds x resampled test days).
 
     .venv/bin/python bench/pretraining_helps.py nvae <pretraining run id>
+    .venv/bin/python bench/pretraining_helps.py mae <run id> --label mae_restore   # another recipe
     .venv/bin/python bench/pretraining_helps.py --table          # every board written so far
 
-Each setting's board goes to ``results/pretraining_helps/<data>/<family>-<task>-<freeze>.json`` as
+Each setting's board goes to ``results/pretraining_helps/<data>/<label>-<task>-<freeze>.json`` as
 it finishes (a setting already there is not run again, so the comparison can be carried
 over several sessions); the script then prints the table of every board there, in
 Markdown, and one JSON line.
@@ -64,7 +65,7 @@ def config(family: str, task: str, freeze: str, backbone: str, seed: int, data: 
         )
 
 
-def run(family: str, backbone: str, seed: int, data: Path) -> None:
+def run(family: str, backbone: str, seed: int, data: Path, label: str) -> None:
     from sdofm.finetuning.evaluate import evaluate, format_board
     from sdofm.runtime import init_ray
 
@@ -72,7 +73,7 @@ def run(family: str, backbone: str, seed: int, data: Path) -> None:
     (OUT / data.stem).mkdir(parents=True, exist_ok=True)
     for task in TASKS:
         for freeze in SETTINGS:
-            out = OUT / data.stem / f"{family}-{task}-{freeze}.json"
+            out = OUT / data.stem / f"{label}-{task}-{freeze}.json"
             if out.exists():
                 print(f"{out.name}: done before, kept")
                 continue
@@ -82,6 +83,7 @@ def run(family: str, backbone: str, seed: int, data: Path) -> None:
             print(format_board(board), flush=True)
             record = {
                 "family": family,
+                "label": label,
                 "data": data.stem,
                 "task": task,
                 "freeze": freeze,
@@ -115,7 +117,8 @@ def table() -> None:
         row = next(r for r in rec["rows"] if r["metric"] == metric)
         verdicts = ["yes" if row[f"beats_{c}"] else "NO" for c in ("random_init", "from_scratch")]
         lines.append(
-            f"| {rec['data']} | {rec['family']} | {rec['task']} {metric} | {rec['freeze']} | "
+            f"| {rec['data']} | {rec.get('label', rec['family'])} | {rec['task']} {metric} | "
+            f"{rec['freeze']} | "
             f"{cell(row, 'pretrained')} | {cell(row, 'random_init')} | "
             f"{cell(row, 'from_scratch')} | {verdicts[0]} | {verdicts[1]} |"
         )
@@ -123,6 +126,7 @@ def table() -> None:
             {
                 "data": rec["data"],
                 "family": rec["family"],
+                "label": rec.get("label", rec["family"]),
                 "task": rec["task"],
                 "freeze": rec["freeze"],
                 metric: round(row["pretrained"], 5),
@@ -142,13 +146,14 @@ def main() -> None:
     p.add_argument("backbone", nargs="?", help="pretraining run id or checkpoint folder")
     p.add_argument("--seed", type=int, default=0, help="first head seed (train.seed)")
     p.add_argument("--data", default="configs/data/benchmark.yaml", help="the archive's config")
+    p.add_argument("--label", help="the recipe's name in the table and file names (the family's)")
     p.add_argument("--table", action="store_true", help="only print the table")
     a = p.parse_args()
     if not a.table:
         if not (a.family and a.backbone):
             p.error("give a family and a backbone, or --table")
         os.chdir(ROOT)  # data roots in the configs are relative to the checkout
-        run(a.family, a.backbone, a.seed, (ROOT / a.data).resolve())
+        run(a.family, a.backbone, a.seed, (ROOT / a.data).resolve(), a.label or a.family)
     table()
 
 

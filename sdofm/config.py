@@ -436,6 +436,10 @@ class TrainConfig(_Section):
     augment_dim_prob: float = Field(1.0, gt=0, le=1)
     """With ``augment_dim_min``: the share of training samples dimmed (each with probability
     this); the rest keep the Sun's own channel-to-channel brightness ratios."""
+    augment_dim_restore: bool = False
+    """With ``augment_dim_min``: the reconstruction target is the sample as observed, not
+    as dimmed, so the backbone learns to undo instrument degradation, telling a dimmed
+    channel from a quieter Sun by the other channels (masked reconstruction only)."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
     a report at checkpoints and validations only: each report can wait for its 2 s poll)."""
@@ -456,6 +460,11 @@ class TrainConfig(_Section):
         if self.augment_dim_prob != 1.0 and self.augment_dim_min is None:
             raise ValueError(
                 "augment_dim_prob is the share of samples the dimming augmentation dims; "
+                "set augment_dim_min to turn the augmentation on"
+            )
+        if self.augment_dim_restore and self.augment_dim_min is None:
+            raise ValueError(
+                "augment_dim_restore reconstructs the undimmed sample from a dimmed one; "
                 "set augment_dim_min to turn the augmentation on"
             )
         return self

@@ -425,17 +425,22 @@ class MaskedAutoencoder(MAEEncoder):
         return self.standalone(MAEEncoder)
 
     def forward(
-        self, imgs: Tensor, mask_ratio: float | None = None, ids_shuffle: Tensor | None = None
+        self,
+        imgs: Tensor,
+        mask_ratio: float | None = None,
+        ids_shuffle: Tensor | None = None,
+        target: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """imgs: (B, C, T, H, W) -> {"loss": (), "pred": (B, L, P), "mask": (B, L)}.
 
-        ids_shuffle: (B, L) fixed masks (see ``random_masking``), else drawn."""
+        ids_shuffle: (B, L) fixed masks (see ``random_masking``), else drawn. target: what
+        the masked patches are scored against, the shape of ``imgs`` (default: ``imgs``)."""
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1) to train, got {mask_ratio}")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
         pred = self.forward_decoder(latent, ids_restore)
-        loss = self.forward_loss(imgs, pred, mask)
+        loss = self.forward_loss(imgs if target is None else target, pred, mask)
         return {"loss": loss, "pred": pred, "mask": mask}
 
 

@@ -154,6 +154,8 @@ class BackboneObjective(Objective):
         self.weight_decay, self.betas, self.seed = weight_decay, tuple(betas), seed
         self.augment: DimmingJitter | None = None
         """Applied to training inputs only (``train.augment_dim_min``)."""
+        self.restore = False
+        """Score reconstructions against the undimmed sample (``train.augment_dim_restore``)."""
 
     @classmethod
     def settings(cls, given: dict) -> BaseModel:
@@ -189,6 +191,10 @@ class BackboneObjective(Objective):
         """The batch's images on ``device`` as float32, augmented when configured."""
         x = batch["image"].to(device, non_blocking=True).float()
         return x if self.augment is None else self.augment(x)
+
+    restores: bool = False
+    """Whether the objective can reconstruct the undimmed sample from a dimmed one
+    (``train.augment_dim_restore``)."""
 
     def build_model(self) -> nn.Module:
         return get_model(self.model_name, **self.kwargs)
@@ -237,8 +243,13 @@ class MaskedReconstruction(BackboneObjective):
     headline = ("val/loss",)
     score_name = "masked_mse"
 
+    restores = True
+
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
-        return model(self.train_inputs(batch, device))["loss"]
+        if not self.restore:
+            return model(self.train_inputs(batch, device))["loss"]
+        x = batch["image"].to(device, non_blocking=True).float()
+        return model(self.augment(x), target=x)["loss"]
 
     def fixed_masks(self, model, ids) -> torch.Tensor:
         """ids: (B,) sample ids -> ids_shuffle (B, L): each sample's mask drawn from the seed
@@ -460,4 +471,11 @@ def make_objective(cfg, sample_shape: tuple, stats: dict | None = None) -> Objec
         objective.augment = DimmingJitter.from_preprocessor(
             pre, d.aia_channels, tc.augment_dim_min, tc.augment_dim_prob
         )
+        if tc.augment_dim_restore and not objective.restores:
+            raise ConfigError(
+                f"train.augment_dim_restore: {family_of(mc.name)} backbones "
+                f"({type(objective).__name__}) reconstruct no undimmed sample; only masked "
+                "reconstruction (mae) does"
+            )
+        objective.restore = tc.augment_dim_restore
     return objective

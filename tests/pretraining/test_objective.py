@@ -129,3 +129,42 @@ def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transfor
     assert make_objective(load_config(), (len(CHANNELS), 1, S, S), stats).augment is None
     with pytest.raises(ConfigError, match="set augment_dim_min"):  # a share of nothing
         load_config(None, ["train.augment_dim_prob=0.5"])
+
+
+def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_sample():
+    """train.augment_dim_restore: the MAE sees the dimmed sample and its masked patches are
+    scored against the sample as observed: the loss is the MSE, computed here by hand from
+    the model's own prediction and mask, to the undimmed patches, not to the dimmed ones."""
+    import numpy as np
+
+    from sdofm.pretraining.objective import make_objective
+
+    shape = (len(CHANNELS), 1, 32, 32)
+    rng = np.random.default_rng(0)
+    stats = {
+        "channels": {c: {"mean": rng.uniform(0, 3), "std": rng.uniform(0.2, 2)} for c in CHANNELS}
+    }
+    overrides = ["model.name=mae_debug", "train.augment_dim_min=0.05"]
+    cfg = load_config(None, [*overrides, "train.augment_dim_restore=true"])
+    objective = make_objective(cfg, shape, stats)
+    model = objective.build_model()
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    loss = objective.loss(model, {"image": x}, None, None, torch.device("cpu"))
+    torch.manual_seed(5)  # the same draws: the dimming factors, then the masks
+    dimmed = objective.augment(x)
+    out = model(dimmed)
+    assert (dimmed < x - 1e-3).any()  # the input was dimmed
+    err = (out["pred"] - model.patchify(x)).pow(2).mean(-1)
+    by_hand = (err * out["mask"]).sum() / out["mask"].sum()
+    torch.testing.assert_close(loss, by_hand)
+    assert (loss - out["loss"]).abs().item() > 1e-3  # the dimmed target scores otherwise
+    # Off by default; plain reconstruction scores the dimmed input against itself.
+    plain = make_objective(load_config(None, overrides), shape, stats)
+    torch.manual_seed(5)
+    torch.testing.assert_close(plain.loss(model, {"image": x}, None, None, "cpu"), out["loss"])
+    with pytest.raises(ConfigError, match="set augment_dim_min"):
+        load_config(None, ["train.augment_dim_restore=true"])
+    nvae = load_config(None, ["model.name=nvae_debug", *overrides[1:], "train.augment_dim_restore=1"])
+    with pytest.raises(ConfigError, match="augment_dim_restore: nvae backbones"):
+        make_objective(nvae, shape, stats)
