@@ -165,6 +165,8 @@ def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_s
     torch.testing.assert_close(plain.loss(model, {"image": x}, None, None, "cpu"), out["loss"])
     with pytest.raises(ConfigError, match="set augment_dim_min"):
         load_config(None, ["train.augment_dim_restore=true"])
-    nvae = load_config(None, ["model.name=nvae_debug", *overrides[1:], "train.augment_dim_restore=1"])
+    nvae = load_config(
+        None, ["model.name=nvae_debug", *overrides[1:], "train.augment_dim_restore=1"]
+    )
     with pytest.raises(ConfigError, match="augment_dim_restore: nvae backbones"):
         make_objective(nvae, shape, stats)
