@@ -438,8 +438,8 @@ class TrainConfig(_Section):
     this); the rest keep the Sun's own channel-to-channel brightness ratios."""
     augment_dim_restore: bool = False
     """With ``augment_dim_min``: the reconstruction target is the sample as observed, not
-    as dimmed, so the backbone learns to undo instrument degradation, telling a dimmed
-    channel from a quieter Sun by the other channels (masked reconstruction only)."""
+    as dimmed, so the backbone learns to undo instrument degradation (masked reconstruction
+    only). Its features become invariant to the dimming: no use to a dimming probe."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
     a report at checkpoints and validations only: each report can wait for its 2 s poll)."""
