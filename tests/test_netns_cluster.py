@@ -369,7 +369,10 @@ def test_netns_pretraining_survives_the_loss_of_the_worker_node(netns_cluster):
     def gone():
         left = subprocess.run(["ip", "netns", "pids", "sdofm-worker"], capture_output=True)
         for pid in left.stdout.split():
-            os.kill(int(pid), signal.SIGKILL)
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:  # it exited between the listing and the kill
+                pass
         return not left.stdout.split()
 
     _wait("every process of the worker node gone", gone, timeout=30, every=1)
