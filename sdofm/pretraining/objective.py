@@ -189,8 +189,12 @@ class BackboneObjective(Objective):
 
     def train_inputs(self, batch, device) -> torch.Tensor:
         """The batch's images on ``device`` as float32, augmented when configured."""
-        x = batch["image"].to(device, non_blocking=True).float()
+        x = self.clean_inputs(batch, device)
         return x if self.augment is None else self.augment(x)
+
+    def clean_inputs(self, batch, device) -> torch.Tensor:
+        """The batch's images on ``device`` as float32, as observed."""
+        return batch["image"].to(device, non_blocking=True).float()
 
     restores: bool = False
     """Whether the objective can reconstruct the undimmed sample from a dimmed one
@@ -248,7 +252,7 @@ class MaskedReconstruction(BackboneObjective):
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
         if not self.restore:
             return model(self.train_inputs(batch, device))["loss"]
-        x = batch["image"].to(device, non_blocking=True).float()
+        x = self.clean_inputs(batch, device)
         return model(self.augment(x), target=x)["loss"]
 
     def fixed_masks(self, model, ids) -> torch.Tensor:
