@@ -436,10 +436,14 @@ class TrainConfig(_Section):
     augment_dim_prob: float = Field(1.0, gt=0, le=1)
     """With ``augment_dim_min``: the share of training samples dimmed (each with probability
     this); the rest keep the Sun's own channel-to-channel brightness ratios."""
-    augment_dim_restore: bool = False
-    """With ``augment_dim_min``: the reconstruction target is the sample as observed, not
-    as dimmed, so the backbone learns to undo instrument degradation (masked reconstruction
-    only). Its features become invariant to the dimming: no use to a dimming probe."""
+    augment_dim_target: Literal["dimmed", "observed", "both"] = "dimmed"
+    """With ``augment_dim_min`` (masked reconstruction only for "observed" and "both"): what
+    the masked patches are scored against. "dimmed": the input the encoder sees;
+    "observed": the sample before the dimming, so the backbone learns to undo instrument
+    degradation (its features become invariant to the dimming: no use to a dimming probe);
+    "both": a second decoder head predicts the sample as observed beside the first's
+    dimmed one, so the encoder keeps each channel's level and the level the other channels
+    and instruments expect of it, whose difference is the dimming."""
     log_every: int = Field(10, ge=1)
     """Log loss, lr, grad norm and throughput to MLflow every this many steps (Ray Train gets
     a report at checkpoints and validations only: each report can wait for its 2 s poll)."""
@@ -462,10 +466,10 @@ class TrainConfig(_Section):
                 "augment_dim_prob is the share of samples the dimming augmentation dims; "
                 "set augment_dim_min to turn the augmentation on"
             )
-        if self.augment_dim_restore and self.augment_dim_min is None:
+        if self.augment_dim_target != "dimmed" and self.augment_dim_min is None:
             raise ValueError(
-                "augment_dim_restore reconstructs the undimmed sample from a dimmed one; "
-                "set augment_dim_min to turn the augmentation on"
+                f"augment_dim_target={self.augment_dim_target!r} reconstructs the undimmed "
+                "sample from a dimmed one; set augment_dim_min to turn the augmentation on"
             )
         return self
 

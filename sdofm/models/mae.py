@@ -300,6 +300,7 @@ class MaskedAutoencoder(MAEEncoder):
         norm_pix_loss: bool = False,
         masking: Masking = "random",
         mask_ratio: float = 0.75,
+        restore_head: bool = False,
     ) -> None:
         super().__init__(
             img_size=img_size,
@@ -331,11 +332,18 @@ class MaskedAutoencoder(MAEEncoder):
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.patch_dim = tubelet_size * patch_size * patch_size * in_chans
         self.decoder_pred = nn.Linear(decoder_embed_dim, self.patch_dim)
+        # A second prediction of each masked patch: the sample before a dimming the input
+        # went through (``forward``'s ``restored``); the encoder is unchanged.
+        self.decoder_pred_restored = (
+            nn.Linear(decoder_embed_dim, self.patch_dim) if restore_head else None
+        )
 
         nn.init.normal_(self.mask_token, std=0.02)
         for module in (self.decoder_embed, self.decoder_blocks, self.decoder_norm):
             module.apply(_init_weights)
         self.decoder_pred.apply(_init_weights)
+        if self.decoder_pred_restored is not None:
+            self.decoder_pred_restored.apply(_init_weights)
 
     # -- patches ------------------------------------------------------------------------------
 
@@ -360,7 +368,8 @@ class MaskedAutoencoder(MAEEncoder):
     # -- forward ------------------------------------------------------------------------------
 
     def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """latent: (B, 1 + L_keep, D), ids_restore: (B, L) -> pred (B, L, P)."""
+        """latent: (B, 1 + L_keep, D), ids_restore: (B, L) -> (B, L, D_dec): the decoder's
+        normalised output per patch, which ``decoder_pred`` turns into pixels."""
         x = self.decoder_embed(latent)
         B, L = ids_restore.shape
         mask_tokens = self.mask_token.expand(B, L + 1 - x.shape[1], -1)
@@ -370,7 +379,7 @@ class MaskedAutoencoder(MAEEncoder):
 
         for block in self.decoder_blocks:
             x = block(x)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        return self.decoder_norm(x)[:, 1:]
 
     def loss_weights(self, mask: Tensor) -> Tensor:
         """mask: (B, L) -> (B, L): the mask, with off-disk patches at 0 for "disk" and "solar"."""
@@ -430,18 +439,29 @@ class MaskedAutoencoder(MAEEncoder):
         mask_ratio: float | None = None,
         ids_shuffle: Tensor | None = None,
         target: Tensor | None = None,
+        restored: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """imgs: (B, C, T, H, W) -> {"loss": (), "pred": (B, L, P), "mask": (B, L)}.
 
         ids_shuffle: (B, L) fixed masks (see ``random_masking``), else drawn. target: what
-        the masked patches are scored against, the shape of ``imgs`` (default: ``imgs``)."""
+        the masked patches are scored against, the shape of ``imgs`` (default: ``imgs``).
+        restored: with ``restore_head``, the sample before the dimming ``imgs`` went
+        through; the second head predicts its masked patches ("pred_restored") and the
+        loss is the mean of both heads' losses."""
         mask_ratio = self.mask_ratio if mask_ratio is None else mask_ratio
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1) to train, got {mask_ratio}")
         latent, mask, ids_restore = self.forward_encoder(imgs, mask_ratio, ids_shuffle)
-        pred = self.forward_decoder(latent, ids_restore)
+        hidden = self.forward_decoder(latent, ids_restore)
+        pred = self.decoder_pred(hidden)
         loss = self.forward_loss(imgs if target is None else target, pred, mask)
-        return {"loss": loss, "pred": pred, "mask": mask}
+        out = {"loss": loss, "pred": pred, "mask": mask}
+        if restored is not None:
+            if self.decoder_pred_restored is None:
+                raise ValueError("restored needs a model built with restore_head=True")
+            out["pred_restored"] = self.decoder_pred_restored(hidden)
+            out["loss"] = (loss + self.forward_loss(restored, out["pred_restored"], mask)) / 2
+        return out
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -154,8 +154,9 @@ class BackboneObjective(Objective):
         self.weight_decay, self.betas, self.seed = weight_decay, tuple(betas), seed
         self.augment: DimmingJitter | None = None
         """Applied to training inputs only (``train.augment_dim_min``)."""
-        self.restore = False
-        """Score reconstructions against the undimmed sample (``train.augment_dim_restore``)."""
+        self.dim_target = "dimmed"
+        """What reconstructions of dimmed inputs are scored against
+        (``train.augment_dim_target``)."""
 
     @classmethod
     def settings(cls, given: dict) -> BaseModel:
@@ -198,7 +199,7 @@ class BackboneObjective(Objective):
 
     restores: bool = False
     """Whether the objective can reconstruct the undimmed sample from a dimmed one
-    (``train.augment_dim_restore``)."""
+    (``train.augment_dim_target`` "observed" or "both")."""
 
     def build_model(self) -> nn.Module:
         return get_model(self.model_name, **self.kwargs)
@@ -250,10 +251,12 @@ class MaskedReconstruction(BackboneObjective):
     restores = True
 
     def loss(self, model, batch, info, optimizer, device) -> torch.Tensor:
-        if not self.restore:
+        if self.dim_target == "dimmed":
             return model(self.train_inputs(batch, device))["loss"]
         x = self.clean_inputs(batch, device)
-        return model(self.augment(x), target=x)["loss"]
+        if self.dim_target == "observed":
+            return model(self.augment(x), target=x)["loss"]
+        return model(self.augment(x), restored=x)["loss"]
 
     def fixed_masks(self, model, ids) -> torch.Tensor:
         """ids: (B,) sample ids -> ids_shuffle (B, L): each sample's mask drawn from the seed
@@ -475,11 +478,13 @@ def make_objective(cfg, sample_shape: tuple, stats: dict | None = None) -> Objec
         objective.augment = DimmingJitter.from_preprocessor(
             pre, d.aia_channels, tc.augment_dim_min, tc.augment_dim_prob
         )
-        if tc.augment_dim_restore and not objective.restores:
+        if tc.augment_dim_target != "dimmed" and not objective.restores:
             raise ConfigError(
-                f"train.augment_dim_restore: {family_of(mc.name)} backbones "
-                f"({type(objective).__name__}) reconstruct no undimmed sample; only masked "
-                "reconstruction (mae) does"
+                f"train.augment_dim_target={tc.augment_dim_target!r}: "
+                f"{family_of(mc.name)} backbones ({type(objective).__name__}) reconstruct "
+                'no undimmed sample; only masked reconstruction (mae) does: use "dimmed"'
             )
-        objective.restore = tc.augment_dim_restore
+        objective.dim_target = tc.augment_dim_target
+        if tc.augment_dim_target == "both":  # the model's second head, recorded with it
+            objective.kwargs = {**objective.kwargs, "restore_head": True}
     return objective

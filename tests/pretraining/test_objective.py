@@ -131,10 +131,8 @@ def test_dimming_augmentation_equals_dimming_in_physical_units_then_the_transfor
         load_config(None, ["train.augment_dim_prob=0.5"])
 
 
-def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_sample():
-    """train.augment_dim_restore: the MAE sees the dimmed sample and its masked patches are
-    scored against the sample as observed: the loss is the MSE, computed here by hand from
-    the model's own prediction and mask, to the undimmed patches, not to the dimmed ones."""
+def _dimmed_mae_objective(target: str):
+    """(objective, shape, overrides) of mae_debug dimming its inputs, scoring ``target``."""
     import numpy as np
 
     from sdofm.pretraining.objective import make_objective
@@ -145,8 +143,24 @@ def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_s
         "channels": {c: {"mean": rng.uniform(0, 3), "std": rng.uniform(0.2, 2)} for c in CHANNELS}
     }
     overrides = ["model.name=mae_debug", "train.augment_dim_min=0.05"]
-    cfg = load_config(None, [*overrides, "train.augment_dim_restore=true"])
-    objective = make_objective(cfg, shape, stats)
+    cfg = load_config(None, [*overrides, f"train.augment_dim_target={target}"])
+    return make_objective(cfg, shape, stats), shape, stats, overrides
+
+
+def _masked_mse(pred, target, mask):
+    """The masked MSE by hand: each patch's mean square error, averaged over masked patches."""
+    err = (pred - target).pow(2).mean(-1)
+    return (err * mask).sum() / mask.sum()
+
+
+def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_sample():
+    """train.augment_dim_target=observed: the MAE sees the dimmed sample and its masked
+    patches are scored against the sample as observed: the loss is the MSE, computed here by
+    hand from the model's own prediction and mask, to the undimmed patches, not to the
+    dimmed ones."""
+    from sdofm.pretraining.objective import make_objective
+
+    objective, shape, stats, overrides = _dimmed_mae_objective("observed")
     model = objective.build_model()
     x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(5)
@@ -155,18 +169,52 @@ def test_restoring_reconstruction_scores_the_dimmed_input_against_the_undimmed_s
     dimmed = objective.augment(x)
     out = model(dimmed)
     assert (dimmed < x - 1e-3).any()  # the input was dimmed
-    err = (out["pred"] - model.patchify(x)).pow(2).mean(-1)
-    by_hand = (err * out["mask"]).sum() / out["mask"].sum()
-    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(loss, _masked_mse(out["pred"], model.patchify(x), out["mask"]))
     assert (loss - out["loss"]).abs().item() > 1e-3  # the dimmed target scores otherwise
     # Off by default; plain reconstruction scores the dimmed input against itself.
     plain = make_objective(load_config(None, overrides), shape, stats)
     torch.manual_seed(5)
     torch.testing.assert_close(plain.loss(model, {"image": x}, None, None, "cpu"), out["loss"])
     with pytest.raises(ConfigError, match="set augment_dim_min"):
-        load_config(None, ["train.augment_dim_restore=true"])
-    nvae = load_config(
-        None, ["model.name=nvae_debug", *overrides[1:], "train.augment_dim_restore=1"]
+        load_config(None, ["train.augment_dim_target=observed"])
+    with pytest.raises(ConfigError, match="augment_dim_target"):  # a misspelt target
+        load_config(None, [*overrides, "train.augment_dim_target=undimmed"])
+    for target in ("observed", "both"):
+        nvae = load_config(
+            None, ["model.name=nvae_debug", *overrides[1:], f"train.augment_dim_target={target}"]
+        )
+        with pytest.raises(ConfigError, match=f"augment_dim_target='{target}': nvae backbones"):
+            make_objective(nvae, shape, stats)
+
+
+def test_both_targets_score_two_heads_against_the_dimmed_and_the_undimmed_sample():
+    """train.augment_dim_target=both: one encoder pass, two predictions of each masked
+    patch; the loss is the mean of the first head's MSE to the dimmed input and the second
+    head's to the sample as observed (computed by hand from the model's outputs). The
+    second head is part of the recorded model, and the encoder is the plain MAE's."""
+    from sdofm.models import get_model
+
+    objective, shape, _, _ = _dimmed_mae_objective("both")
+    assert objective.kwargs["restore_head"] is True  # recorded in the checkpoint's meta
+    assert objective.checkpoint_meta(objective.build_model())["model_config"]["restore_head"]
+    model = objective.build_model()
+    x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(5)
+    loss = objective.loss(model, {"image": x}, None, None, torch.device("cpu"))
+    torch.manual_seed(5)
+    dimmed = objective.augment(x)
+    out = model(dimmed, restored=x)
+    assert (dimmed < x - 1e-3).any()
+    first = _masked_mse(out["pred"], model.patchify(dimmed), out["mask"])
+    second = _masked_mse(out["pred_restored"], model.patchify(x), out["mask"])
+    torch.testing.assert_close(loss, (first + second) / 2)
+    assert (first - second).abs().item() > 1e-3  # two heads, two targets
+    assert not torch.equal(out["pred"], out["pred_restored"])
+    # The encoder is the plain MAE's: the same weights load into a model without the head.
+    plain = get_model(
+        "mae_debug", **{k: v for k, v in objective.kwargs.items() if k != "restore_head"}
     )
-    with pytest.raises(ConfigError, match="augment_dim_restore: nvae backbones"):
-        make_objective(nvae, shape, stats)
+    missing = set(model.state_dict()) - set(plain.state_dict())
+    assert missing == {"decoder_pred_restored.weight", "decoder_pred_restored.bias"}
+    with pytest.raises(ValueError, match="restore_head"):
+        plain(dimmed, restored=x)
