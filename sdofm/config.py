@@ -266,6 +266,14 @@ class SynthConfig(_Section):
     1 + v s(t), the EVE lines by 1 + v (0.5 + hot / 2) s(t). 0: a constant quiet Sun, whose
     brightness alone gives a dimming factor away; with v > 0 only the channels' relations
     (the HMI network above all, never dimmed) tell a dimmed channel from a quieter Sun."""
+    eve_temperature_width: float = Field(0.0, ge=0, le=1)
+    """The width, dex, of each coronal EVE line's contribution function (formation
+    temperature 10^6 K or hotter): an active region adds to that line only where its hidden
+    temperature (log T from 6.0 to 7.0 across the regions' range, the one the AIA
+    channels' responses see) lies within about this of the line's, as a Gaussian in log T
+    normalised to the same mean response. 0: every region adds to every line by its flux
+    alone, so that the lines are a function of a few disk totals; with a width of 0.1 to
+    0.2 they depend on each region's temperature, which only its own channel ratios tell."""
     overwrite: bool = False
     """Replace existing stores instead of refusing to write over them."""
 

@@ -1,6 +1,7 @@
 import datetime as dt
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -388,3 +389,45 @@ def test_the_quiet_sun_follows_the_magnetic_network(monkeypatch):
     # The default Sun is the one of before: its quiet level does not move at all.
     a, b = (still.render_aia("211A", x)[0] for x in times[:2])
     np.testing.assert_array_equal(a, b)
+
+
+def test_coronal_eve_lines_see_each_region_through_its_temperature(monkeypatch):
+    """With synth.eve_temperature_width each coronal line's active-region term weighs every
+    region by a Gaussian in log T around the line's formation temperature (normalised to the
+    mean over the regions' temperatures), computed here by hand for two regions of known
+    temperature; the lines formed below 10^6 K and every line of the default Sun keep the
+    flux-only term, whose closed form is checked too."""
+    from sdofm.constants import EVE_LINE_TABLE
+
+    cfg = small_config("unused", "synth.resolution=64").synth
+    sun = SyntheticSun(cfg.model_copy(update={"eve_temperature_width": 0.15}))
+    flat = SyntheticSun(cfg)
+    times = np.array([2.0, 2.5]) * 86400
+    temps = (0.6, 1.4)  # log T 6.1 and 6.9
+    for s in (sun, flat):
+        monkeypatch.setattr(s, "flares", [])
+        quiet = SimpleNamespace(standard_normal=np.zeros)  # no 1 % noise
+        monkeypatch.setattr(s, "rng_eve", quiet)
+        visible = [(r, 1.0, 0, 0, 1) for r in s.regions[:2]]
+        for r, temp in zip(s.regions[:2], temps, strict=True):
+            monkeypatch.setattr(r, "temperature", temp)
+            monkeypatch.setattr(r, "flux", 1000.0)
+        monkeypatch.setattr(s, "activity", lambda t, v=visible: v)
+    grid = np.linspace(6.0, 7.0, 1001)  # log T of the regions' uniform temperatures
+    for j, (_, wl, logt) in enumerate(EVE_LINE_TABLE):
+        base = 1e-4 * (1 + 0.3 * math.sin(wl))
+        hot = 1 / (1 + math.exp(-(logt - 6.6) * 6))
+        if logt >= 6.0:
+            g = [math.exp(-0.5 * ((lt - logt) / 0.15) ** 2) for lt in (6.1, 6.9)]
+            act = sum(g) / np.exp(-0.5 * ((grid - logt) / 0.15) ** 2).mean()
+        else:
+            act = 2.0
+        want = base * (1 + 0.1 * (0.5 + hot) * act)
+        np.testing.assert_allclose(sun.eve_irradiance(times)[:, j], want, rtol=1e-5)
+        np.testing.assert_allclose(
+            flat.eve_irradiance(times)[:, j], base * (1 + 0.1 * (0.5 + hot) * 2.0), rtol=1e-5
+        )
+    # A line formed at 6.9 sees the hot region far more than the cool one: the two lines
+    # of different temperatures now move apart where flux alone moved them together.
+    w = sun.eve_temperature_weight(6.9)
+    assert w(1.4) > 10 * w(0.6)

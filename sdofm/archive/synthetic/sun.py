@@ -12,6 +12,8 @@ The physics is simple but causal, so that science heads have something true to l
   per-AR temperature), with a channel-specific temperature response, so the
   channels are physically related;
 * flares in ARs that brighten the hot channels (94, 131 A) most, and the EVE lines;
+* optionally (``synth.eve_temperature_width``) coronal EVE lines that see each AR through
+  a contribution function of its temperature, as real lines form in a narrow range;
 * optionally (``synth.network_variability``) a quiet Sun that brightens and fades with a
   slowly varying magnetic network, seen in HMI's network field and, channel by channel,
   in the AIA quiet levels and the EVE lines;
@@ -70,6 +72,9 @@ NETWORK_RESPONSE = {
     "1600A": 0.2,
     "1700A": 0.05,
 }
+AR_LOG_T = (6.0, 7.0)
+"""log10 T (K) of the coolest and the hottest active region (hidden temperature 0.5 and 1.5),
+which the EVE lines' contribution functions see (``synth.eve_temperature_width``)."""
 NETWORK_PERIODS_DAYS = (8.0, 60.0)
 """The network state is a sum of four sinusoids with periods drawn from this range."""
 _HMI_NOISE_G = {"Bx": 12.0, "By": 12.0, "Bz": 5.0}
@@ -386,24 +391,41 @@ class SyntheticSun:
             out[c] *= self.on_disk
         return out
 
+    def eve_temperature_weight(self, logt: float):
+        """-> f(temperature): how much an active region of that hidden temperature adds to
+        the EVE line formed at ``logt``, per unit of its flux (``synth.eve_temperature_width``;
+        1 for every region without it, and for lines formed below 10^6 K)."""
+        width = self.cfg.eve_temperature_width
+        if not width or logt < AR_LOG_T[0]:
+            return lambda temperature: 1.0
+
+        def gauss(temperature: float) -> float:
+            log_t = AR_LOG_T[0] + (temperature - 0.5) * (AR_LOG_T[1] - AR_LOG_T[0])
+            return math.exp(-0.5 * ((log_t - logt) / width) ** 2)
+
+        # the same mean response over the regions' uniform temperatures (0.5 .. 1.5)
+        mean = float(np.mean([gauss(x) for x in np.linspace(0.5, 1.5, 1001)]))
+        return lambda temperature: gauss(temperature) / mean
+
     def eve_irradiance(self, t: np.ndarray) -> np.ndarray:
         """Disk-integrated MEGS-A lines ``(len(t), 39) float32`` in W m^-2 (no missing values)."""
         t = np.asarray(t, dtype=np.float64)
-        act = np.zeros_like(t)
         # ARs change slowly: a 10-min grid from the first time, only where ``t`` needs it
         # (the periods of a long archive may lie months apart)
         step = np.floor((t - t.min()) / 600.0)
         coarse = t.min() + 600.0 * np.unique(np.concatenate([step, step + 1]))
-        act_coarse = np.array(
-            [sum(w * r.flux / 1000 for r, w, *_ in self.activity(s)) for s in coarse]
-        )
-        act = np.interp(t, coarse, act_coarse)
+        regions = [
+            [(w * r.flux / 1000, r.temperature) for r, w, *_ in self.activity(s)] for s in coarse
+        ]
         flare = np.zeros_like(t)
         for f in self.flares:
             near = (t > f.t_peak - 6 * f.rise) & (t < f.t_peak + 10 * f.decay)
             flare[near] += f.magnitude * f.profile(t[near])
         out = np.empty((len(t), len(EVE_LINE_TABLE)), dtype=np.float32)
         for j, (_name, wl, logt) in enumerate(EVE_LINE_TABLE):
+            weight = self.eve_temperature_weight(logt)
+            act_coarse = [sum(a * weight(temp) for a, temp in rs) for rs in regions]
+            act = np.interp(t, coarse, act_coarse)
             base = 1e-4 * (1 + 0.3 * math.sin(wl))  # a fixed level per line
             hot = 1 / (1 + math.exp(-(logt - 6.6) * 6))  # hot lines respond to flares
             # The visible ARs (act ~ 8-14 on the session store's days) add 40-70 % to a cool
