@@ -1,4 +1,4 @@
-"""How much of dimming and virtual EVE one brightness number per channel explains: the
+"""How much of dimming and virtual EVE a few disk-integrated numbers explain: the
 two science tasks solved without images, on an archive's train and test splits.
 
 * dimming: each AIA channel's factor read off its median disk brightness, against that
@@ -17,7 +17,7 @@ two science tasks solved without images, on an archive's train and test splits.
 
 Reads the zarr arrays of every year directly and labels frames with the config's own split
 (``data.split``, without its buffer); prints one JSON line. A trained head that scores
-worse than these rules reads less from the image than one number per channel holds.
+worse than these rules reads less from the image than a few disk totals hold.
 """
 
 from __future__ import annotations
