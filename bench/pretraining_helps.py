@@ -78,7 +78,9 @@ def run(family: str, backbone: str, seed: int, data: Path, label: str) -> None:
                 print(f"{out.name}: done before, kept")
                 continue
             start = time.perf_counter()
-            board = evaluate(config(family, task, freeze, backbone, seed, data), [task])
+            board = evaluate(
+                config(family, task, freeze, backbone, seed, data), [task], heads_only=True
+            )
             seconds = time.perf_counter() - start
             print(format_board(board), flush=True)
             record = {

@@ -150,11 +150,11 @@ def tune_cmd(
     where_logs()
 
 
-def run_evaluate(cfg, tasks: list[str] | None, n_boot: int):
+def run_evaluate(cfg, tasks: list[str] | None, n_boot: int, heads_only: bool = False):
     from sdofm.finetuning.evaluate import evaluate, format_board
     from sdofm.tracking import tracking_uri
 
-    board = evaluate(cfg, tasks, n_boot)
+    board = evaluate(cfg, tasks, n_boot, heads_only)
     console.print(format_board(board), highlight=False, markup=False, soft_wrap=True)
     console.print(
         f"MLflow run: {board.run_id} (scoreboard.txt, scoreboard.json; "
@@ -174,6 +174,14 @@ def evaluate_cmd(
         ),
     ] = None,
     bootstrap: Annotated[int, typer.Option(help="Bootstrap resamples of the test split.")] = 1000,
+    heads_only: Annotated[
+        bool,
+        typer.Option(
+            "--heads-only",
+            help="Score the heads only, not the backbone's own reconstructions, generated "
+            "frames or forecasts.",
+        ),
+    ] = False,
 ) -> None:
     """Score every head on the fixed test split against two controls (the same head on a
     randomly initialised encoder, and the from-scratch baseline), with bootstrap intervals;
@@ -181,7 +189,7 @@ def evaluate_cmd(
     with friendly_errors():
         cfg = load_args(_with_backbone(args, backbone))
         start_ray(dashboard=True)
-        run_evaluate(cfg, [] if task == ["none"] else task, bootstrap)
+        run_evaluate(cfg, [] if task == ["none"] else task, bootstrap, heads_only)
     where_logs()
 
 

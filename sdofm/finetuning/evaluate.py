@@ -58,6 +58,8 @@ RECONSTRUCTION = "reconstruction"
 """The board's section (its ``task``) of the backbone's own masked-reconstruction error."""
 GENERATION = "generation"
 """The board's section of a generative backbone's samples (``sdofm.finetuning.generation``)."""
+BACKBONE = "backbone"
+"""The board's key, among the sections not scored, for all of the backbone's own sections."""
 
 
 @dataclass
@@ -294,9 +296,49 @@ def format_board(board: Board) -> str:
     return "\n".join(out)
 
 
-def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 1000) -> Board:
+def backbone_sections(cfg: Config, board: Board, uri: str, options, n_boot: int) -> None:
+    """The backbone's own scores on ``board``: its reconstructions against its random-init
+    twin, its generator's frames, or its forecasts, as its pretraining objective allows."""
+    backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment, options)
+    scorer = objective_class(backbone.family)
+    if backbone.model is None:
+        board.skipped[RECONSTRUCTION if scorer.reconstructs else GENERATION] = (
+            f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
+            "older checkpoint): give its pretraining run id or checkpoint folder"
+        )
+    elif not scorer.reconstructs:
+        board.skipped[RECONSTRUCTION] = (
+            f"a {backbone.family} backbone reconstructs no input (its pretraining "
+            "objective scores no per-sample reconstruction)"
+            + ("; its generator is scored below" if scorer.generates else "")
+            + ("; its forecasts are scored below" if scorer.forecasts else "")
+        )
+    else:
+        score, scores, days = reconstruction_scores(cfg, backbone)
+        channels = cfg.data.channels
+        board.resampled[RECONSTRUCTION] = _resampled(days, 1)
+        point, draws = bootstrap(
+            lambda s: reconstruction_summary(s, channels, score),
+            scores,
+            n_boot,
+            cfg.train.seed,
+            days,
+        )
+        metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
+        board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
+    if scorer.generates and backbone.model is not None:
+        board.generation = generation_section(cfg, backbone, uri)
+    if scorer.forecasts and backbone.model is not None:
+        board.forecast = forecast_section(cfg, backbone, n_boot)
+
+
+def evaluate(
+    cfg: Config, task_names: list[str] | None = None, n_boot: int = 1000, heads_only: bool = False
+) -> Board:
     """Score every task's head (pretrained, random-init and from-scratch arms) on the test
-    split; one MLflow parent run holds the board, one child run per arm and head seed."""
+    split, then the backbone's own scores (:func:`backbone_sections`; not with
+    ``heads_only``); one MLflow parent run holds the board, one child run per arm and head
+    seed."""
     if cfg.finetune.head == "baseline_cnn":
         raise ConfigError(
             "sdofm evaluate trains the baseline itself: set finetune.head to an encoder head "
@@ -393,37 +435,10 @@ def evaluate(cfg: Config, task_names: list[str] | None = None, n_boot: int = 100
                 lambda s, t=task: t.summarise(cfg, s), scores, n_boot, cfg.train.seed, days
             )
             board.rows += board_rows(task_name, point, draws, task.board(cfg))
-        backbone = resolve_backbone(cfg.finetune.backbone, uri, cfg.tracking.experiment, options)
-        scorer = objective_class(backbone.family)
-        if backbone.model is None:
-            board.skipped[RECONSTRUCTION if scorer.reconstructs else GENERATION] = (
-                f"the backbone {backbone.source} holds its encoder only (a models:/ URI or an "
-                "older checkpoint): give its pretraining run id or checkpoint folder"
-            )
-        elif not scorer.reconstructs:
-            board.skipped[RECONSTRUCTION] = (
-                f"a {backbone.family} backbone reconstructs no input (its pretraining "
-                "objective scores no per-sample reconstruction)"
-                + ("; its generator is scored below" if scorer.generates else "")
-                + ("; its forecasts are scored below" if scorer.forecasts else "")
-            )
+        if heads_only:
+            board.skipped[BACKBONE] = "only the heads asked for"
         else:
-            score, scores, days = reconstruction_scores(cfg, backbone)
-            channels = cfg.data.channels
-            board.resampled[RECONSTRUCTION] = _resampled(days, 1)
-            point, draws = bootstrap(
-                lambda s: reconstruction_summary(s, channels, score),
-                scores,
-                n_boot,
-                cfg.train.seed,
-                days,
-            )
-            metrics = [(f"{score}_{c}", False) for c in [*channels, "mean"]]
-            board.rows += board_rows(RECONSTRUCTION, point, draws, metrics)
-        if scorer.generates and backbone.model is not None:
-            board.generation = generation_section(cfg, backbone, uri)
-        if scorer.forecasts and backbone.model is not None:
-            board.forecast = forecast_section(cfg, backbone, n_boot)
+            backbone_sections(cfg, board, uri, options, n_boot)
         board.run_id = parent.run_id
         text = format_board(board)
         log_text(uri, parent.run_id, text, "scoreboard.txt")

@@ -305,6 +305,10 @@ def test_evaluate_scores_three_arms_on_the_test_split(synth_root, tmp_path, ray_
     text = format_board(board)
     assert "mae (down)" in text and "beats random" in text
     assert "reconstruction: the backbone itself on the test split" in text
+    # --heads-only: the same backbone, its own sections not scored, and said so.
+    heads = evaluate(cfg, [], n_boot=100, heads_only=True)
+    assert heads.rows == [] and heads.generation is None and heads.forecast is None
+    assert "backbone: not scored (only the heads asked for)" in format_board(heads)
 
     # The backbone's masked reconstruction, per channel, equals a computation by hand of
     # the squared error on the masked patches of every test sample, for both arms.
