@@ -65,7 +65,7 @@ def config(family: str, task: str, freeze: str, backbone: str, seed: int, data: 
         )
 
 
-def run(family: str, backbone: str, seed: int, data: Path, label: str) -> None:
+def run(family: str, backbone: str, seed: int, data: Path, label: str, only=None) -> None:
     from sdofm.finetuning.evaluate import evaluate, format_board
     from sdofm.runtime import init_ray
 
@@ -73,6 +73,8 @@ def run(family: str, backbone: str, seed: int, data: Path, label: str) -> None:
     (OUT / data.stem).mkdir(parents=True, exist_ok=True)
     for task in TASKS:
         for freeze in SETTINGS:
+            if only and f"{task}-{freeze}" not in only:
+                continue
             out = OUT / data.stem / f"{label}-{task}-{freeze}.json"
             if out.exists():
                 print(f"{out.name}: done before, kept")
@@ -149,13 +151,19 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="first head seed (train.seed)")
     p.add_argument("--data", default="configs/data/benchmark.yaml", help="the archive's config")
     p.add_argument("--label", help="the recipe's name in the table and file names (the family's)")
+    p.add_argument(
+        "--only",
+        action="append",
+        choices=[f"{t}-{f}" for t in TASKS for f in SETTINGS],
+        help="run this setting's board only (repeatable; default: all four)",
+    )
     p.add_argument("--table", action="store_true", help="only print the table")
     a = p.parse_args()
     if not a.table:
         if not (a.family and a.backbone):
             p.error("give a family and a backbone, or --table")
         os.chdir(ROOT)  # data roots in the configs are relative to the checkout
-        run(a.family, a.backbone, a.seed, (ROOT / a.data).resolve(), a.label or a.family)
+        run(a.family, a.backbone, a.seed, (ROOT / a.data).resolve(), a.label or a.family, a.only)
     table()
 
 
