@@ -92,6 +92,8 @@ def test_config_file_and_errors(tmp_path):
     )
     r = runner.invoke(app, ["data", "info", f"data.root={tmp_path / 'empty'}"])
     assert r.exit_code == 2 and "no AIA store under" in r.output
+    r = runner.invoke(app, ["evaluate", "--task", "none", "--heads-only"])
+    assert r.exit_code == 2 and "--heads-only with --task none scores nothing" in r.output
 
 
 def test_stats_on_an_empty_train_split_is_a_clear_error(tmp_path, ray_session):

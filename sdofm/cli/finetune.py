@@ -187,6 +187,10 @@ def evaluate_cmd(
     randomly initialised encoder, and the from-scratch baseline), with bootstrap intervals;
     and the backbone's own masked reconstruction per channel against its random-init twin."""
     with friendly_errors():
+        if heads_only and task == ["none"]:
+            from sdofm.config import ConfigError
+
+            raise ConfigError("--heads-only with --task none scores nothing: name a task")
         cfg = load_args(_with_backbone(args, backbone))
         start_ray(dashboard=True)
         run_evaluate(cfg, [] if task == ["none"] else task, bootstrap, heads_only)
